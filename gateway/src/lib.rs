@@ -1,1 +1,41 @@
-//! Placeholder.
+//! bitnet-gateway: one OpenAI-compatible endpoint in front of several llama-server backends.
+//!
+//! # Layout
+//!
+//! A request's path, top to bottom, one file per step:
+//!
+//! 1. [`server`]: accept connections, serve HTTP/1.1 and HTTP/2, drain on shutdown.
+//! 2. [`routes`]: match method and path, read the body within its limit, [`inspect`] it
+//!    for `model` and `stream`, answer `/health` and `/v1/models`.
+//! 3. [`admit`]: claim a slot in the model's [`pool`], or wait in its FIFO queue.
+//! 4. [`balance`]: the routing [`Policy`](balance::Policy) that picks a backend, one file
+//!    per policy.
+//! 5. [`forward`]: send to the backend over a pooled connection; fail over before the
+//!    first byte.
+//! 6. [`relay`]: pass the backend's body through untouched, holding the slot guard.
+//! 7. Release: dropping the [`SlotGuard`](pool::SlotGuard) frees the slot and hands it to
+//!    the oldest waiter, once.
+//!
+//! Around it: [`config`] and [`cli`] (TOML plus flags), [`state`] (the shared
+//! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
+//! [`health`] (background probes), [`error`] (the one mapping from errors to HTTP) and
+//! [`body`] (the response body type).
+
+pub mod admit;
+pub mod backend;
+pub mod balance;
+pub mod body;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod forward;
+pub mod health;
+pub mod inspect;
+pub mod pool;
+pub mod relay;
+pub mod routes;
+pub mod server;
+pub mod state;
+
+pub use server::serve;
+pub use state::Gateway;

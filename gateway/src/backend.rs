@@ -1,0 +1,197 @@
+//! One llama-server backend as the gateway sees it.
+//!
+//! The request path only reads this state (and bumps `inflight` under its pool's lock);
+//! the health prober and the relay bodies write it. Everything is an atomic so that a
+//! routing decision never waits on I/O.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::time::Instant;
+
+use http::Uri;
+
+/// Health of a backend, as a small state machine driven by probes and by proxying.
+///
+/// `Unknown → Up | Loading | Down`, `Up ⇄ Down`, `Loading → Up`. Only `Up` is routed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Not probed yet. Requests queue rather than fail, because it may come up any moment.
+    Unknown = 0,
+    /// `/health` answered 200.
+    Up = 1,
+    /// `/health` answered 503 "Loading model": alive but not ready.
+    Loading = 2,
+    /// Connection refused or reset, or repeated probe failures.
+    Down = 3,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Health {
+        match v {
+            1 => Health::Up,
+            2 => Health::Loading,
+            3 => Health::Down,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// Lower-case name for JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Up => "up",
+            Health::Loading => "loading",
+            Health::Down => "down",
+        }
+    }
+}
+
+/// A backend: its address, capacity and live state.
+#[derive(Debug)]
+pub struct Backend {
+    /// Stable name used in logs, headers and metrics labels.
+    pub name: String,
+    /// Base URL, e.g. `http://127.0.0.1:8101`. Request paths are appended to it.
+    pub base: Uri,
+    /// Slot count fixed by configuration; `None` means "discover from `/props`".
+    pub configured_slots: Option<u32>,
+    slots: AtomicU32,
+    inflight: AtomicU32,
+    health: AtomicU8,
+    /// Milliseconds since `epoch` at which the last response byte from this backend arrived.
+    /// A backend that is still streaming is alive even when its `/health` is slow.
+    last_progress_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Backend {
+    /// A backend in state `Unknown`, with `slots` from config or 1 until discovered.
+    pub fn new(name: String, base: Uri, configured_slots: Option<u32>) -> Backend {
+        Backend {
+            name,
+            base,
+            configured_slots,
+            slots: AtomicU32::new(configured_slots.unwrap_or(1)),
+            inflight: AtomicU32::new(0),
+            health: AtomicU8::new(Health::Unknown as u8),
+            last_progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Current health.
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Acquire))
+    }
+
+    /// Set the health; returns the previous value so callers can log transitions.
+    pub fn set_health(&self, h: Health) -> Health {
+        Health::from_u8(self.health.swap(h as u8, Ordering::AcqRel))
+    }
+
+    /// Slot count in force (configured or discovered).
+    pub fn slots(&self) -> u32 {
+        self.slots.load(Ordering::Acquire)
+    }
+
+    /// Record a discovered slot count; ignored when the count is fixed by config.
+    pub fn set_discovered_slots(&self, n: u32) {
+        if self.configured_slots.is_none() {
+            self.slots.store(n.max(1), Ordering::Release);
+        }
+    }
+
+    /// Requests currently holding a slot on this backend.
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Acquire)
+    }
+
+    /// Free slots, never negative: slots can shrink under requests already running.
+    pub fn free_slots(&self) -> u32 {
+        self.slots().saturating_sub(self.inflight())
+    }
+
+    /// Whether a policy may send a new request here.
+    pub fn is_routable(&self) -> bool {
+        self.health() == Health::Up && self.free_slots() > 0
+    }
+
+    /// Only called by the pool, under its lock, when a slot guard is created or dropped.
+    pub(crate) fn add_inflight(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn sub_inflight(&self) {
+        self.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Note that response bytes just arrived from this backend.
+    pub fn touch_progress(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.last_progress_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last response byte, or `None` if there never was one.
+    pub fn since_progress(&self) -> Option<std::time::Duration> {
+        match self.last_progress_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(std::time::Duration::from_millis(ms)),
+            ),
+        }
+    }
+
+    /// The upstream URI for `path_and_query` on this backend.
+    pub fn uri_for(&self, path_and_query: &str) -> Uri {
+        let mut parts = self.base.clone().into_parts();
+        let base_path = parts
+            .path_and_query
+            .as_ref()
+            .map(|p| p.path().trim_end_matches('/'))
+            .unwrap_or("");
+        let joined = format!("{base_path}{path_and_query}");
+        parts.path_and_query = Some(joined.parse().unwrap_or_else(|_| "/".parse().unwrap()));
+        Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_for_joins_base_path_and_request_path() {
+        let b = Backend::new("b".into(), "http://10.0.0.1:8101/".parse().unwrap(), None);
+        assert_eq!(
+            b.uri_for("/v1/chat/completions?x=1").to_string(),
+            "http://10.0.0.1:8101/v1/chat/completions?x=1"
+        );
+        let b = Backend::new("b".into(), "http://h:1/prefix".parse().unwrap(), None);
+        assert_eq!(b.uri_for("/health").to_string(), "http://h:1/prefix/health");
+    }
+
+    #[test]
+    fn configured_slots_are_not_overridden_by_discovery() {
+        let b = Backend::new("b".into(), "http://h:1".parse().unwrap(), Some(3));
+        b.set_discovered_slots(8);
+        assert_eq!(b.slots(), 3);
+        let d = Backend::new("d".into(), "http://h:1".parse().unwrap(), None);
+        d.set_discovered_slots(8);
+        assert_eq!(d.slots(), 8);
+    }
+
+    #[test]
+    fn only_up_backends_with_free_slots_are_routable() {
+        let b = Backend::new("b".into(), "http://h:1".parse().unwrap(), Some(1));
+        assert!(!b.is_routable(), "unknown is not routable");
+        b.set_health(Health::Up);
+        assert!(b.is_routable());
+        b.add_inflight();
+        assert!(!b.is_routable(), "full is not routable");
+        b.sub_inflight();
+        b.set_health(Health::Loading);
+        assert!(!b.is_routable());
+    }
+}

@@ -1,0 +1,252 @@
+//! Command-line flags. Every flag overrides the config file; the essentials are enough to
+//! run without a file at all.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::balance::PolicyKind;
+use crate::config::{Config, ConfigError, RawBackend, RawConfig, RawModel};
+
+/// A load-balancing, OpenAI-compatible gateway in front of llama-server backends.
+///
+/// Requests to /v1/chat/completions, /v1/completions, /v1/embeddings and llama-server's
+/// native endpoints go to the backend with the most free slots of the requested model.
+/// When every slot is busy they wait in a bounded FIFO queue. Streams pass through
+/// byte for byte.
+///
+/// Quick start without a config file:
+///
+///   bitnet-gateway --model falcon3-10b --alias bitnet \
+///       --backend http://127.0.0.1:8101 --backend http://127.0.0.1:8102#slots=2
+#[derive(Debug, Parser)]
+#[command(name = "bitnet-gateway", version, verbatim_doc_comment)]
+pub struct Cli {
+    /// TOML config file. Flags given on the command line override its values.
+    #[arg(long, value_name = "FILE", env = "BITNET_GATEWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Address to listen on [default: 127.0.0.1:8090]. Use port 0 to let the OS choose;
+    /// the bound address is printed on stdout.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+
+    /// A backend base URL, repeatable. Append #slots=N to fix its slot count (otherwise it
+    /// is read from the backend's GET /props) and #name=NAME to name it. The backends
+    /// serve the model given by --model; they replace that model's backends from the file.
+    #[arg(long = "backend", value_name = "URL[#slots=N]", value_parser = RawBackend::from_flag)]
+    pub backends: Vec<RawBackend>,
+
+    /// Model id that --backend and --alias apply to. Defaults to the file's only model, or
+    /// "default" when there is no file.
+    #[arg(long, value_name = "ID")]
+    pub model: Option<String>,
+
+    /// Another name for --model, repeatable (e.g. --alias bitnet).
+    #[arg(long = "alias", value_name = "NAME")]
+    pub aliases: Vec<String>,
+
+    /// Model id or alias that receives requests whose `model` is unknown or missing.
+    /// Without it, an unknown model gets 404 model_not_found.
+    #[arg(long, value_name = "ID")]
+    pub default_model: Option<String>,
+
+    /// Backend selection policy [default: least-loaded].
+    #[arg(long, value_enum, value_name = "NAME")]
+    pub policy: Option<PolicyKind>,
+
+    /// Most requests that may wait per model [default: 32 × the model's total slots].
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+
+    /// Seconds a request may wait in the queue before it gets 503 [default: 180].
+    #[arg(long, value_name = "SECS")]
+    pub queue_timeout: Option<f64>,
+
+    /// Attempts per request, counting the first; failover happens only before any byte
+    /// has reached the client [default: 2].
+    #[arg(long, value_name = "N")]
+    pub max_attempts: Option<u32>,
+
+    /// Seconds between backend /health probes [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub health_interval: Option<f64>,
+
+    /// Largest request body in bytes; larger bodies get 413 [default: 10485760].
+    #[arg(long, value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
+
+    /// Seconds in-flight responses may run after SIGTERM/SIGINT before exit [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<f64>,
+
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Check the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Cli {
+    /// Load the file (if any), apply the flags, and validate.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut raw = match &self.config {
+            Some(path) => RawConfig::from_file(path)?,
+            None => RawConfig::default(),
+        };
+        self.apply(&mut raw)?;
+        raw.validate()
+    }
+
+    /// Apply the flags on top of a parsed file.
+    pub fn apply(&self, raw: &mut RawConfig) -> Result<(), ConfigError> {
+        if let Some(v) = &self.listen {
+            raw.listen = Some(v.clone());
+        }
+        if let Some(v) = &self.default_model {
+            raw.default_model = Some(v.clone());
+        }
+        if let Some(v) = self.policy {
+            raw.policy = Some(v);
+        }
+        if let Some(v) = self.max_queue {
+            raw.queue.max = Some(v);
+        }
+        if let Some(v) = self.queue_timeout {
+            raw.queue.timeout_secs = Some(v);
+        }
+        if let Some(v) = self.max_attempts {
+            raw.upstream.max_attempts = Some(v);
+        }
+        if let Some(v) = self.health_interval {
+            raw.health.interval_secs = Some(v);
+        }
+        if let Some(v) = self.max_body_bytes {
+            raw.max_body_bytes = Some(v);
+        }
+        if let Some(v) = self.drain_timeout {
+            raw.drain_timeout_secs = Some(v);
+        }
+        if self.model.is_none() && self.backends.is_empty() && self.aliases.is_empty() {
+            return Ok(());
+        }
+        let model = self.target_model(raw)?;
+        if !self.backends.is_empty() {
+            model.backends = self.backends.clone();
+        }
+        for a in &self.aliases {
+            if !model.aliases.contains(a) {
+                model.aliases.push(a.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The model that --backend/--alias apply to, created if the file lacks it.
+    fn target_model<'a>(&self, raw: &'a mut RawConfig) -> Result<&'a mut RawModel, ConfigError> {
+        let id = match (&self.model, raw.models.len()) {
+            (Some(id), _) => id.clone(),
+            (None, 0) => "default".to_string(),
+            (None, 1) => raw.models[0].id.clone(),
+            (None, _) => {
+                return Err(ConfigError::Invalid {
+                    key: "--model".into(),
+                    message: "the config has several models: say which one --backend/--alias apply to with --model ID".into(),
+                })
+            }
+        };
+        let pos = match raw.models.iter().position(|m| m.id == id) {
+            Some(p) => p,
+            None => {
+                raw.models.push(RawModel {
+                    id,
+                    ..RawModel::default()
+                });
+                raw.models.len() - 1
+            }
+        };
+        Ok(&mut raw.models[pos])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("bitnet-gateway").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn flags_alone_make_a_working_config() {
+        let c = cli(&[
+            "--model",
+            "falcon3-10b",
+            "--alias",
+            "bitnet",
+            "--backend",
+            "http://127.0.0.1:8101#slots=2",
+            "--backend",
+            "http://127.0.0.1:8102",
+            "--max-queue",
+            "9",
+            "--queue-timeout",
+            "1.5",
+        ])
+        .into_config()
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8090");
+        assert_eq!(c.models.len(), 1);
+        assert_eq!(c.models[0].id, "falcon3-10b");
+        assert_eq!(c.models[0].aliases, vec!["bitnet"]);
+        assert_eq!(c.models[0].backends.len(), 2);
+        assert_eq!(c.models[0].backends[0].slots, Some(2));
+        assert_eq!(c.queue_max, Some(9));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut raw = RawConfig::from_toml(
+            "listen='127.0.0.1:1'\n[queue]\nmax=3\n[[models]]\nid='m'\nbackends=[{url='http://a:1'}]",
+        )
+        .unwrap();
+        cli(&[
+            "--listen",
+            "127.0.0.1:2",
+            "--max-queue",
+            "4",
+            "--backend",
+            "http://b:2",
+        ])
+        .apply(&mut raw)
+        .unwrap();
+        let c = raw.validate().unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.queue_max, Some(4));
+        assert_eq!(c.models[0].backends.len(), 1);
+        assert_eq!(c.models[0].backends[0].url.to_string(), "http://b:2/");
+    }
+
+    #[test]
+    fn backend_flag_is_ambiguous_with_several_models() {
+        let mut raw = RawConfig::from_toml(
+            "[[models]]\nid='a'\nbackends=[{url='http://a:1'}]\n[[models]]\nid='b'\nbackends=[{url='http://b:1'}]",
+        )
+        .unwrap();
+        let err = cli(&["--backend", "http://c:1"])
+            .apply(&mut raw)
+            .unwrap_err();
+        assert!(err.to_string().contains("--model"), "{err}");
+    }
+}

@@ -1,0 +1,469 @@
+//! Configuration: TOML parsed into raw structs (`deny_unknown_fields`), command-line flags
+//! applied on top, then validated into typed [`Config`] with errors that name the key.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8090"
+//! default_model = "falcon3-10b"   # optional: where unknown or missing `model`s go
+//! policy = "least-loaded"          # or "round-robin"
+//!
+//! [queue]
+//! timeout_secs = 180
+//! per_slot = 32                    # queue cap = per_slot × total slots, unless `max` is set
+//!
+//! [[models]]
+//! id = "falcon3-10b"
+//! aliases = ["bitnet"]
+//! backends = [
+//!   { url = "http://127.0.0.1:8101" },             # slots discovered from /props
+//!   { url = "http://127.0.0.1:8102", slots = 2 },
+//! ]
+//! ```
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::Uri;
+use serde::Deserialize;
+
+use crate::balance::PolicyKind;
+
+/// Default listen address: the port OpenClaw configurations already point at.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8090";
+
+/// A configuration problem, naming the key or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// === raw (as written) ===
+
+/// The config file as written. Every field is optional so that flags can fill gaps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    pub default_model: Option<String>,
+    pub policy: Option<PolicyKind>,
+    pub max_body_bytes: Option<usize>,
+    pub drain_timeout_secs: Option<f64>,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub health: RawHealth,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+/// `[queue]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub max: Option<usize>,
+    pub per_slot: Option<usize>,
+    pub timeout_secs: Option<f64>,
+}
+
+/// `[health]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub interval_secs: Option<f64>,
+    pub timeout_secs: Option<f64>,
+    pub failure_threshold: Option<u32>,
+}
+
+/// `[upstream]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub connect_timeout_secs: Option<f64>,
+    pub max_attempts: Option<u32>,
+}
+
+/// `[[models]]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub id: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    #[serde(default)]
+    pub backends: Vec<RawBackend>,
+}
+
+/// One backend of a model.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub url: String,
+    pub name: Option<String>,
+    pub slots: Option<u32>,
+}
+
+impl RawConfig {
+    /// Read and parse a TOML file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse TOML text.
+    pub fn from_toml(text: &str) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: "<inline>".into(),
+            source: Box::new(e),
+        })
+    }
+}
+
+impl RawBackend {
+    /// Parse the command-line form `URL` or `URL#slots=N`.
+    pub fn from_flag(s: &str) -> Result<RawBackend, String> {
+        let (url, frag) = match s.split_once('#') {
+            Some((u, f)) => (u, Some(f)),
+            None => (s, None),
+        };
+        let mut b = RawBackend {
+            url: url.to_string(),
+            ..RawBackend::default()
+        };
+        if let Some(frag) = frag {
+            for kv in frag.split('&').filter(|kv| !kv.is_empty()) {
+                match kv.split_once('=') {
+                    Some(("slots", n)) => {
+                        b.slots = Some(n.parse().map_err(|_| {
+                            format!("'{n}' in '{s}' is not a slot count (expected URL#slots=N)")
+                        })?)
+                    }
+                    Some(("name", n)) => b.name = Some(n.to_string()),
+                    _ => {
+                        return Err(format!(
+                            "unknown backend option '{kv}' in '{s}' (expected URL#slots=N or URL#name=NAME)"
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(b)
+    }
+}
+
+// === validated ===
+
+/// The configuration in force.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Where requests naming an unknown model, or none, go.
+    pub default_model: Option<String>,
+    /// Backend selection policy.
+    pub policy: PolicyKind,
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// How long in-flight responses may run after SIGTERM.
+    pub drain_timeout: Duration,
+    /// Fixed queue cap per model, or `None` for `queue_per_slot` × slots.
+    pub queue_max: Option<usize>,
+    /// Queue cap per slot when `queue_max` is unset.
+    pub queue_per_slot: usize,
+    /// Longest wait for a slot.
+    pub queue_timeout: Duration,
+    /// Health probe period.
+    pub health_interval: Duration,
+    /// Health probe timeout.
+    pub health_timeout: Duration,
+    /// Consecutive failed probes (timeouts, bad statuses) before a backend is marked down.
+    pub health_failure_threshold: u32,
+    /// TCP connect timeout to backends.
+    pub connect_timeout: Duration,
+    /// Attempts per request, counting the first (failover happens only before the first byte).
+    pub max_attempts: u32,
+    /// The models and their backends.
+    pub models: Vec<ModelConfig>,
+}
+
+/// A model and the backends that serve it.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub id: String,
+    pub aliases: Vec<String>,
+    pub backends: Vec<BackendConfig>,
+}
+
+/// A validated backend.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    pub url: Uri,
+    pub slots: Option<u32>,
+}
+
+fn secs(key: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !(v.is_finite() && v > 0.0 && v < 1e9) {
+        return Err(invalid(
+            key,
+            format!("{v} is not a positive number of seconds"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl RawConfig {
+    /// Validate into a [`Config`], applying defaults.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_s = self.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_s.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("'{listen_s}' is not an address like 127.0.0.1:8090"),
+            )
+        })?;
+        if self.models.is_empty() {
+            return Err(invalid(
+                "models",
+                "no model is configured: add a [[models]] table or pass --backend URL",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut backend_names = HashSet::new();
+        let mut models = Vec::with_capacity(self.models.len());
+        for (mi, m) in self.models.into_iter().enumerate() {
+            let key = format!("models[{mi}]");
+            if m.id.trim().is_empty() {
+                return Err(invalid(format!("{key}.id"), "must not be empty"));
+            }
+            for name in std::iter::once(&m.id).chain(m.aliases.iter()) {
+                if !names.insert(name.clone()) {
+                    return Err(invalid(
+                        key.clone(),
+                        format!(
+                            "the name '{name}' is used twice (ids and aliases share one namespace)"
+                        ),
+                    ));
+                }
+            }
+            if m.backends.is_empty() {
+                return Err(invalid(
+                    format!("{key}.backends"),
+                    format!("model '{}' has no backends", m.id),
+                ));
+            }
+            let mut backends = Vec::with_capacity(m.backends.len());
+            for (bi, b) in m.backends.into_iter().enumerate() {
+                let bkey = format!("{key}.backends[{bi}]");
+                let url =
+                    parse_backend_url(&b.url).map_err(|msg| invalid(format!("{bkey}.url"), msg))?;
+                if b.slots == Some(0) {
+                    return Err(invalid(format!("{bkey}.slots"), "must be at least 1"));
+                }
+                let name = b.name.unwrap_or_else(|| {
+                    url.authority()
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| b.url.clone())
+                });
+                if !backend_names.insert(name.clone()) {
+                    return Err(invalid(
+                        bkey.clone(),
+                        format!("backend name '{name}' is used twice; give one a `name`"),
+                    ));
+                }
+                backends.push(BackendConfig {
+                    name,
+                    url,
+                    slots: b.slots,
+                });
+            }
+            models.push(ModelConfig {
+                id: m.id,
+                aliases: m.aliases,
+                backends,
+            });
+        }
+        if let Some(d) = &self.default_model {
+            if !names.contains(d) {
+                return Err(invalid(
+                    "default_model",
+                    format!("'{d}' is not a configured model id or alias"),
+                ));
+            }
+        }
+        let max_attempts = self.upstream.max_attempts.unwrap_or(2);
+        if max_attempts == 0 {
+            return Err(invalid("upstream.max_attempts", "must be at least 1"));
+        }
+        let per_slot = self.queue.per_slot.unwrap_or(32);
+        if per_slot == 0 {
+            return Err(invalid("queue.per_slot", "must be at least 1"));
+        }
+        let max_body_bytes = self.max_body_bytes.unwrap_or(10 * 1024 * 1024);
+        if max_body_bytes == 0 {
+            return Err(invalid("max_body_bytes", "must be at least 1"));
+        }
+        Ok(Config {
+            listen,
+            default_model: self.default_model,
+            policy: self.policy.unwrap_or_default(),
+            max_body_bytes,
+            drain_timeout: secs("drain_timeout_secs", self.drain_timeout_secs, 30.0)?,
+            queue_max: self.queue.max,
+            queue_per_slot: per_slot,
+            queue_timeout: secs("queue.timeout_secs", self.queue.timeout_secs, 180.0)?,
+            health_interval: secs("health.interval_secs", self.health.interval_secs, 5.0)?,
+            health_timeout: secs("health.timeout_secs", self.health.timeout_secs, 3.0)?,
+            health_failure_threshold: self.health.failure_threshold.unwrap_or(3).max(1),
+            connect_timeout: secs(
+                "upstream.connect_timeout_secs",
+                self.upstream.connect_timeout_secs,
+                5.0,
+            )?,
+            max_attempts,
+            models,
+        })
+    }
+}
+
+fn parse_backend_url(s: &str) -> Result<Uri, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("'{s}' is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "'{s}': https backends are not supported yet; use http://"
+            ))
+        }
+        _ => return Err(format!("'{s}' must start with http://")),
+    }
+    if uri.authority().is_none() {
+        return Err(format!("'{s}' has no host"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses_and_validates() {
+        let raw = RawConfig::from_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            default_model = "bitnet"
+            policy = "round-robin"
+            [queue]
+            max = 7
+            timeout_secs = 2.5
+            [[models]]
+            id = "falcon3-10b"
+            aliases = ["bitnet"]
+            backends = [{ url = "http://127.0.0.1:8101" }, { url = "http://127.0.0.1:8102", slots = 2, name = "two" }]
+            "#,
+        )
+        .unwrap();
+        let c = raw.validate().unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.policy, PolicyKind::RoundRobin);
+        assert_eq!(c.queue_max, Some(7));
+        assert_eq!(c.queue_timeout, Duration::from_millis(2500));
+        assert_eq!(c.models[0].backends[0].name, "127.0.0.1:8101");
+        assert_eq!(c.models[0].backends[1].name, "two");
+        assert_eq!(c.models[0].backends[1].slots, Some(2));
+        assert_eq!(c.max_attempts, 2);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = RawConfig::from_toml("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let err = RawConfig::from_toml("[queue]\nmax_len = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_len"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            (
+                "[[models]]\nid='m'\nbackends=[{url='ftp://x'}]",
+                "models[0].backends[0].url",
+            ),
+            ("[[models]]\nid='m'\nbackends=[]", "models[0].backends"),
+            (
+                "[[models]]\nid='m'\nbackends=[{url='http://a:1', slots=0}]",
+                "slots",
+            ),
+            (
+                "default_model='x'\n[[models]]\nid='m'\nbackends=[{url='http://a:1'}]",
+                "default_model",
+            ),
+            (
+                "[queue]\ntimeout_secs=-1\n[[models]]\nid='m'\nbackends=[{url='http://a:1'}]",
+                "queue.timeout_secs",
+            ),
+            (
+                "[[models]]\nid='m'\naliases=['m']\nbackends=[{url='http://a:1'}]",
+                "used twice",
+            ),
+            ("", "no model is configured"),
+        ];
+        for (toml, needle) in cases {
+            let err = RawConfig::from_toml(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{toml:?} gave {err}");
+        }
+    }
+
+    #[test]
+    fn backend_flag_takes_slots_and_name() {
+        let b = RawBackend::from_flag("http://127.0.0.1:8101#slots=4").unwrap();
+        assert_eq!(b.url, "http://127.0.0.1:8101");
+        assert_eq!(b.slots, Some(4));
+        let b = RawBackend::from_flag("http://h:1#name=x&slots=2").unwrap();
+        assert_eq!((b.name.as_deref(), b.slots), (Some("x"), Some(2)));
+        assert!(RawBackend::from_flag("http://h:1#slots=many").is_err());
+        assert!(RawBackend::from_flag("http://h:1#weight=2").is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! Errors the gateway produces itself, and the one place they become HTTP.
+//!
+//! Every step of the request path returns its own small error; [`GatewayError`]
+//! gathers them and [`GatewayError::into_response`] is the only function that decides a
+//! status code, an OpenAI error `type` and `code`, and extra headers such as `Retry-After`.
+//! Responses produced by a backend are never rewritten here: they pass through untouched.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::GatewayBody;
+
+/// Why the gateway answered a request itself instead of relaying a backend's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No route matches the path.
+    #[error("unknown endpoint {0}")]
+    NotFound(String),
+    /// The path exists but not for this method.
+    #[error("method {method} is not allowed on {path}; use {allow}")]
+    MethodNotAllowed {
+        method: String,
+        path: String,
+        allow: &'static str,
+    },
+    /// The body exceeds `max_body_bytes`.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    /// The body could not be read from the client.
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    /// The body is not the JSON this endpoint needs.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The `model` names no configured model or alias, and there is no default.
+    #[error("the model '{0}' does not exist; GET /v1/models lists the models served here")]
+    ModelNotFound(String),
+    /// The model's queue is at its limit.
+    #[error("all {slots} slots of model '{model}' are busy and its queue is full ({queued} waiting); retry later")]
+    QueueFull {
+        model: String,
+        slots: u32,
+        queued: usize,
+        retry_after: Duration,
+    },
+    /// The request waited in the queue for the whole queue timeout.
+    #[error("no slot of model '{model}' became free within {waited:?}; retry later")]
+    QueueTimeout {
+        model: String,
+        waited: Duration,
+        retry_after: Duration,
+    },
+    /// Every backend of the model is down: waiting would not help.
+    #[error("no backend of model '{0}' is available")]
+    NoBackend(String),
+    /// The chosen backend (and any failover target) could not be reached.
+    #[error("backend {backend} is unreachable: {reason}")]
+    Upstream { backend: String, reason: String },
+    /// The gateway is shutting down and takes no new work.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl GatewayError {
+    /// The HTTP status, OpenAI error `type` and `code` for this error.
+    fn classify(&self) -> (StatusCode, &'static str, &'static str) {
+        use GatewayError::*;
+        match self {
+            NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            MethodNotAllowed { .. } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            BodyRead(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "body_read_error",
+            ),
+            InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            QueueFull { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+            ),
+            QueueTimeout { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "queue_timeout",
+            ),
+            NoBackend(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "no_backend_available",
+            ),
+            Upstream { .. } => (StatusCode::BAD_GATEWAY, "server_error", "upstream_error"),
+            ShuttingDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "shutting_down",
+            ),
+        }
+    }
+
+    /// The OpenAI error `code` string, used as a metrics label.
+    pub fn code(&self) -> &'static str {
+        self.classify().2
+    }
+
+    /// The HTTP status this error maps to.
+    pub fn status(&self) -> StatusCode {
+        self.classify().0
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            GatewayError::QueueFull { retry_after, .. }
+            | GatewayError::QueueTimeout { retry_after, .. } => Some(*retry_after),
+            GatewayError::NoBackend(_) | GatewayError::ShuttingDown => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+
+    /// The one mapping from a gateway error to an HTTP response with an OpenAI error body.
+    pub fn into_response(self) -> Response<GatewayBody> {
+        let (status, kind, code) = self.classify();
+        let mut resp = json_response(status, error_body(&self.to_string(), kind, code));
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up, as the header requires; never 0 so clients back off.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let GatewayError::MethodNotAllowed { allow, .. } = self {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
+/// `{"error":{"message":...,"type":...,"code":...}}` as bytes.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
+    let v = serde_json::json!({ "error": { "message": message, "type": kind, "code": code } });
+    Bytes::from(v.to_string())
+}
+
+/// A complete JSON response produced by the gateway.
+pub fn json_response(status: StatusCode, body: Bytes) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_json(resp: Response<GatewayBody>) -> serde_json::Value {
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn queue_full_is_429_with_retry_after_and_openai_body() {
+        let resp = GatewayError::QueueFull {
+            model: "m".into(),
+            slots: 2,
+            queued: 8,
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let v = body_json(resp).await;
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "queue_full");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("queue is full"));
+    }
+
+    #[tokio::test]
+    async fn method_not_allowed_names_the_allowed_method() {
+        let resp = GatewayError::MethodNotAllowed {
+            method: "GET".into(),
+            path: "/v1/chat/completions".into(),
+            allow: "POST",
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[header::ALLOW], "POST");
+    }
+}

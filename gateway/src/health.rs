@@ -1,0 +1,222 @@
+//! Health probing: one background task per backend polls `GET /health` and writes the
+//! backend's state. The request path only reads that state.
+//!
+//! - 200 → `Up` (and the slot count is read from `/props` unless configured);
+//! - 503 → `Loading` (llama-server answers "Loading model" while it maps the weights);
+//! - connection refused or reset → `Down` at once;
+//! - a timeout or another status counts as a failure, and `failure_threshold` failures in
+//!   a row mark the backend `Down` — except while it has requests in flight: a CPU box
+//!   deep in prompt evaluation can answer `/health` slowly, and its live connections are
+//!   better evidence than a slow probe. If the process really dies, those connections
+//!   break and the relay marks it down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::task::JoinSet;
+
+use crate::backend::{Backend, Health};
+use crate::forward::UpstreamClient;
+use crate::pool::ModelPool;
+use crate::state::Gateway;
+
+/// What one probe saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// 200.
+    Ok,
+    /// 503: alive, loading.
+    Loading,
+    /// Any other status.
+    BadStatus(u16),
+    /// No answer within the probe timeout.
+    Timeout,
+    /// Refused, reset, or otherwise not connectable.
+    Unreachable,
+}
+
+/// Start a prober for every backend. The tasks end when the returned set is dropped.
+pub fn spawn_probers(gw: &Arc<Gateway>) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    for pool in &gw.pools {
+        for backend in &pool.backends {
+            let (gw, pool, backend) = (gw.clone(), pool.clone(), backend.clone());
+            set.spawn(async move { probe_loop(gw, pool, backend).await });
+        }
+    }
+    set
+}
+
+async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend>) {
+    let cfg = &gw.config;
+    let mut failures = 0u32;
+    loop {
+        let seen = probe(&gw.client, &backend, cfg.health_timeout).await;
+        if seen == Probe::Ok && backend.health() != Health::Up {
+            // Learn the slot count before admitting work, so the first burst is spread right.
+            if backend.configured_slots.is_none() {
+                if let Some(n) = fetch_total_slots(&gw.client, &backend, cfg.health_timeout).await {
+                    backend.set_discovered_slots(n);
+                }
+            }
+        }
+        let next = next_health(
+            backend.health(),
+            seen,
+            &mut failures,
+            cfg.health_failure_threshold,
+            backend.inflight(),
+        );
+        let prev = backend.set_health(next);
+        if prev != next {
+            tracing::info!(backend = %backend.name, from = prev.as_str(), to = next.as_str(), probe = ?seen, slots = backend.slots(), "backend state changed");
+        }
+        if next == Health::Up {
+            // A backend that came up (or whose slots grew) may serve waiting requests now.
+            pool.dispatch_waiting();
+        }
+        tokio::time::sleep(cfg.health_interval).await;
+    }
+}
+
+/// The state machine: the next health from the current one and a probe result.
+pub fn next_health(
+    current: Health,
+    seen: Probe,
+    failures: &mut u32,
+    threshold: u32,
+    inflight: u32,
+) -> Health {
+    match seen {
+        Probe::Ok => {
+            *failures = 0;
+            Health::Up
+        }
+        Probe::Loading => {
+            *failures = 0;
+            Health::Loading
+        }
+        Probe::Unreachable => {
+            *failures = threshold;
+            Health::Down
+        }
+        Probe::Timeout if inflight > 0 && current == Health::Up => current,
+        Probe::Timeout | Probe::BadStatus(_) => {
+            *failures = failures.saturating_add(1);
+            if *failures >= threshold {
+                Health::Down
+            } else {
+                current
+            }
+        }
+    }
+}
+
+async fn get(
+    client: &UpstreamClient,
+    backend: &Backend,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), Probe> {
+    let req = Request::get(backend.uri_for(path))
+        .body(Full::new(Bytes::new()))
+        .expect("static request is valid");
+    let fut = async {
+        let resp = client.request(req).await.map_err(|_| Probe::Unreachable)?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| Probe::Unreachable)?
+            .to_bytes();
+        Ok((status, body))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(Probe::Timeout))
+}
+
+/// Probe `GET /health` once.
+pub async fn probe(client: &UpstreamClient, backend: &Backend, timeout: Duration) -> Probe {
+    match get(client, backend, "/health", timeout).await {
+        Ok((StatusCode::OK, _)) => Probe::Ok,
+        Ok((StatusCode::SERVICE_UNAVAILABLE, _)) => Probe::Loading,
+        Ok((s, _)) => Probe::BadStatus(s.as_u16()),
+        Err(p) => p,
+    }
+}
+
+/// Read `total_slots` from llama-server's `GET /props`.
+async fn fetch_total_slots(
+    client: &UpstreamClient,
+    backend: &Backend,
+    timeout: Duration,
+) -> Option<u32> {
+    let (status, body) = get(client, backend, "/props", timeout).await.ok()?;
+    if status != StatusCode::OK {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let n = v.get("total_slots")?.as_u64()?;
+    u32::try_from(n).ok().filter(|&n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_connection_marks_down_at_once() {
+        let mut f = 0;
+        assert_eq!(
+            next_health(Health::Up, Probe::Unreachable, &mut f, 3, 0),
+            Health::Down
+        );
+    }
+
+    #[test]
+    fn timeouts_mark_down_only_after_the_threshold() {
+        let mut f = 0;
+        assert_eq!(
+            next_health(Health::Up, Probe::Timeout, &mut f, 3, 0),
+            Health::Up
+        );
+        assert_eq!(
+            next_health(Health::Up, Probe::Timeout, &mut f, 3, 0),
+            Health::Up
+        );
+        assert_eq!(
+            next_health(Health::Up, Probe::Timeout, &mut f, 3, 0),
+            Health::Down
+        );
+        assert_eq!(
+            next_health(Health::Down, Probe::Ok, &mut f, 3, 0),
+            Health::Up
+        );
+        assert_eq!(f, 0);
+    }
+
+    #[test]
+    fn busy_backend_with_slow_health_stays_up() {
+        let mut f = 0;
+        for _ in 0..10 {
+            assert_eq!(
+                next_health(Health::Up, Probe::Timeout, &mut f, 3, 1),
+                Health::Up
+            );
+        }
+    }
+
+    #[test]
+    fn loading_is_not_up() {
+        let mut f = 0;
+        assert_eq!(
+            next_health(Health::Unknown, Probe::Loading, &mut f, 3, 0),
+            Health::Loading
+        );
+    }
+}

@@ -1,0 +1,80 @@
+//! Inspect a request body for what routing needs, without re-serialising it.
+//!
+//! The body is forwarded as the client sent it; this only reads `model` and `stream`.
+//! serde skips every other field, but still checks that the whole body is valid JSON, so
+//! a malformed request is refused here with a clear message instead of reaching a backend
+//! (the older BitNet server answers malformed JSON with a 500).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+
+/// The fields of a request body that routing looks at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspected {
+    /// The requested model id or alias.
+    pub model: Option<String>,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Peek<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+/// Read `model` and `stream` from a JSON object body.
+pub fn inspect(body: &[u8]) -> Result<Inspected, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err("the request body is empty; expected a JSON object".into());
+    }
+    let peek: Peek<'_> = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not valid JSON for this endpoint: {e}"))?;
+    Ok(Inspected {
+        model: peek.model.map(Cow::into_owned),
+        stream: peek.stream.unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_model_and_stream_and_ignores_the_rest() {
+        let i = inspect(br#"{"messages":[{"role":"user","content":"hi \"x\""}],"model":"falcon3-10b","stream":true,"tools":[]}"#).unwrap();
+        assert_eq!(
+            i,
+            Inspected {
+                model: Some("falcon3-10b".into()),
+                stream: true
+            }
+        );
+        let i = inspect(br#"{"model":"esc\u00e9aped"}"#).unwrap();
+        assert_eq!(i.model.as_deref(), Some("esc\u{e9}aped"));
+        assert_eq!(inspect(b"{}").unwrap(), Inspected::default());
+    }
+
+    #[test]
+    fn malformed_or_mistyped_bodies_are_refused_with_a_reason() {
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"{",
+            b"[1,2]",
+            b"{\"model\":5}",
+            b"{\"stream\":\"yes\"}",
+            b"\xff\xfe",
+            b"{} trailing",
+        ] {
+            let err = inspect(bad).unwrap_err();
+            assert!(!err.is_empty(), "{bad:?}");
+        }
+        assert!(inspect(br#"{"model":5}"#)
+            .unwrap_err()
+            .contains("invalid type"));
+    }
+}

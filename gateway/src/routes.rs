@@ -1,0 +1,171 @@
+//! Route: match method and path, read the body within its limit, inspect it, and hand the
+//! request to [`forward`](crate::forward::forward). The gateway's own endpoints
+//! (`/health`, `/v1/models`) are answered here.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use crate::backend::Health;
+use crate::body::GatewayBody;
+use crate::error::{json_response, GatewayError};
+use crate::forward::{forward, strip_hop_by_hop, Outbound};
+use crate::inspect::inspect;
+use crate::state::Gateway;
+
+/// Endpoints proxied to a backend: the OpenAI ones and llama-server's native ones, so that
+/// llama.cpp-native clients work unchanged through the gateway.
+const PROXIED: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/completion",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/embedding",
+    "/infill",
+    "/rerank",
+];
+
+/// Serve one request. Never fails: gateway errors become OpenAI error responses.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
+    match route(&gw, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::debug!(error = %err, "request refused by the gateway");
+            err.into_response()
+        }
+    }
+}
+
+async fn route(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let path = req.uri().path();
+    let method = req.method();
+    let allow = if PROXIED.contains(&path) {
+        if method == Method::POST {
+            return proxy(gw, req).await;
+        }
+        "POST"
+    } else if path == "/health" || path == "/v1/models" {
+        if method == Method::GET || method == Method::HEAD {
+            return Ok(if path == "/health" {
+                health(gw)
+            } else {
+                models(gw)
+            });
+        }
+        "GET"
+    } else {
+        return Err(GatewayError::NotFound(path.to_string()));
+    };
+    Err(GatewayError::MethodNotAllowed {
+        method: method.to_string(),
+        path: path.to_string(),
+        allow,
+    })
+}
+
+async fn proxy(
+    gw: &Arc<Gateway>,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let limit = gw.config.max_body_bytes;
+    let (parts, body) = req.into_parts();
+    // Refuse an announced oversize body before reading any of it.
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let body: Bytes = match Limited::new(body, limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) => return Err(GatewayError::BodyRead(e.to_string())),
+    };
+    let seen = inspect(&body).map_err(GatewayError::InvalidRequest)?;
+    let pool = gw
+        .resolve(seen.model.as_deref())
+        .map_err(GatewayError::ModelNotFound)?;
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    let out = Outbound {
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into()),
+        headers,
+        body,
+    };
+    forward(gw, &pool, out).await
+}
+
+/// `GET /health`: 200 when any backend can take work, 503 otherwise, with each backend's
+/// state so an operator sees at a glance what is wrong.
+fn health(gw: &Gateway) -> Response<GatewayBody> {
+    let mut any_up = false;
+    let mut backends = Vec::new();
+    let mut queues = serde_json::Map::new();
+    for pool in &gw.pools {
+        queues.insert(pool.id.clone(), json!(pool.queue_len()));
+        for b in &pool.backends {
+            let h = b.health();
+            any_up |= h == Health::Up;
+            backends.push(json!({
+                "name": b.name,
+                "model": pool.id,
+                "url": b.base.to_string(),
+                "state": h.as_str(),
+                "slots": b.slots(),
+                "inflight": b.inflight(),
+            }));
+        }
+    }
+    let ok = any_up && !gw.is_shutting_down();
+    let body = json!({
+        "status": if ok { "ok" } else { "unavailable" },
+        "backends": backends,
+        "queued": queues,
+    });
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+/// `GET /v1/models`: every configured id and alias, in OpenAI list format.
+fn models(gw: &Gateway) -> Response<GatewayBody> {
+    let mut data = Vec::new();
+    for (pool, m) in gw.pools.iter().zip(&gw.config.models) {
+        let entry = |id: &str| {
+            json!({
+                "id": id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "bitnet-gateway",
+                "root": pool.id,
+                "aliases": m.aliases,
+            })
+        };
+        data.push(entry(&m.id));
+        data.extend(m.aliases.iter().map(|a| entry(a)));
+    }
+    let body = json!({ "object": "list", "data": data });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}

@@ -1,0 +1,101 @@
+//! The gateway's shared state: models, their pools, and the upstream client.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::forward::{upstream_client, UpstreamClient};
+use crate::pool::{ModelPool, QueueLimits};
+
+/// Everything a request needs, shared by all connections.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The configuration in force.
+    pub config: Config,
+    /// One pool per model, in config order.
+    pub pools: Vec<Arc<ModelPool>>,
+    /// Model ids and aliases to their pool. Read on every request, so a concurrent map.
+    names: DashMap<String, Arc<ModelPool>>,
+    /// The pool that unknown or missing `model`s go to, if any.
+    default_pool: Option<Arc<ModelPool>>,
+    /// Pooled keep-alive connections to every backend.
+    pub client: UpstreamClient,
+    shutting_down: AtomicBool,
+}
+
+impl Gateway {
+    /// Build the pools and the client from a validated config.
+    pub fn new(config: Config) -> Arc<Gateway> {
+        let names = DashMap::new();
+        let limits = QueueLimits {
+            max: config.queue_max,
+            per_slot: config.queue_per_slot,
+            timeout: config.queue_timeout,
+        };
+        let mut pools = Vec::with_capacity(config.models.len());
+        for m in &config.models {
+            let backends = m
+                .backends
+                .iter()
+                .map(|b| Arc::new(Backend::new(b.name.clone(), b.url.clone(), b.slots)))
+                .collect();
+            let pool = Arc::new(ModelPool::new(
+                m.id.clone(),
+                backends,
+                config.policy.build(),
+                limits,
+            ));
+            for name in std::iter::once(&m.id).chain(&m.aliases) {
+                names.insert(name.clone(), pool.clone());
+            }
+            pools.push(pool);
+        }
+        let default_pool = config
+            .default_model
+            .as_ref()
+            .and_then(|d| names.get(d).map(|p| p.clone()));
+        let client = upstream_client(&config);
+        Arc::new(Gateway {
+            config,
+            pools,
+            names,
+            default_pool,
+            client,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    /// The pool for a request's `model` field.
+    ///
+    /// A named model is looked up by id or alias; a missing one goes to the default model,
+    /// or to the only model when there is just one (there is nothing to choose between).
+    /// `Err` carries the unknown name.
+    pub fn resolve(&self, model: Option<&str>) -> Result<Arc<ModelPool>, String> {
+        if let Some(name) = model {
+            if let Some(p) = self.names.get(name) {
+                return Ok(p.clone());
+            }
+        }
+        if let Some(p) = &self.default_pool {
+            return Ok(p.clone());
+        }
+        match (model, self.pools.as_slice()) {
+            (None, [only]) => Ok(only.clone()),
+            (None, _) => Err("(none)".to_string()),
+            (Some(name), _) => Err(name.to_string()),
+        }
+    }
+
+    /// Stop taking new work (SIGTERM): queued and new requests get 503.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+}
