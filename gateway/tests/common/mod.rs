@@ -30,8 +30,10 @@ pub struct TestGateway {
 /// placed before the model table. Health probes run fast so tests don't wait.
 pub fn config_for(backends: &[String], extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|u| format!("{{ url = \"{u}\" }}")).collect();
+    // Tests that set their own [health] table keep it; the rest probe fast.
+    let health = if extra.contains("[health]") { "" } else { "[health]\ninterval_secs = 0.05\ntimeout_secs = 1\n" };
     format!(
-        "{extra}\n[health]\ninterval_secs = 0.05\ntimeout_secs = 1\n\n[[models]]\nid = \"m\"\naliases = [\"alias-m\"]\nbackends = [{}]\n",
+        "{extra}\n{health}\n[[models]]\nid = \"m\"\naliases = [\"alias-m\"]\nbackends = [{}]\n",
         list.join(", ")
     )
 }
