@@ -14,7 +14,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn wait_for(cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 5 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -39,7 +42,12 @@ async fn streamed_bytes_reach_the_client_identical_with_sse_headers() {
     let chunks = awkward_sse();
     let expected: Vec<u8> = chunks.iter().flat_map(|c| c.to_vec()).collect();
     let be = FakeBackend::start("a", 1, move |_| {
-        Reply::Sse(chunks.iter().map(|c| (Duration::from_millis(2), c.clone())).collect())
+        Reply::Sse(
+            chunks
+                .iter()
+                .map(|c| (Duration::from_millis(2), c.clone()))
+                .collect(),
+        )
     })
     .await;
     let gw = TestGateway::over(&[be.url()], "").await;
@@ -50,7 +58,10 @@ async fn streamed_bytes_reach_the_client_identical_with_sse_headers() {
     assert_eq!(got.headers["content-type"], "text/event-stream");
     assert_eq!(got.headers["cache-control"], "no-cache");
     assert_eq!(got.headers["x-accel-buffering"], "no");
-    assert_eq!(got.headers["x-backend"], be.url().trim_start_matches("http://"));
+    assert_eq!(
+        got.headers["x-backend"],
+        be.url().trim_start_matches("http://")
+    );
     // The request body reached the backend byte for byte too.
     assert_eq!(be.seen()[0].body.as_ref(), body.as_bytes());
     wait_for(|| gw.inflight(0) == 0).await;
@@ -98,7 +109,10 @@ async fn a_chunk_reaches_the_client_before_the_backend_sends_the_next() {
         assert_eq!(frame.into_data().unwrap(), chunk.as_bytes());
     }
     drop(stream);
-    assert!(body.frame().await.is_none(), "stream ends when the backend ends it");
+    assert!(
+        body.frame().await.is_none(),
+        "stream ends when the backend ends it"
+    );
 }
 
 #[tokio::test]
@@ -116,7 +130,8 @@ async fn the_slot_is_released_when_the_response_ends() {
 }
 
 #[tokio::test]
-async fn the_slot_is_released_when_the_backend_fails_mid_stream_and_the_client_gets_an_error_event() {
+async fn the_slot_is_released_when_the_backend_fails_mid_stream_and_the_client_gets_an_error_event()
+{
     let be = FakeBackend::start("a", 1, |_| {
         Reply::SseThenBreak(vec![Bytes::from_static(b"data: {\"n\":1}\n\n")])
     })

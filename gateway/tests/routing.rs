@@ -15,7 +15,10 @@ fn held() -> impl Fn(&testkit::fake_backend::Seen) -> Reply + Send + Sync {
 async fn wait_for(cond: impl Fn() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "condition not reached within 5 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -30,13 +33,17 @@ async fn requests_go_to_the_backend_with_most_free_slots_and_never_exceed_slots(
     // a has 3 free, b 1: the first two must go to a; then 1:1 ties; then both are full.
     for i in 0..2 {
         let u = url.clone();
-        tasks.push(tokio::spawn(async move { post_json(&u, &chat(i, false)).await }));
+        tasks.push(tokio::spawn(
+            async move { post_json(&u, &chat(i, false)).await },
+        ));
         wait_for(|| a.active() + b.active() == i + 1).await;
         assert_eq!((a.active(), b.active()), (i + 1, 0), "request {i}");
     }
     for i in 2..5 {
         let u = url.clone();
-        tasks.push(tokio::spawn(async move { post_json(&u, &chat(i, false)).await }));
+        tasks.push(tokio::spawn(
+            async move { post_json(&u, &chat(i, false)).await },
+        ));
     }
     wait_for(|| a.active() + b.active() == 4 && gw.queue_len() == 1).await;
     assert_eq!((a.active(), b.active()), (3, 1), "slots are never exceeded");
@@ -58,7 +65,9 @@ async fn queued_requests_are_served_in_arrival_order() {
     let mut tasks = Vec::new();
     for i in 0..5 {
         let u = url.clone();
-        tasks.push(tokio::spawn(async move { post_json(&u, &chat(i, false)).await }));
+        tasks.push(tokio::spawn(
+            async move { post_json(&u, &chat(i, false)).await },
+        ));
         // Wait until it is running or queued, so arrival order is certain.
         wait_for(|| be.count() + gw.queue_len() == i + 1).await;
     }
@@ -73,7 +82,12 @@ async fn queued_requests_are_served_in_arrival_order() {
     let order: Vec<String> = be
         .seen()
         .iter()
-        .map(|s| s.json()["messages"][0]["content"].as_str().unwrap().to_string())
+        .map(|s| {
+            s.json()["messages"][0]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let expected: Vec<String> = (0..5).map(|i| format!("request {i}")).collect();
     assert_eq!(order, expected);
@@ -92,7 +106,11 @@ async fn a_full_queue_answers_429_with_retry_after() {
     wait_for(|| gw.queue_len() == 1).await;
     let third = post_json(&url, &chat(2, false)).await;
     third.assert_openai_error(429, "queue_full");
-    let retry: u64 = third.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = third.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     be.release(2);
     assert_eq!(first.await.unwrap().status, 200);
@@ -139,7 +157,11 @@ async fn a_client_that_disconnects_while_queued_leaves_the_queue_at_once() {
     drop(sock);
     let t = std::time::Instant::now();
     wait_for(|| gw.queue_len() == 0).await;
-    assert!(t.elapsed() < Duration::from_secs(1), "left after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "left after {:?}",
+        t.elapsed()
+    );
 
     be.release(1);
     assert_eq!(first.await.unwrap().status, 200);
@@ -150,7 +172,9 @@ async fn a_client_that_disconnects_while_queued_leaves_the_queue_at_once() {
 
     // And the gateway still serves.
     let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    sock.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    sock.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = String::new();
     sock.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");

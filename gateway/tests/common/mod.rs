@@ -29,9 +29,16 @@ pub struct TestGateway {
 /// Config for one model `m` (alias `alias-m`) over `backends`, plus extra top-level TOML
 /// placed before the model table. Health probes run fast so tests don't wait.
 pub fn config_for(backends: &[String], extra: &str) -> String {
-    let list: Vec<String> = backends.iter().map(|u| format!("{{ url = \"{u}\" }}")).collect();
+    let list: Vec<String> = backends
+        .iter()
+        .map(|u| format!("{{ url = \"{u}\" }}"))
+        .collect();
     // Tests that set their own [health] table keep it; the rest probe fast.
-    let health = if extra.contains("[health]") { "" } else { "[health]\ninterval_secs = 0.05\ntimeout_secs = 1\n" };
+    let health = if extra.contains("[health]") {
+        ""
+    } else {
+        "[health]\ninterval_secs = 0.05\ntimeout_secs = 1\n"
+    };
     format!(
         "{extra}\n{health}\n[[models]]\nid = \"m\"\naliases = [\"alias-m\"]\nbackends = [{}]\n",
         list.join(", ")
@@ -52,9 +59,20 @@ impl TestGateway {
         let task = tokio::spawn(serve(listener, gw.clone(), async move {
             let _ = rx.await;
         }));
-        let tg = TestGateway { addr, gw, shutdown: Some(tx), task: Some(task) };
-        tg.wait_until(|gw| gw.pools.iter().all(|p| p.backends.iter().all(|b| b.health() == gateway::backend::Health::Up)))
-            .await;
+        let tg = TestGateway {
+            addr,
+            gw,
+            shutdown: Some(tx),
+            task: Some(task),
+        };
+        tg.wait_until(|gw| {
+            gw.pools.iter().all(|p| {
+                p.backends
+                    .iter()
+                    .all(|b| b.health() == gateway::backend::Health::Up)
+            })
+        })
+        .await;
         tg
     }
 
@@ -71,7 +89,10 @@ impl TestGateway {
     pub async fn wait_until(&self, cond: impl Fn(&Gateway) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while !cond(&self.gw) {
-            assert!(tokio::time::Instant::now() < deadline, "condition not reached within 5 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not reached within 5 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -132,13 +153,21 @@ impl Got {
         assert_eq!(self.status.as_u16(), status, "body: {}", self.text());
         let v = self.json();
         assert_eq!(v["error"]["code"], code, "{v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
         assert!(v["error"]["type"].as_str().is_some(), "{v}");
     }
 }
 
 pub async fn send(req: Request<Full<Bytes>>) -> Response {
-    client().request(req).await.expect("request reaches the gateway")
+    client()
+        .request(req)
+        .await
+        .expect("request reaches the gateway")
 }
 
 pub type Response = http::Response<Incoming>;
@@ -146,7 +175,11 @@ pub type Response = http::Response<Incoming>;
 pub async fn read(resp: Response) -> Got {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("whole body").to_bytes();
-    Got { status: parts.status, headers: parts.headers, body }
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
 }
 
 pub fn post(url: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
@@ -166,7 +199,9 @@ pub async fn get(url: &str) -> Got {
 
 /// A chat request body for model `m` with an id the fake backends can see.
 pub fn chat(id: usize, stream: bool) -> String {
-    format!(r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"request {id}"}}]}}"#)
+    format!(
+        r#"{{"model":"m","stream":{stream},"messages":[{{"role":"user","content":"request {id}"}}]}}"#
+    )
 }
 
 /// A non-streaming completion body as llama-server would send it.

@@ -1,0 +1,167 @@
+//! The real `bitnet-gateway` binary: flags, bad config, and graceful shutdown on signals.
+
+use std::process::Command;
+use std::time::Duration;
+
+use testkit::child::{ChildGuard, Signal};
+use testkit::fake_backend::{FakeBackend, Reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitnet-gateway");
+
+fn start(args: &[&str]) -> (ChildGuard, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", "127.0.0.1:0", "--health-interval", "0.05"])
+        .args(args);
+    let child = ChildGuard::spawn(cmd).expect("spawn gateway");
+    let line = child
+        .wait_for_line(
+            |l| l.starts_with("bitnet-gateway listening on "),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("gateway did not start:\n{}", child.output_so_far()));
+    let addr = line
+        .trim_start_matches("bitnet-gateway listening on http://")
+        .trim()
+        .to_string();
+    (child, addr)
+}
+
+async fn wait_healthy(addr: &str) {
+    for _ in 0..200 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("gateway never became healthy");
+}
+
+#[test]
+fn help_documents_every_option() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--config",
+        "--listen",
+        "--backend",
+        "--model",
+        "--alias",
+        "--default-model",
+        "--max-queue",
+        "--queue-timeout",
+        "--policy",
+        "--max-attempts",
+        "--drain-timeout",
+        "--max-body-bytes",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+    assert!(help.contains("127.0.0.1:8090"));
+}
+
+#[test]
+fn an_invalid_config_exits_non_zero_naming_the_problem() {
+    let dir = std::env::temp_dir().join(format!("gw-bad-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nqueue_size = 3\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("queue_size"), "{err}");
+    let out = Command::new(BIN)
+        .args(["--backend", "ftp://x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http://"));
+    let out = Command::new(BIN)
+        .args(["--backend", "http://127.0.0.1:1", "--listen", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("listen"));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_lets_the_stream_finish_and_exits_zero() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let url = be.url();
+    let (mut child, addr) = start(&["--backend", &url, "--drain-timeout", "10"]);
+    wait_healthy(&addr).await;
+
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"stream":true,"messages":[]}"#;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    let stream = be.next_stream().await;
+    assert!(stream.send("data: one\n\n").await);
+
+    child.signal(Signal::SIGTERM).unwrap();
+    // New connections are refused once the listener is closed.
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "listener still open after SIGTERM");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited while a stream was in flight"
+    );
+
+    // The in-flight stream still completes.
+    assert!(stream.send("data: two\n\n").await);
+    assert!(stream.send("data: [DONE]\n\n").await);
+    drop(stream);
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("data: one") && out.contains("data: two") && out.contains("[DONE]"),
+        "{out}"
+    );
+
+    let status = child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("exited after draining");
+    assert_eq!(status.code(), Some(0), "{}", child.output_so_far());
+}
+
+#[tokio::test]
+async fn sigint_with_nothing_in_flight_exits_zero_promptly() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Json(200, "{}".into())).await;
+    let url = be.url();
+    let (mut child, addr) = start(&["--backend", &url]);
+    wait_healthy(&addr).await;
+    child.signal(Signal::SIGINT).unwrap();
+    let status = child
+        .wait_timeout(Duration::from_secs(5))
+        .unwrap()
+        .expect("exited");
+    assert_eq!(status.code(), Some(0));
+}
