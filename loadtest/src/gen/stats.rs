@@ -1,0 +1,263 @@
+//! Run summaries: HDR-histogram percentiles, throughput and error counts.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::record::{ErrorKind, RequestRecord};
+use super::workload::WorkloadKind;
+
+/// Highest latency the histograms track: one hour, in microseconds. Larger values are clamped.
+const MAX_TRACKABLE_US: u64 = 3_600_000_000;
+
+/// A histogram of microseconds with three significant digits.
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_TRACKABLE_US, 3).expect("static histogram bounds are valid")
+}
+
+/// Percentiles of one latency, in microseconds. All zero when nothing was measured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyStats {
+    /// Number of samples.
+    pub count: u64,
+    /// Arithmetic mean.
+    pub mean: f64,
+    /// Smallest sample.
+    pub min: u64,
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest sample.
+    pub max: u64,
+}
+
+impl LatencyStats {
+    /// Percentiles of the histogram's samples.
+    pub fn from_histogram(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            mean: h.mean(),
+            min: h.min(),
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            max: h.max(),
+        }
+    }
+
+    fn from_values(values: impl Iterator<Item = u64>) -> Self {
+        let mut h = latency_histogram();
+        for v in values {
+            h.saturating_record(v.max(1));
+        }
+        Self::from_histogram(&h)
+    }
+}
+
+/// Latencies of one workload kind within a mixed run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KindSummary {
+    /// Requests of this kind.
+    pub requests: u64,
+    /// Of which failed.
+    pub failed: u64,
+    /// Time to first token of successful requests, microseconds.
+    pub ttft_us: LatencyStats,
+    /// End-to-end latency of successful requests, microseconds.
+    pub e2e_us: LatencyStats,
+}
+
+/// The figures a run is judged by. Latencies cover successful requests only: a fast 503 is not a
+/// fast answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Requests sent.
+    pub requests: u64,
+    /// Requests that completed without error.
+    pub succeeded: u64,
+    /// Requests that failed, for any reason (cancelled ones included).
+    pub failed: u64,
+    /// Open loop only: arrivals not sent because `max_in_flight` sessions were already running.
+    pub dropped_arrivals: u64,
+    /// From the start of the run until the last request ended.
+    pub wall_secs: f64,
+    /// Successful requests per second of wall time.
+    pub requests_per_s: f64,
+    /// Completion tokens of successful requests.
+    pub completion_tokens: u64,
+    /// Completion tokens per second of wall time.
+    pub tokens_per_s: f64,
+    /// Prompt tokens of successful requests, where the server reported them.
+    pub prompt_tokens: u64,
+    /// Of those, served from the server's prompt cache.
+    pub cached_tokens: u64,
+    /// Mean per-request generation speed after the first token.
+    pub decode_tokens_per_s_mean: Option<f64>,
+    /// Time to first token, microseconds.
+    pub ttft_us: LatencyStats,
+    /// Gaps between content-bearing chunks, microseconds.
+    pub itl_us: LatencyStats,
+    /// Time from sending to the end of the response, microseconds.
+    pub e2e_us: LatencyStats,
+    /// Failed requests by kind.
+    pub errors: BTreeMap<ErrorKind, u64>,
+    /// Responses by HTTP status.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Per-kind figures, for runs that mix kinds.
+    pub by_workload: BTreeMap<WorkloadKind, KindSummary>,
+}
+
+impl Summary {
+    /// Summarises `records`; inter-token gaps come from `itl`, which holds every gap of the
+    /// successful requests (records keep only their mean and maximum).
+    pub fn compute(
+        records: &[RequestRecord],
+        itl: &Histogram<u64>,
+        wall_secs: f64,
+        dropped_arrivals: u64,
+    ) -> Self {
+        let ok = || records.iter().filter(|r| r.ok());
+        let succeeded = ok().count() as u64;
+        let completion_tokens = ok().map(|r| r.completion_tokens).sum();
+        let mut errors = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for r in records {
+            if let Some(kind) = r.error {
+                *errors.entry(kind).or_insert(0) += 1;
+            }
+            if let Some(status) = r.status {
+                *statuses.entry(status).or_insert(0) += 1;
+            }
+        }
+        let decode: Vec<f64> = ok().filter_map(|r| r.decode_tokens_per_s).collect();
+        let per_second = |n: f64| if wall_secs > 0.0 { n / wall_secs } else { 0.0 };
+
+        let mut by_workload = BTreeMap::new();
+        for kind in WorkloadKind::ALL {
+            let of_kind = || records.iter().filter(move |r| r.workload == kind);
+            let requests = of_kind().count() as u64;
+            if requests == 0 {
+                continue;
+            }
+            by_workload.insert(
+                kind,
+                KindSummary {
+                    requests,
+                    failed: of_kind().filter(|r| !r.ok()).count() as u64,
+                    ttft_us: LatencyStats::from_values(
+                        of_kind().filter(|r| r.ok()).filter_map(|r| r.ttft_us),
+                    ),
+                    e2e_us: LatencyStats::from_values(
+                        of_kind().filter(|r| r.ok()).map(|r| r.e2e_us),
+                    ),
+                },
+            );
+        }
+
+        Self {
+            requests: records.len() as u64,
+            succeeded,
+            failed: records.len() as u64 - succeeded,
+            dropped_arrivals,
+            wall_secs,
+            requests_per_s: per_second(succeeded as f64),
+            completion_tokens,
+            tokens_per_s: per_second(completion_tokens as f64),
+            prompt_tokens: ok().filter_map(|r| r.prompt_tokens).sum(),
+            cached_tokens: ok().filter_map(|r| r.cached_tokens).sum(),
+            decode_tokens_per_s_mean: (!decode.is_empty())
+                .then(|| decode.iter().sum::<f64>() / decode.len() as f64),
+            ttft_us: LatencyStats::from_values(ok().filter_map(|r| r.ttft_us)),
+            itl_us: LatencyStats::from_histogram(itl),
+            e2e_us: LatencyStats::from_values(ok().map(|r| r.e2e_us)),
+            errors,
+            statuses,
+            by_workload,
+        }
+    }
+
+    /// Failed requests as a share of all requests.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.failed as f64 / self.requests as f64
+        }
+    }
+
+    /// Share of prompt tokens served from cache, when prompt tokens were reported.
+    pub fn cache_hit_ratio(&self) -> Option<f64> {
+        (self.prompt_tokens > 0).then(|| self.cached_tokens as f64 / self.prompt_tokens as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(ttft: u64, e2e: u64, error: Option<ErrorKind>) -> RequestRecord {
+        RequestRecord {
+            session: 0,
+            turn: 1,
+            workload: WorkloadKind::ShortChat,
+            scheduled_us: None,
+            start_us: 0,
+            ttft_us: Some(ttft),
+            e2e_us: e2e,
+            itl_mean_us: None,
+            itl_max_us: None,
+            completion_tokens: 10,
+            prompt_tokens: Some(100),
+            cached_tokens: Some(25),
+            decode_tokens_per_s: None,
+            status: Some(if error.is_some() { 503 } else { 200 }),
+            error,
+            error_message: None,
+        }
+    }
+
+    #[test]
+    fn percentiles_cover_successful_requests_and_errors_are_counted_by_kind() {
+        let mut records: Vec<_> = (1..=100)
+            .map(|i| record(i * 1000, i * 10_000, None))
+            .collect();
+        records.push(record(1, 1, Some(ErrorKind::Unavailable)));
+        records.push(record(1, 1, Some(ErrorKind::Unavailable)));
+        records.push(record(1, 1, Some(ErrorKind::RateLimited)));
+        let s = Summary::compute(&records, &latency_histogram(), 2.0, 0);
+        assert_eq!(s.requests, 103);
+        assert_eq!(s.succeeded, 100);
+        assert_eq!(s.failed, 3);
+        assert_eq!(s.errors[&ErrorKind::Unavailable], 2);
+        assert_eq!(s.errors[&ErrorKind::RateLimited], 1);
+        assert_eq!(s.statuses[&200], 100);
+        assert_eq!(s.statuses[&503], 3);
+        // The failed requests' 1 µs latencies must not drag the minimum down.
+        assert_eq!(s.ttft_us.min, 1000);
+        let near = |a: u64, b: u64| a.abs_diff(b) * 100 <= b;
+        assert!(near(s.ttft_us.p50, 50_000), "{}", s.ttft_us.p50);
+        assert!(near(s.ttft_us.p90, 90_000), "{}", s.ttft_us.p90);
+        assert!(near(s.e2e_us.p99, 990_000), "{}", s.e2e_us.p99);
+        assert!(near(s.e2e_us.max, 1_000_000));
+        assert_eq!(s.completion_tokens, 1000);
+        assert!((s.requests_per_s - 50.0).abs() < 1e-9);
+        assert!((s.tokens_per_s - 500.0).abs() < 1e-9);
+        assert_eq!(s.cache_hit_ratio(), Some(0.25));
+        assert!((s.error_rate() - 3.0 / 103.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn summary_survives_a_json_round_trip() {
+        let records = vec![record(5, 9, None), record(1, 1, Some(ErrorKind::MidStream))];
+        let s = Summary::compute(&records, &latency_histogram(), 1.0, 4);
+        let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+    }
+}
