@@ -168,3 +168,30 @@ async fn with_every_backend_down_requests_fail_fast_with_503() {
     assert_eq!(health.status, 503);
     assert_eq!(health.json()["backends"][0]["state"], "down");
 }
+
+#[tokio::test]
+async fn a_busy_backend_with_slow_health_is_not_marked_down_but_an_idle_one_is() {
+    let busy = FakeBackend::start("busy", 2, |_| {
+        Reply::Held(Box::new(Reply::Json(200, completion_json("done"))))
+    })
+    .await;
+    let idle = FakeBackend::start("idle", 1, ok).await;
+    let gw = TestGateway::over(
+        &[busy.url(), idle.url()],
+        "[health]\ninterval_secs = 0.05\ntimeout_secs = 0.1\nfailure_threshold = 2",
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let running = tokio::spawn(async move { post_json(&url, &chat(0, false)).await });
+    gw.wait_until(|g| g.pools[0].backends[0].inflight() == 1)
+        .await;
+    busy.set_health_delay(Duration::from_secs(5));
+    idle.set_health_delay(Duration::from_secs(5));
+    // Many probe periods later: the idle slow one is down, the busy slow one is still up.
+    gw.wait_until(|g| g.pools[0].backends[1].health() == Health::Down)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.gw.pools[0].backends[0].health(), Health::Up);
+    busy.release(1);
+    assert_eq!(running.await.unwrap().status, 200);
+}

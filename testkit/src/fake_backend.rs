@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -72,6 +72,7 @@ struct Shared {
     name: String,
     slots: u32,
     health: AtomicU16,
+    health_delay_ms: AtomicU64,
     active: AtomicUsize,
     seen: Mutex<Vec<Seen>>,
     handler: Box<Handler>,
@@ -130,6 +131,7 @@ impl FakeBackend {
             name: name.to_string(),
             slots,
             health: AtomicU16::new(200),
+            health_delay_ms: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
             handler: Box::new(handler),
@@ -158,6 +160,13 @@ impl FakeBackend {
     /// Set the status `/health` answers with (200 up, 503 loading, anything else).
     pub fn set_health(&self, status: u16) {
         self.shared.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Make `/health` answer only after `delay`, like a CPU box deep in prompt evaluation.
+    pub fn set_health_delay(&self, delay: Duration) {
+        self.shared
+            .health_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// Requests being answered now (held ones included), excluding `/health` and `/props`.
@@ -237,6 +246,10 @@ async fn answer(
     let path = req.uri().path().to_string();
     match path.as_str() {
         "/health" => {
+            let delay = shared.health_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             let status = shared.health.load(Ordering::SeqCst);
             let body = if status == 200 {
                 r#"{"status":"ok"}"#.to_string()
