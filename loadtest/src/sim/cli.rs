@@ -1,0 +1,238 @@
+//! The `llama-sim` command line.
+
+use std::time::Duration;
+
+use clap::Parser;
+
+use super::config::{ConfigError, Dialect, Faults, SimConfig, DEFAULT_MODEL_PATH};
+
+/// Simulates a llama-server with BitNet-like CPU timing: per-slot prompt caches, FIFO queueing
+/// when all slots are busy, prompt evaluation and generation at fixed token rates, the upstream
+/// llama.cpp or the older bitnet fork's API behaviour, and injectable faults.
+///
+/// Prints `llama-sim listening on http://ADDR:PORT` on stdout once it accepts connections.
+///
+/// Tokens are counted by a deterministic split of the text: every run of letters, digits and
+/// `_` is a token per 12 characters, every `<|marker|>` is one, every other non-space character
+/// is one. Chats are rendered with a ChatML-like template, so re-sent history is a prefix of the
+/// next prompt and hits the slot cache.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "llama-sim", version, verbatim_doc_comment)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on; 0 lets the system pick a free one (see the printed address).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// API behaviour to imitate: "llama.cpp" (current upstream llama-server) or "bitnet" (the
+    /// 2024 fork bitnet.cpp builds: 1 slot, no prompt cache by default, usage on the finish
+    /// chunk, `error:` stream events, 500 on `tools` and on null content, ignores
+    /// max_completion_tokens, truncates long prompts, dies on SIGTERM without draining).
+    #[arg(long, value_enum, default_value_t = Dialect::LlamaCpp)]
+    pub dialect: Dialect,
+
+    /// Model path to report; it is the model id unless --alias is given.
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL_PATH)]
+    pub model: String,
+
+    /// Model id to report instead of the path.
+    #[arg(short = 'a', long)]
+    pub alias: Option<String>,
+
+    /// Number of slots (requests processed at once); more requests wait in FIFO order and count
+    /// as llamacpp:requests_deferred. [default: 4 for llama.cpp, 1 for bitnet] In the bitnet
+    /// dialect, giving this flag also enables GET /slots, as the fork's --slots does; without
+    /// it /slots answers 501.
+    #[arg(long, value_name = "N")]
+    pub slots: Option<usize>,
+
+    /// Context size of each slot, in tokens. Upstream refuses longer prompts with 400
+    /// exceed_context_size_error and stops generating at the end of the context; bitnet
+    /// truncates the prompt and shifts the context.
+    #[arg(
+        short = 'c',
+        long = "ctx",
+        visible_alias = "ctx-size",
+        default_value_t = 4096,
+        value_name = "TOKENS"
+    )]
+    pub ctx: usize,
+
+    /// Prompt evaluation speed, tokens per second. Only prompt tokens a slot does not already
+    /// hold are evaluated.
+    #[arg(long, default_value_t = 60.0, value_name = "TOK_PER_S")]
+    pub prefill_rate: f64,
+
+    /// Generation speed of each slot, tokens per second.
+    #[arg(long, default_value_t = 18.0, value_name = "TOK_PER_S")]
+    pub decode_rate: f64,
+
+    /// Tokens generated when a request sets no max_tokens / max_completion_tokens / n_predict;
+    /// the answer then ends with finish_reason "stop" (a limit gives "length").
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    pub default_max_tokens: usize,
+
+    /// Multiplies every delay: prompt evaluation, generation, --load-time and --slow-start
+    /// (0.01 runs 100 times faster). Reported timings are the scaled durations.
+    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    pub time_scale: f64,
+
+    /// Answer at once, without any sleep, to measure the overhead of whatever sits in front.
+    /// Reported timings still show the modelled durations.
+    #[arg(long)]
+    pub zero_latency: bool,
+
+    /// Seconds during which every endpoint, /health included, answers 503 "Loading model".
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub load_time: f64,
+
+    /// Fault: exit abruptly (status 134, as after an abort) when generation request N arrives.
+    /// Generation requests (chat, completions, /completion) are numbered from 1; no other
+    /// endpoint counts.
+    #[arg(long, value_name = "N")]
+    pub crash_after: Option<u64>,
+
+    /// Fault modifier: with --crash-after N, crash only once request N has streamed K tokens.
+    #[arg(long, value_name = "K", requires = "crash_after")]
+    pub crash_after_tokens: Option<usize>,
+
+    /// Fault: accept selected generation requests and never answer them, not even a status
+    /// line.
+    #[arg(long)]
+    pub hang_before_first_byte: bool,
+
+    /// Fault: selected generation requests stop after K tokens and never finish; the slot stays
+    /// busy until the client disconnects.
+    #[arg(long, value_name = "K")]
+    pub hang_mid_stream_after: Option<usize>,
+
+    /// Fault: selected generation requests fail after K tokens. Streams get the dialect's error
+    /// event (upstream: `data: {"error":...}` and no [DONE]; bitnet: `error: {...}` then
+    /// [DONE]); upstream streams failing before their first token, and non-streamed requests,
+    /// get HTTP 500.
+    #[arg(long, value_name = "K")]
+    pub error_mid_stream_after: Option<usize>,
+
+    /// Fault: delay before selected generation requests get any byte of an answer, in seconds.
+    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    pub slow_start: f64,
+
+    /// Fault: answer selected generation requests with 503 "Loading model" (/health stays 200).
+    #[arg(long)]
+    pub fail_503: bool,
+
+    /// Which generation requests the per-request faults (hang, error, slow start, 503) select:
+    /// every Nth, i.e. requests N, 2N, 3N... 1 selects all of them.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub fault_every: u64,
+}
+
+impl SimArgs {
+    /// The server these flags describe.
+    pub fn to_config(&self) -> Result<SimConfig, ConfigError> {
+        let mut cfg = SimConfig::new(self.dialect);
+        cfg.model_path.clone_from(&self.model);
+        cfg.alias.clone_from(&self.alias);
+        if let Some(n) = self.slots {
+            cfg.slots = n;
+            cfg.slots_endpoint = true;
+        }
+        cfg.ctx = self.ctx;
+        cfg.prefill_rate = self.prefill_rate;
+        cfg.decode_rate = self.decode_rate;
+        cfg.default_max_tokens = self.default_max_tokens;
+        cfg.time_scale = self.time_scale;
+        cfg.zero_latency = self.zero_latency;
+        cfg.load_time = secs("load_time", self.load_time)?;
+        cfg.faults = Faults {
+            crash_after: self.crash_after,
+            crash_after_tokens: self.crash_after_tokens,
+            hang_before_first_byte: self.hang_before_first_byte,
+            hang_mid_stream_after: self.hang_mid_stream_after,
+            error_mid_stream_after: self.error_mid_stream_after,
+            slow_start: secs("slow_start", self.slow_start)?,
+            fail_503: self.fail_503,
+            every: self.fault_every,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn secs(name: &'static str, s: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(s)
+        .map_err(|_| ConfigError::Invalid(name, "must be a number of seconds >= 0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialect_picks_its_slot_count_and_slots_endpoint() {
+        let up = SimArgs::parse_from(["llama-sim"]).to_config().unwrap();
+        assert_eq!((up.slots, up.slots_endpoint), (4, true));
+        let bn = SimArgs::parse_from(["llama-sim", "--dialect", "bitnet"])
+            .to_config()
+            .unwrap();
+        assert_eq!((bn.slots, bn.slots_endpoint), (1, false));
+        let bn = SimArgs::parse_from(["llama-sim", "--dialect", "bitnet", "--slots", "2"])
+            .to_config()
+            .unwrap();
+        assert_eq!((bn.slots, bn.slots_endpoint), (2, true));
+    }
+
+    #[test]
+    fn invalid_numbers_are_refused() {
+        let bad = |args: &[&str]| {
+            let mut all = vec!["llama-sim"];
+            all.extend_from_slice(args);
+            SimArgs::try_parse_from(all)
+                .expect("flags parse")
+                .to_config()
+                .is_err()
+        };
+        assert!(bad(&["--slots", "0"]));
+        assert!(bad(&["--decode-rate", "0"]));
+        assert!(bad(&["--time-scale=-1"]));
+        assert!(bad(&["--load-time=-2"]));
+        assert!(bad(&["--fault-every", "0"]));
+        assert!(!bad(&["--time-scale", "0.01", "--slots", "2"]));
+    }
+
+    #[test]
+    fn help_explains_every_flag() {
+        let help = <SimArgs as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for flag in [
+            "--host",
+            "--port",
+            "--dialect",
+            "--model",
+            "--alias",
+            "--slots",
+            "--ctx",
+            "--prefill-rate",
+            "--decode-rate",
+            "--default-max-tokens",
+            "--time-scale",
+            "--zero-latency",
+            "--load-time",
+            "--crash-after",
+            "--crash-after-tokens",
+            "--hang-before-first-byte",
+            "--hang-mid-stream-after",
+            "--error-mid-stream-after",
+            "--slow-start",
+            "--fail-503",
+            "--fault-every",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        assert!(help.contains("[default: 60]") && help.contains("[default: 4096]"));
+    }
+}
