@@ -23,7 +23,7 @@ use crate::body::GatewayBody;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::pool::ModelPool;
-use crate::relay::RelayBody;
+use crate::relay::{Exchange, RelayBody};
 use crate::state::Gateway;
 
 /// The client used for every backend: HTTP/1.1 keep-alive, one idle pool per backend.
@@ -47,6 +47,12 @@ pub fn upstream_client(cfg: &Config) -> UpstreamClient {
 /// What the gateway keeps of a client request to send it (again, on failover).
 #[derive(Debug)]
 pub struct Outbound {
+    /// The request id, for logs and the `X-Request-Id` header.
+    pub request_id: String,
+    /// Endpoint label for metrics.
+    pub endpoint: &'static str,
+    /// When the request arrived.
+    pub arrived: tokio::time::Instant,
     /// HTTP method.
     pub method: Method,
     /// Path and query, appended to the backend's base URL.
@@ -100,19 +106,39 @@ impl Outbound {
 
 /// Admit, send, and fail over before the first byte. Returns the response to relay.
 pub async fn forward(
-    gw: &Gateway,
+    gw: &Arc<Gateway>,
     pool: &Arc<ModelPool>,
     out: Outbound,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let max_attempts = gw.config.max_attempts;
+    let m = &gw.metrics;
     let mut attempt = 0;
     loop {
         attempt += 1;
         if gw.is_shutting_down() {
             return Err(GatewayError::ShuttingDown);
         }
-        let guard = match admit(pool).await {
-            Admission::Admitted { guard, .. } => guard,
+        let admission = admit(pool).await;
+        let reason = match &admission {
+            Admission::Admitted { .. } => None,
+            Admission::QueueFull { .. } => Some("full"),
+            Admission::TimedOut { .. } => Some("timeout"),
+            Admission::NoBackend => Some("no_backend"),
+        };
+        if let Some(reason) = reason {
+            m.queue
+                .rejected
+                .with_label_values(&[&pool.id, reason])
+                .inc();
+        }
+        let (guard, queue_wait) = match admission {
+            Admission::Admitted { guard, waited } => {
+                m.queue
+                    .wait
+                    .with_label_values(&[&pool.id])
+                    .observe(waited.as_secs_f64());
+                (guard, waited)
+            }
             Admission::QueueFull { queued } => {
                 return Err(GatewayError::QueueFull {
                     model: pool.id.clone(),
@@ -136,6 +162,12 @@ pub async fn forward(
         match gw.client.request(req).await {
             Ok(resp) if is_failover_status(resp.status()) && !last => {
                 let loading = resp.status() == StatusCode::SERVICE_UNAVAILABLE;
+                let kind = if loading { "status_503" } else { "status_502" };
+                m.backends
+                    .upstream_errors
+                    .with_label_values(&[&backend.name, kind])
+                    .inc();
+                m.backends.retries.with_label_values(&[&backend.name]).inc();
                 let to = if loading {
                     Health::Loading
                 } else {
@@ -165,12 +197,28 @@ pub async fn forward(
                         .headers
                         .insert(HeaderName::from_static("x-backend"), v);
                 }
+                let exchange = Exchange {
+                    request_id: out.request_id,
+                    endpoint: out.endpoint,
+                    arrived: out.arrived,
+                    head_at: tokio::time::Instant::now(),
+                    queue_wait,
+                    status: parts.status.as_u16(),
+                    metrics: gw.metrics.clone(),
+                };
                 let body = GatewayBody::Relay {
-                    inner: RelayBody::new(body, guard, sse),
+                    inner: RelayBody::new(body, guard, sse, exchange),
                 };
                 return Ok(Response::from_parts(parts, body));
             }
             Err(err) => {
+                m.backends
+                    .upstream_errors
+                    .with_label_values(&[&backend.name, "connect"])
+                    .inc();
+                if !last {
+                    m.backends.retries.with_label_values(&[&backend.name]).inc();
+                }
                 if backend.set_health(Health::Down) != Health::Down {
                     tracing::warn!(backend = %backend.name, error = %err, attempt,
                         "backend unreachable; marked down");

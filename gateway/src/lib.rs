@@ -12,14 +12,16 @@
 //!    per policy.
 //! 5. [`forward`]: send to the backend over a pooled connection; fail over before the
 //!    first byte.
-//! 6. [`relay`]: pass the backend's body through untouched, holding the slot guard.
+//! 6. [`relay`]: pass the backend's body through untouched, holding the slot guard;
+//!    account tokens and timings, and write the access log when it ends.
 //! 7. Release: dropping the [`SlotGuard`](pool::SlotGuard) frees the slot and hands it to
 //!    the oldest waiter, once.
 //!
 //! Around it: [`config`] and [`cli`] (TOML plus flags), [`state`] (the shared
 //! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
 //! [`health`] (background probes), [`error`] (the one mapping from errors to HTTP) and
-//! [`body`] (the response body type).
+//! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
+//! and [`metrics`] (Prometheus, one struct per component).
 
 pub mod admit;
 pub mod backend;
@@ -31,10 +33,12 @@ pub mod error;
 pub mod forward;
 pub mod health;
 pub mod inspect;
+pub mod metrics;
 pub mod pool;
 pub mod relay;
 pub mod routes;
 pub mod server;
+pub mod sse;
 pub mod state;
 
 pub use server::serve;

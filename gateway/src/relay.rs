@@ -5,18 +5,53 @@
 //! client went away, and never twice, because the guard is an `Option` taken once and its
 //! `Drop` does the release. Dropping the upstream body mid-stream closes the backend
 //! connection, which is how llama-server learns to stop generating.
+//!
+//! On the way it feeds each frame to the [`Scanner`] (which only reads), and when the body
+//! ends, fails or is dropped it records the request's metrics and access-log line, once.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 use crate::backend::Health;
 use crate::body::BoxError;
 use crate::error::error_body;
+use crate::metrics::Metrics;
 use crate::pool::SlotGuard;
+use crate::sse::Scanner;
+
+/// What the relay records about the exchange it carries.
+#[derive(Debug)]
+pub struct Exchange {
+    /// The request id (also in `X-Request-Id`).
+    pub request_id: String,
+    /// Endpoint label, from a closed set.
+    pub endpoint: &'static str,
+    /// When the request arrived at the gateway.
+    pub arrived: Instant,
+    /// When the backend's response head arrived.
+    pub head_at: Instant,
+    /// Time spent waiting for a slot.
+    pub queue_wait: Duration,
+    /// The backend's status code.
+    pub status: u16,
+    /// Where to record.
+    pub metrics: Arc<Metrics>,
+}
+
+/// How a relayed body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Complete,
+    UpstreamBroken,
+    ClientGone,
+}
 
 pin_project_lite::pin_project! {
     /// A backend's body on its way to the client, holding the slot it occupies.
@@ -28,17 +63,37 @@ pin_project_lite::pin_project! {
         // rather than a truncated message, because SSE clients read events, not framing.
         sse: bool,
         done: bool,
+        scanner: Scanner,
+        exchange: Exchange,
+        first_content: Option<Instant>,
+        bytes: u64,
+        recorded: bool,
+    }
+
+    impl PinnedDrop for RelayBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if !*this.recorded {
+                *this.recorded = true;
+                record(this.guard.as_ref(), this.scanner, this.exchange, *this.first_content, *this.bytes, *this.sse, Ending::ClientGone);
+            }
+        }
     }
 }
 
 impl RelayBody {
     /// Relay `upstream`, releasing `guard` when it ends.
-    pub fn new(upstream: Incoming, guard: SlotGuard, sse: bool) -> RelayBody {
+    pub fn new(upstream: Incoming, guard: SlotGuard, sse: bool, exchange: Exchange) -> RelayBody {
         RelayBody {
             upstream,
             guard: Some(guard),
             sse,
             done: false,
+            scanner: Scanner::new(sse),
+            exchange,
+            first_content: None,
+            bytes: 0,
+            recorded: false,
         }
     }
 }
@@ -57,6 +112,102 @@ pub fn broken_stream_event(backend: &str) -> Bytes {
     Bytes::from(ev)
 }
 
+/// Record metrics and the access-log line for one finished exchange.
+fn record(
+    guard: Option<&SlotGuard>,
+    scanner: &mut Scanner,
+    ex: &Exchange,
+    first_content: Option<Instant>,
+    bytes: u64,
+    sse: bool,
+    ending: Ending,
+) {
+    let Some(guard) = guard else {
+        return;
+    };
+    let now = Instant::now();
+    let backend = guard.backend().name.as_str();
+    let model = guard.pool().id.as_str();
+    let tally = scanner.finish();
+    let m = &ex.metrics;
+    let status = ex.status.to_string();
+    m.requests
+        .requests
+        .with_label_values(&[backend, model, ex.endpoint, &status])
+        .inc();
+    let duration = now - ex.arrived;
+    m.requests
+        .duration
+        .with_label_values(&[backend, model, ex.endpoint])
+        .observe(duration.as_secs_f64());
+    let ttft = if sse {
+        first_content.map(|t| t - ex.arrived)
+    } else {
+        Some(ex.head_at - ex.arrived)
+    };
+    let bm = [backend, model];
+    if let Some(t) = ttft {
+        m.requests
+            .ttft
+            .with_label_values(&bm)
+            .observe(t.as_secs_f64());
+    }
+    if let Some(n) = tally.prompt_tokens {
+        m.requests.prompt_tokens.with_label_values(&bm).inc_by(n);
+    }
+    if let Some(n) = tally.cached_tokens {
+        m.requests.cached_tokens.with_label_values(&bm).inc_by(n);
+    }
+    let completion = tally.completion();
+    if completion > 0 {
+        m.requests
+            .completion_tokens
+            .with_label_values(&bm)
+            .inc_by(completion);
+    }
+    let tps = tally.predicted_per_second.or_else(|| {
+        // Decode rate from our own clock: tokens after the first, over the time after it.
+        let first = first_content?;
+        let secs = (now - first).as_secs_f64();
+        (completion > 1 && secs > 0.0).then(|| (completion - 1) as f64 / secs)
+    });
+    if let Some(r) = tps.filter(|r| r.is_finite() && *r > 0.0) {
+        m.requests
+            .tokens_per_second
+            .with_label_values(&bm)
+            .observe(r);
+    }
+    match ending {
+        Ending::Complete => {}
+        Ending::UpstreamBroken => m
+            .backends
+            .upstream_errors
+            .with_label_values(&[backend, "broken_stream"])
+            .inc(),
+        Ending::ClientGone => m
+            .backends
+            .client_disconnects
+            .with_label_values(&[backend])
+            .inc(),
+    }
+    tracing::info!(
+        target: "access",
+        request_id = %ex.request_id,
+        model,
+        backend,
+        endpoint = ex.endpoint,
+        status = ex.status,
+        ending = ?ending,
+        queue_wait_ms = ex.queue_wait.as_millis() as u64,
+        ttft_ms = ttft.map(|t| t.as_millis() as u64),
+        prompt_tokens = tally.prompt_tokens,
+        completion_tokens = completion,
+        duration_ms = duration.as_millis() as u64,
+        bytes,
+        "request"
+    );
+}
+
 impl Body for RelayBody {
     type Data = Bytes;
     type Error = BoxError;
@@ -72,18 +223,44 @@ impl Body for RelayBody {
         match this.upstream.poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(g) = this.guard.as_ref() {
-                    g.backend().touch_progress();
+                if let Some(data) = frame.data_ref() {
+                    *this.bytes += data.len() as u64;
+                    if this.scanner.feed(data) && this.first_content.is_none() {
+                        *this.first_content = Some(Instant::now());
+                    }
+                    if let Some(g) = this.guard.as_ref() {
+                        g.backend().touch_progress();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 *this.done = true;
+                *this.recorded = true;
+                record(
+                    this.guard.as_ref(),
+                    this.scanner,
+                    this.exchange,
+                    *this.first_content,
+                    *this.bytes,
+                    *this.sse,
+                    Ending::Complete,
+                );
                 this.guard.take();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(err))) => {
                 *this.done = true;
+                *this.recorded = true;
+                record(
+                    this.guard.as_ref(),
+                    this.scanner,
+                    this.exchange,
+                    *this.first_content,
+                    *this.bytes,
+                    *this.sse,
+                    Ending::UpstreamBroken,
+                );
                 let guard = this.guard.take();
                 let name = guard
                     .as_ref()
@@ -107,7 +284,9 @@ impl Body for RelayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done || self.upstream.is_end_stream()
+        // Not the upstream's flag: hyper must poll once more so the end is observed and
+        // recorded as complete rather than as a client that went away.
+        self.done
     }
 
     fn size_hint(&self) -> SizeHint {

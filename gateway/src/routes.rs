@@ -2,9 +2,11 @@
 //! request to [`forward`](crate::forward::forward). The gateway's own endpoints
 //! (`/health`, `/v1/models`) are answered here.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -32,34 +34,89 @@ const PROXIED: &[&str] = &[
     "/rerank",
 ];
 
+/// The `X-Request-Id` header, taken from the client or generated.
+static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The gateway's own endpoints.
+const OWN: &[&str] = &["/health", "/v1/models", "/metrics"];
+
 /// Serve one request. Never fails: gateway errors become OpenAI error responses.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GatewayBody> {
-    match route(&gw, req).await {
+pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+    let arrived = tokio::time::Instant::now();
+    let id = request_id(req.headers());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert(REQUEST_ID.clone(), v);
+    }
+    let endpoint = endpoint_label(req.uri().path());
+    let mut resp = match route(&gw, req, &id, endpoint, arrived).await {
         Ok(resp) => resp,
         Err(err) => {
-            tracing::debug!(error = %err, "request refused by the gateway");
+            tracing::info!(target: "access", request_id = %id, endpoint, status = err.status().as_u16(), code = err.code(), error = %err, "request refused by the gateway");
+            let status = err.status().as_u16().to_string();
+            gw.metrics
+                .requests
+                .requests
+                .with_label_values(&["", "", endpoint, &status])
+                .inc();
             err.into_response()
         }
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
+    resp
+}
+
+/// The client's request id when it is short printable ASCII, else a fresh one.
+fn request_id(headers: &http::HeaderMap) -> String {
+    if let Some(v) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
+        if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {
+            return v.to_string();
+        }
+    }
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: OnceLock<u64> = OnceLock::new();
+    // Unique within the process; the start time makes ids differ across restarts.
+    let seed = *SEED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    });
+    format!("{:016x}-{:08x}", seed, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The endpoint as a metrics label: one of the known paths, or "other", so that clients
+/// cannot create label values.
+fn endpoint_label(path: &str) -> &'static str {
+    PROXIED
+        .iter()
+        .chain(OWN.iter())
+        .find(|p| **p == path)
+        .copied()
+        .unwrap_or("other")
 }
 
 async fn route(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
+    id: &str,
+    endpoint: &'static str,
+    arrived: tokio::time::Instant,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let path = req.uri().path();
     let method = req.method();
     let allow = if PROXIED.contains(&path) {
         if method == Method::POST {
-            return proxy(gw, req).await;
+            return proxy(gw, req, id, endpoint, arrived).await;
         }
         "POST"
-    } else if path == "/health" || path == "/v1/models" {
+    } else if OWN.contains(&path) {
         if method == Method::GET || method == Method::HEAD {
-            return Ok(if path == "/health" {
-                health(gw)
-            } else {
-                models(gw)
+            return Ok(match path {
+                "/health" => health(gw),
+                "/metrics" => metrics(gw),
+                _ => models(gw),
             });
         }
         "GET"
@@ -76,6 +133,9 @@ async fn route(
 async fn proxy(
     gw: &Arc<Gateway>,
     req: Request<Incoming>,
+    id: &str,
+    endpoint: &'static str,
+    arrived: tokio::time::Instant,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let limit = gw.config.max_body_bytes;
     let (parts, body) = req.into_parts();
@@ -102,6 +162,9 @@ async fn proxy(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let out = Outbound {
+        request_id: id.to_string(),
+        endpoint,
+        arrived,
         method: parts.method,
         path_and_query: parts
             .uri
@@ -147,6 +210,16 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, Bytes::from(body.to_string()))
+}
+
+/// `GET /metrics`: Prometheus text format.
+fn metrics(gw: &Gateway) -> Response<GatewayBody> {
+    let mut resp = Response::new(GatewayBody::full(gw.metrics.render(gw)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
 }
 
 /// `GET /v1/models`: every configured id and alias, in OpenAI list format.

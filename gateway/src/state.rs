@@ -8,6 +8,7 @@ use dashmap::DashMap;
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::forward::{upstream_client, UpstreamClient};
+use crate::metrics::Metrics;
 use crate::pool::{ModelPool, QueueLimits};
 
 /// Everything a request needs, shared by all connections.
@@ -23,6 +24,8 @@ pub struct Gateway {
     default_pool: Option<Arc<ModelPool>>,
     /// Pooled keep-alive connections to every backend.
     pub client: UpstreamClient,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
 }
 
@@ -64,6 +67,7 @@ impl Gateway {
             names,
             default_pool,
             client,
+            metrics: Arc::new(Metrics::new()),
             shutting_down: AtomicBool::new(false),
         })
     }

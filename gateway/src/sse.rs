@@ -1,0 +1,381 @@
+//! Token accounting from the bytes the relay forwards, without changing them.
+//!
+//! [`Scanner`] is fed each frame as it passes. For SSE it splits lines incrementally
+//! (events may be split anywhere across frames, lines may end in CRLF, `data:` may span
+//! several lines, `:` comments are skipped) and keeps only the current partial line plus the
+//! current event's data. Events that carry `usage` or llama-server `timings` are parsed;
+//! other events are only checked for non-empty content, which is the fallback count when a
+//! server reports no usage. A non-streaming body is kept (up to a cap) and read at the end.
+
+use serde::Deserialize;
+
+/// Largest non-streaming body or single SSE event the scanner keeps for accounting.
+/// Bigger ones are relayed all the same but not counted: accounting must never cost
+/// unbounded memory.
+const MAX_KEPT: usize = 1 << 20;
+
+/// What the scanner learned about one response.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Tally {
+    /// Prompt tokens, from `usage` or `timings` (evaluated plus cached).
+    pub prompt_tokens: Option<u64>,
+    /// Prompt tokens served from the backend's cache.
+    pub cached_tokens: Option<u64>,
+    /// Completion tokens, from `usage` or `timings`.
+    pub completion_tokens: Option<u64>,
+    /// Events (or bodies) that carried non-empty generated content.
+    pub content_events: u64,
+    /// Decode rate llama-server reported.
+    pub predicted_per_second: Option<f64>,
+    /// An `error` object arrived in the body.
+    pub saw_error: bool,
+}
+
+impl Tally {
+    /// Completion tokens: reported, or else the count of content-bearing events.
+    pub fn completion(&self) -> u64 {
+        self.completion_tokens.unwrap_or(self.content_events)
+    }
+}
+
+/// Incremental scanner for one response body.
+#[derive(Debug)]
+pub struct Scanner {
+    sse: bool,
+    line: Vec<u8>,
+    data: Vec<u8>,
+    overflow: bool,
+    tally: Tally,
+}
+
+#[derive(Deserialize)]
+struct Payload {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default)]
+    timings: Option<Timings>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Timings {
+    #[serde(default)]
+    prompt_n: Option<u64>,
+    #[serde(default)]
+    cache_n: Option<u64>,
+    #[serde(default)]
+    predicted_n: Option<u64>,
+    #[serde(default)]
+    predicted_per_second: Option<f64>,
+}
+
+impl Scanner {
+    /// A scanner for an SSE stream (`sse = true`) or a single JSON body.
+    pub fn new(sse: bool) -> Scanner {
+        Scanner {
+            sse,
+            line: Vec::new(),
+            data: Vec::new(),
+            overflow: false,
+            tally: Tally::default(),
+        }
+    }
+
+    /// Feed the next frame. Returns `true` if this frame completed an event with content
+    /// (for streams) — the moment time-to-first-token is measured.
+    pub fn feed(&mut self, mut chunk: &[u8]) -> bool {
+        if !self.sse {
+            if self.data.len() + chunk.len() <= MAX_KEPT {
+                self.data.extend_from_slice(chunk);
+            } else {
+                self.overflow = true;
+            }
+            return false;
+        }
+        let before = self.tally.content_events;
+        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+            let (head, rest) = chunk.split_at(nl);
+            chunk = &rest[1..];
+            if self.line.is_empty() {
+                self.on_line(head);
+            } else {
+                self.push_line(head);
+                let line = std::mem::take(&mut self.line);
+                self.on_line(&line);
+                self.line = line;
+                self.line.clear();
+            }
+        }
+        self.push_line(chunk);
+        self.tally.content_events > before
+    }
+
+    fn push_line(&mut self, part: &[u8]) {
+        if self.line.len() + part.len() <= MAX_KEPT {
+            self.line.extend_from_slice(part);
+        } else {
+            self.overflow = true;
+        }
+    }
+
+    fn on_line(&mut self, line: &[u8]) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            self.end_event();
+            return;
+        }
+        if line[0] == b':' {
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => (&line[..i], &line[i + 1..]),
+            None => (line, &b""[..]),
+        };
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        match field {
+            b"data" => {
+                if !self.data.is_empty() {
+                    self.data.push(b'\n');
+                }
+                if self.data.len() + value.len() <= MAX_KEPT {
+                    self.data.extend_from_slice(value);
+                } else {
+                    self.overflow = true;
+                }
+            }
+            // The older BitNet server sends errors as a non-standard `error:` field.
+            b"error" => self.tally.saw_error = true,
+            _ => {}
+        }
+    }
+
+    fn end_event(&mut self) {
+        if !self.data.is_empty() && !self.overflow && self.data.as_slice() != b"[DONE]" {
+            let data = std::mem::take(&mut self.data);
+            self.read_payload(&data, true);
+            self.data = data;
+        }
+        self.data.clear();
+        self.overflow = false;
+    }
+
+    fn read_payload(&mut self, data: &[u8], is_event: bool) {
+        if is_event && has_content(data) {
+            self.tally.content_events += 1;
+        }
+        // Only events that can carry accounting are parsed in full.
+        if !contains(data, b"\"usage\"")
+            && !contains(data, b"\"timings\"")
+            && !contains(data, b"\"error\"")
+        {
+            return;
+        }
+        let Ok(p) = serde_json::from_slice::<Payload>(data) else {
+            return;
+        };
+        if p.error.is_some() {
+            self.tally.saw_error = true;
+        }
+        if let Some(t) = p.timings {
+            if let (Some(n), c) = (t.prompt_n, t.cache_n) {
+                self.tally.prompt_tokens.get_or_insert(n + c.unwrap_or(0));
+            }
+            if let Some(c) = t.cache_n {
+                self.tally.cached_tokens.get_or_insert(c);
+            }
+            if let Some(n) = t.predicted_n {
+                self.tally.completion_tokens.get_or_insert(n);
+            }
+            if t.predicted_per_second.is_some() {
+                self.tally.predicted_per_second = t.predicted_per_second;
+            }
+        }
+        // `usage` is the OpenAI-standard figure: it wins over `timings` when both appear.
+        if let Some(u) = p.usage {
+            if u.prompt_tokens.is_some() {
+                self.tally.prompt_tokens = u.prompt_tokens;
+            }
+            if u.completion_tokens.is_some() {
+                self.tally.completion_tokens = u.completion_tokens;
+            }
+            if let Some(c) = u.prompt_tokens_details.and_then(|d| d.cached_tokens) {
+                self.tally.cached_tokens = Some(c);
+            }
+        }
+    }
+
+    /// Finish: read a non-streaming body, and return the tally.
+    pub fn finish(&mut self) -> Tally {
+        if !self.sse && !self.overflow && !self.data.is_empty() {
+            let data = std::mem::take(&mut self.data);
+            self.read_payload(&data, false);
+            if has_content(&data) {
+                self.tally.content_events = 1;
+            }
+        }
+        self.tally.clone()
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
+/// or `"text":"x` with at least one character. Cheap, and exact enough for a fallback count.
+fn has_content(data: &[u8]) -> bool {
+    for key in [&b"\"content\":\""[..], b"\"text\":\""] {
+        let mut rest = data;
+        while let Some(i) = rest.windows(key.len()).position(|w| w == key) {
+            let after = &rest[i + key.len()..];
+            if after.first().is_some_and(|&b| b != b'"') {
+                return true;
+            }
+            rest = after;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
+        ": keep-alive\n\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n",
+        "data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\n",
+        "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],\"timings\":{\"prompt_n\":7,\"cache_n\":5,\"predicted_n\":2,\"predicted_per_second\":18.5}}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":5}}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn expected() -> Tally {
+        Tally {
+            prompt_tokens: Some(12),
+            cached_tokens: Some(5),
+            completion_tokens: Some(2),
+            content_events: 2,
+            predicted_per_second: Some(18.5),
+            saw_error: false,
+        }
+    }
+
+    #[test]
+    fn reads_usage_timings_and_content_from_a_stream() {
+        let mut s = Scanner::new(true);
+        s.feed(STREAM.as_bytes());
+        assert_eq!(s.finish(), expected());
+    }
+
+    #[test]
+    fn every_split_of_the_stream_gives_the_same_tally() {
+        let bytes = STREAM.as_bytes();
+        for cut in 0..bytes.len() {
+            let mut s = Scanner::new(true);
+            s.feed(&bytes[..cut]);
+            s.feed(&bytes[cut..]);
+            assert_eq!(s.finish(), expected(), "split at {cut}");
+        }
+        let mut s = Scanner::new(true);
+        for b in bytes {
+            s.feed(std::slice::from_ref(b));
+        }
+        assert_eq!(s.finish(), expected(), "byte by byte");
+    }
+
+    #[test]
+    fn first_content_is_signalled_by_the_frame_that_completes_it() {
+        let mut s = Scanner::new(true);
+        assert!(!s.feed(b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\n"));
+        assert!(!s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}"));
+        assert!(s.feed(b"\n\n"));
+    }
+
+    #[test]
+    fn multi_line_data_is_joined_before_parsing() {
+        let mut s = Scanner::new(true);
+        s.feed(b"data: {\"usage\":\ndata: {\"prompt_tokens\":3,\"completion_tokens\":4}}\n\n");
+        let t = s.finish();
+        assert_eq!((t.prompt_tokens, t.completion_tokens), (Some(3), Some(4)));
+    }
+
+    #[test]
+    fn without_usage_content_events_are_counted() {
+        let mut s = Scanner::new(true);
+        for _ in 0..5 {
+            s.feed(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n");
+        }
+        assert_eq!(s.finish().completion(), 5);
+    }
+
+    #[test]
+    fn errors_in_either_dialect_are_noticed() {
+        let mut s = Scanner::new(true);
+        s.feed(b"error: {\"code\":500,\"message\":\"boom\"}\n\n");
+        assert!(s.finish().saw_error);
+        let mut s = Scanner::new(true);
+        s.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n");
+        assert!(s.finish().saw_error);
+    }
+
+    #[test]
+    fn a_non_streaming_body_is_read_at_the_end() {
+        let body = br#"{"choices":[{"message":{"content":"4"}}],"usage":{"prompt_tokens":9,"completion_tokens":1}}"#;
+        let mut s = Scanner::new(false);
+        s.feed(&body[..10]);
+        s.feed(&body[10..]);
+        let t = s.finish();
+        assert_eq!(
+            (t.prompt_tokens, t.completion_tokens, t.content_events),
+            (Some(9), Some(1), 1)
+        );
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_memory_stays_bounded() {
+        // A small deterministic fuzz: random bytes biased towards SSE syntax.
+        let alphabet = b"data: {}\"usage\":timings\r\n:[DONE]error,0123456789\xff\xc3";
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let mut s = Scanner::new(x.is_multiple_of(2));
+            for _ in 0..20 {
+                let len = (x % 64) as usize;
+                let chunk: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        alphabet[(x % alphabet.len() as u64) as usize]
+                    })
+                    .collect();
+                s.feed(&chunk);
+            }
+            s.finish();
+        }
+        let mut s = Scanner::new(true);
+        let big = vec![b'a'; 1 << 16];
+        for _ in 0..40 {
+            s.feed(&big); // one line, never ended: kept only up to the cap
+        }
+        assert!(s.line.len() <= MAX_KEPT);
+    }
+}
