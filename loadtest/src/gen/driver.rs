@@ -285,8 +285,12 @@ impl Driver {
         let ttft_us = out.ttft.map(micros);
         let e2e_us = micros(out.e2e);
         let gap_count = out.content_chunks.saturating_sub(1);
+        // Only when tokens arrived spread out: a response delivered in one burst has no
+        // measurable generation speed, and dividing by its microseconds would be noise.
         let decode_tokens_per_s = match ttft_us {
-            Some(ttft) if ok && gap_count > 0 && completion_tokens > 1 && e2e_us > ttft => {
+            Some(ttft)
+                if ok && !out.itl_sum.is_zero() && completion_tokens > 1 && e2e_us > ttft =>
+            {
                 Some((completion_tokens - 1) as f64 / ((e2e_us - ttft) as f64 / 1e6))
             }
             _ => None,
