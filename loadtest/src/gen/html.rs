@@ -29,7 +29,6 @@ pub fn render(result: &RunResult) -> String {
          td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}\
          th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}\
          svg{display:block;margin:1em 0;font-size:11px}\
-         .grid line{stroke:#e4e4e4}.axis{stroke:#444}\
          </style></head><body>\n",
     );
     let _ = writeln!(page, "<h1>bitnet-loadtest report</h1>");
@@ -113,13 +112,14 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// A round axis maximum at or above `max` (1, 2 or 5 times a power of ten).
+/// A round axis maximum at or above `max`, fine-grained enough that the data fills most of the
+/// plot, and dividing into five round ticks.
 fn nice_ceiling(max: f64) -> f64 {
     if !(max.is_finite() && max > 0.0) {
         return 1.0;
     }
     let magnitude = 10f64.powf(max.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .into_iter()
         .map(|m| m * magnitude)
         .find(|v| *v >= max)
@@ -141,26 +141,31 @@ impl Frame {
         HEIGHT - BOTTOM - v / self.y_max * (HEIGHT - TOP - BOTTOM)
     }
 
+    /// Starts the SVG: title, grid, tick labels and axes. Styles are attributes rather than
+    /// page CSS so each chart also renders correctly when saved on its own.
     fn open(&self, out: &mut String, title: &str, x_label: &str, y_label: &str) {
         let _ = write!(
             out,
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" \
-             viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\"><title>{t}</title>\
-             <text x=\"{LEFT}\" y=\"16\" font-size=\"13\" font-weight=\"bold\">{t}</text><g class=\"grid\">",
+             viewBox=\"0 0 {WIDTH} {HEIGHT}\" font-family=\"sans-serif\" font-size=\"11\" role=\"img\">\
+             <title>{t}</title>\
+             <text x=\"{LEFT}\" y=\"16\" font-size=\"13\" font-weight=\"bold\">{t}</text>",
             t = escape(title)
         );
+        let mut grid = String::new();
+        let mut labels = String::new();
         for i in 0..=5 {
             let f = f64::from(i) / 5.0;
             let (x, y) = (self.x(f * self.x_max), self.y(f * self.y_max));
             let _ = write!(
-                out,
+                grid,
                 "<line x1=\"{x:.1}\" y1=\"{TOP}\" x2=\"{x:.1}\" y2=\"{:.1}\"/>\
                  <line x1=\"{LEFT}\" y1=\"{y:.1}\" x2=\"{:.1}\" y2=\"{y:.1}\"/>",
                 HEIGHT - BOTTOM,
                 WIDTH - RIGHT
             );
             let _ = write!(
-                out,
+                labels,
                 "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
                  <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
                 HEIGHT - BOTTOM + 14.0,
@@ -172,8 +177,9 @@ impl Frame {
         }
         let _ = write!(
             out,
-            "</g><line class=\"axis\" x1=\"{LEFT}\" y1=\"{b:.1}\" x2=\"{r:.1}\" y2=\"{b:.1}\"/>\
-             <line class=\"axis\" x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{b:.1}\"/>\
+            "<g stroke=\"#e4e4e4\">{grid}</g><g fill=\"#444\">{labels}</g>\
+             <g stroke=\"#444\"><line x1=\"{LEFT}\" y1=\"{b:.1}\" x2=\"{r:.1}\" y2=\"{b:.1}\"/>\
+             <line x1=\"{LEFT}\" y1=\"{TOP}\" x2=\"{LEFT}\" y2=\"{b:.1}\"/></g>\
              <text x=\"{cx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\
              <text transform=\"translate(14 {cy:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
             HEIGHT - 8.0,
@@ -389,9 +395,11 @@ mod tests {
     fn nice_ceilings_are_round_and_not_below_the_maximum() {
         assert_eq!(nice_ceiling(0.0), 1.0);
         assert_eq!(nice_ceiling(1.0), 1.0);
-        assert_eq!(nice_ceiling(1.3), 2.0);
-        assert_eq!(nice_ceiling(37.0), 50.0);
-        assert_eq!(nice_ceiling(501.0), 1000.0);
+        assert_eq!(nice_ceiling(1.3), 1.5);
+        assert_eq!(nice_ceiling(37.0), 40.0);
+        assert_eq!(nice_ceiling(6000.6), 8000.0);
+        assert_eq!(nice_ceiling(11.04), 15.0);
+        assert_eq!(nice_ceiling(801.0), 1000.0);
     }
 
     #[test]
