@@ -153,7 +153,11 @@ impl Babble {
     pub(crate) fn next_piece(&mut self) -> &'static str {
         if self.until_punct == 0 {
             self.until_punct = self.sentence_len();
-            return if self.next_u64().is_multiple_of(3) { "," } else { "." };
+            return if self.next_u64().is_multiple_of(3) {
+                ","
+            } else {
+                "."
+            };
         }
         self.until_punct -= 1;
         let word = WORDS[(self.next_u64() % WORDS.len() as u64) as usize];
