@@ -5,8 +5,11 @@
 //! - [`gguf`]: writes a tiny, deterministic llama-architecture GGUF model that a real llama-server loads.
 //! - [`llama_server`]: finds a real `llama-server` binary and starts it on an OS-assigned port.
 //! - [`fake_backend`]: small scriptable HTTP backends for gateway logic tests.
+//! - [`prometheus`]: runs a real Prometheus on an OS-assigned port, serves exposition text
+//!   for it to scrape, and lints text with `promtool`.
 
 pub mod child;
 pub mod fake_backend;
 pub mod gguf;
 pub mod llama_server;
+pub mod prometheus;
