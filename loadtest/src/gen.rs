@@ -42,6 +42,7 @@ pub mod rng;
 pub mod stats;
 pub mod workload;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -182,6 +183,16 @@ pub enum ResultsError {
 /// Runs the load described by `cfg` and returns its measurements. Failed requests are results,
 /// not errors; this fails only when the run cannot start.
 pub async fn run(cfg: RunConfig) -> Result<RunResult, RunError> {
+    run_until(cfg, std::future::pending()).await
+}
+
+/// Like [`run`], but ends the run early when `interrupt` resolves (a Ctrl-C, say): nothing new
+/// starts, requests in flight are cancelled and recorded as such, and the results so far are
+/// returned.
+pub async fn run_until(
+    cfg: RunConfig,
+    interrupt: impl Future<Output = ()>,
+) -> Result<RunResult, RunError> {
     let endpoint = cfg.validate()?;
     let auth = cfg
         .api_key
@@ -209,19 +220,24 @@ pub async fn run(cfg: RunConfig) -> Result<RunResult, RunError> {
         .then(|| Progress::spawn(driver.live.clone(), start, cfg.max_requests));
 
     let work = driver.clone().run();
-    let collected = match driver.deadline() {
-        Some(deadline) => {
-            tokio::pin!(work);
-            tokio::select! {
-                collected = &mut work => collected,
-                () = tokio::time::sleep_until((deadline + cfg.drain).into()) => {
-                    // Requests still running now are cut; the loop then ends promptly.
-                    let _ = stop_tx.send(true);
-                    work.await
-                }
-            }
+    tokio::pin!(work);
+    let drain_end = async {
+        match driver.deadline() {
+            Some(deadline) => tokio::time::sleep_until((deadline + cfg.drain).into()).await,
+            None => std::future::pending().await,
         }
-        None => work.await,
+    };
+    let collected = tokio::select! {
+        collected = &mut work => collected,
+        () = drain_end => {
+            // Requests still running now are cut; the loop then ends promptly.
+            let _ = stop_tx.send(true);
+            work.await
+        }
+        () = interrupt => {
+            let _ = stop_tx.send(true);
+            work.await
+        }
     };
     let wall_secs = start.elapsed().as_secs_f64();
     if let Some(progress) = progress {

@@ -567,7 +567,8 @@ async fn open_loop_drops_arrivals_beyond_max_in_flight() {
     let result = gen::run(cfg).await.unwrap();
     let s = result.summary();
     assert_eq!(s.requests, 3);
-    assert_eq!(s.errors[&ErrorKind::Cancelled], 3);
+    assert_eq!(s.cancelled, 3);
+    assert!(s.errors.is_empty(), "cut requests are not target failures");
     assert!(s.dropped_arrivals > 30, "{} dropped", s.dropped_arrivals);
 }
 
@@ -596,8 +597,50 @@ async fn duration_stops_new_requests_and_cancels_stragglers_after_the_drain() {
     );
     let s = result.summary();
     assert_eq!(s.succeeded, 4);
-    assert_eq!(s.errors[&ErrorKind::Cancelled], 2);
+    assert_eq!(s.cancelled, 2);
+    assert_eq!(s.failed, 0);
     assert_eq!(server.count(), 6, "nothing starts after the duration");
+}
+
+#[tokio::test]
+async fn an_interrupt_cancels_requests_in_flight_and_returns_the_results_so_far() {
+    let n = Arc::new(AtomicUsize::new(0));
+    let server = FakeBackend::start("fake", 1, move |_| {
+        if n.fetch_add(1, Ordering::SeqCst) < 3 {
+            ok_stream()
+        } else {
+            Reply::Held(Box::new(ok_stream()))
+        }
+    })
+    .await;
+    let mut cfg = config(&server);
+    cfg.stream = true;
+    cfg.workload = "agent".parse().unwrap();
+    cfg.think_time = Duration::from_secs(60);
+    cfg.load = Load::Closed { concurrency: 4 };
+    cfg.max_requests = Some(1000);
+    let started = Instant::now();
+    let result = gen::run_until(cfg, tokio::time::sleep(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let s = result.summary();
+    // Three sessions got a reply and are thinking; the fourth is held until the interrupt.
+    assert_eq!(s.succeeded, 3);
+    assert_eq!(s.cancelled, 1);
+    assert_eq!(
+        result
+            .records
+            .iter()
+            .filter(|r| r.error == Some(ErrorKind::Cancelled))
+            .count(),
+        1
+    );
+    assert_eq!(server.count(), 4, "nothing starts after the interrupt");
 }
 
 // === files and comparison ===

@@ -16,7 +16,8 @@ apart, connect, timeout, mid-stream).
 
 Running load is the default action: `bitnet-loadtest --url ... --model ... --requests 100` is the \
 same as `bitnet-loadtest run --url ...`. A run must be bounded by --duration, --requests or both, \
-and only loopback targets are accepted unless --allow-remote is given.
+and only loopback targets are accepted unless --allow-remote is given. Ctrl-C ends a run early: \
+requests in flight are cancelled, and the results so far are reported and written.
 
 Workloads:
   short-chat   a short question, a short answer (max_tokens 64)
@@ -184,7 +185,14 @@ impl RunArgs {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (cfg, json, report) = args.into_config()?;
-    let result = gen::run(cfg).await?;
+    let result = gen::run_until(cfg, async {
+        // A failure to listen for Ctrl-C must not end the run.
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        eprintln!("\ninterrupted: cancelling requests in flight");
+    })
+    .await?;
     print!("{}", result.table());
     if let Some(path) = json {
         result.write_json(&path)?;

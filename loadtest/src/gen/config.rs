@@ -86,8 +86,8 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// A closed-loop, single-worker, non-streaming `short-chat` run of `max_requests` requests:
-    /// adjust the public fields from there.
+    /// A closed-loop, single-worker, non-streaming `short-chat` run with the CLI's defaults.
+    /// It is unbounded until `duration` or `max_requests` is set; adjust the public fields.
     pub fn new(url: impl Into<String>, model: impl Into<String>) -> Self {
         Self {
             url: url.into(),

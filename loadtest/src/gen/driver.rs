@@ -4,7 +4,8 @@
 //! Stopping works in two stages. Once the duration is up or the request budget is spent, no new
 //! request starts (think times are cut short too); requests already running may finish for up to
 //! the drain period, after which a stop signal cancels them and they are recorded as cancelled,
-//! so a slow target cannot stretch a bounded run indefinitely.
+//! so a slow target cannot stretch a bounded run indefinitely. An interrupt sends the same stop
+//! signal at once; it also ends every pause (arrival waits, think times) and refuses new requests.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -156,7 +157,7 @@ impl Driver {
             if self.deadline.is_some_and(|d| at >= d) {
                 break;
             }
-            tokio::time::sleep_until(at.into()).await;
+            self.pause_until(at).await;
             while sessions.try_join_next().is_some() {}
             if self.live.sessions.load(Ordering::Relaxed) >= max_in_flight {
                 self.live.dropped.fetch_add(1, Ordering::Relaxed);
@@ -183,9 +184,23 @@ impl Driver {
         while sessions.join_next().await.is_some() {}
     }
 
+    /// Whether the stop signal was sent.
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps until `at`, or until the stop signal.
+    async fn pause_until(&self, at: Instant) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            () = tokio::time::sleep_until(at.into()) => {}
+            _ = stop.wait_for(|stopped| *stopped) => {}
+        }
+    }
+
     /// Whether a new request could still start.
     fn may_start(&self) -> bool {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.stopped() || self.deadline.is_some_and(|d| Instant::now() >= d) {
             return false;
         }
         self.cfg
@@ -195,7 +210,7 @@ impl Driver {
 
     /// Claims the right to send one request.
     fn take_ticket(&self) -> bool {
-        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+        if self.stopped() || self.deadline.is_some_and(|d| Instant::now() >= d) {
             return false;
         }
         let n = self.issued.fetch_add(1, Ordering::Relaxed);
@@ -216,7 +231,7 @@ impl Driver {
             if session.turn() > 0 && !self.cfg.think_time.is_zero() {
                 let wake = Instant::now() + self.cfg.think_time;
                 let wake = self.deadline.map_or(wake, |d| wake.min(d));
-                tokio::time::sleep_until(wake.into()).await;
+                self.pause_until(wake).await;
             }
             if !std::mem::take(&mut prepaid) && !self.take_ticket() {
                 return false;

@@ -35,14 +35,15 @@ pub fn render(result: &RunResult) -> String {
     let _ = writeln!(
         page,
         "<p>{} against <code>{}</code>, model <code>{}</code>: {} requests in {:.2} s, \
-         {} ok, {} failed.</p>",
+         {} ok, {} failed, {} cancelled at the end of the run.</p>",
         escape(&describe(result)),
         escape(&result.config.url),
         escape(&result.config.model),
         s.requests,
         s.wall_secs,
         s.succeeded,
-        s.failed
+        s.failed,
+        s.cancelled
     );
 
     page.push_str("<table><tr><th>ms</th><th>p50</th><th>p90</th><th>p99</th><th>max</th><th>mean</th><th>n</th></tr>\n");

@@ -126,6 +126,11 @@ impl RequestRecord {
         self.error.is_none()
     }
 
+    /// Whether the request was cut by the end of the run rather than failed by the target.
+    pub fn cancelled(&self) -> bool {
+        self.error == Some(ErrorKind::Cancelled)
+    }
+
     /// Offset of the end of the request from the start of the run.
     pub fn end_us(&self) -> u64 {
         self.start_us + self.e2e_us

@@ -53,10 +53,15 @@ pub fn table(result: &RunResult) -> String {
     );
     let _ = writeln!(
         out,
-        "  requests    {} ok, {} failed ({:.2}%){}",
+        "  requests    {} ok, {} failed ({:.2}%){}{}",
         s.succeeded,
         s.failed,
         s.error_rate() * 100.0,
+        if s.cancelled > 0 {
+            format!(", {} cancelled at the end of the run", s.cancelled)
+        } else {
+            String::new()
+        },
         if s.dropped_arrivals > 0 {
             format!(", {} arrivals dropped (max in flight)", s.dropped_arrivals)
         } else {

@@ -66,7 +66,7 @@ impl LatencyStats {
 pub struct KindSummary {
     /// Requests of this kind.
     pub requests: u64,
-    /// Of which failed.
+    /// Of which failed (cancelled ones excluded).
     pub failed: u64,
     /// Time to first token of successful requests, microseconds.
     pub ttft_us: LatencyStats,
@@ -82,8 +82,12 @@ pub struct Summary {
     pub requests: u64,
     /// Requests that completed without error.
     pub succeeded: u64,
-    /// Requests that failed, for any reason (cancelled ones included).
+    /// Requests the target failed, for any reason but the end of the run.
     pub failed: u64,
+    /// Requests still running when the run ended (its drain period, or an interrupt) and cut
+    /// then. They say nothing about the target, so they count neither as failed nor in
+    /// [`errors`](Self::errors).
+    pub cancelled: u64,
     /// Open loop only: arrivals not sent because `max_in_flight` sessions were already running.
     pub dropped_arrivals: u64,
     /// From the start of the run until the last request ended.
@@ -129,7 +133,7 @@ impl Summary {
         let mut errors = BTreeMap::new();
         let mut statuses = BTreeMap::new();
         for r in records {
-            if let Some(kind) = r.error {
+            if let Some(kind) = r.error.filter(|_| !r.cancelled()) {
                 *errors.entry(kind).or_insert(0) += 1;
             }
             if let Some(status) = r.status {
@@ -150,7 +154,7 @@ impl Summary {
                 kind,
                 KindSummary {
                     requests,
-                    failed: of_kind().filter(|r| !r.ok()).count() as u64,
+                    failed: of_kind().filter(|r| !r.ok() && !r.cancelled()).count() as u64,
                     ttft_us: LatencyStats::from_values(
                         of_kind().filter(|r| r.ok()).filter_map(|r| r.ttft_us),
                     ),
@@ -164,7 +168,8 @@ impl Summary {
         Self {
             requests: records.len() as u64,
             succeeded,
-            failed: records.len() as u64 - succeeded,
+            failed: records.iter().filter(|r| !r.ok() && !r.cancelled()).count() as u64,
+            cancelled: records.iter().filter(|r| r.cancelled()).count() as u64,
             dropped_arrivals,
             wall_secs,
             requests_per_s: per_second(succeeded as f64),
@@ -183,12 +188,13 @@ impl Summary {
         }
     }
 
-    /// Failed requests as a share of all requests.
+    /// Failed requests as a share of the requests that finished (cancelled ones left out).
     pub fn error_rate(&self) -> f64 {
-        if self.requests == 0 {
+        let finished = self.succeeded + self.failed;
+        if finished == 0 {
             0.0
         } else {
-            self.failed as f64 / self.requests as f64
+            self.failed as f64 / finished as f64
         }
     }
 
@@ -217,7 +223,12 @@ mod tests {
             prompt_tokens: Some(100),
             cached_tokens: Some(25),
             decode_tokens_per_s: None,
-            status: Some(if error.is_some() { 503 } else { 200 }),
+            status: match error {
+                None => Some(200),
+                Some(ErrorKind::RateLimited) => Some(429),
+                Some(ErrorKind::Unavailable) => Some(503),
+                Some(_) => None,
+            },
             error,
             error_message: None,
         }
@@ -231,14 +242,19 @@ mod tests {
         records.push(record(1, 1, Some(ErrorKind::Unavailable)));
         records.push(record(1, 1, Some(ErrorKind::Unavailable)));
         records.push(record(1, 1, Some(ErrorKind::RateLimited)));
+        records.push(record(1, 1, Some(ErrorKind::Cancelled)));
         let s = Summary::compute(&records, &latency_histogram(), 2.0, 0);
-        assert_eq!(s.requests, 103);
+        assert_eq!(s.requests, 104);
         assert_eq!(s.succeeded, 100);
         assert_eq!(s.failed, 3);
+        assert_eq!(s.cancelled, 1);
+        assert!(!s.errors.contains_key(&ErrorKind::Cancelled));
         assert_eq!(s.errors[&ErrorKind::Unavailable], 2);
         assert_eq!(s.errors[&ErrorKind::RateLimited], 1);
         assert_eq!(s.statuses[&200], 100);
-        assert_eq!(s.statuses[&503], 3);
+        assert_eq!(s.statuses[&503], 2);
+        assert_eq!(s.statuses[&429], 1);
+        assert_eq!(s.statuses.len(), 3);
         // The failed requests' 1 µs latencies must not drag the minimum down.
         assert_eq!(s.ttft_us.min, 1000);
         let near = |a: u64, b: u64| a.abs_diff(b) * 100 <= b;
