@@ -165,3 +165,36 @@ async fn sigint_with_nothing_in_flight_exits_zero_promptly() {
         .expect("exited");
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn json_logs_carry_one_access_line_per_request() {
+    let be = FakeBackend::start("a", 1, |_| {
+        Reply::Json(
+            200,
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":5}}"#.into(),
+        )
+    })
+    .await;
+    let url = be.url();
+    let (child, addr) = start(&["--backend", &url, "--log-format", "json"]);
+    wait_healthy(&addr).await;
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let body = r#"{"messages":[]}"#;
+    let req = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-request-id: abc-123\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let line = child
+        .wait_for_line(|l| l.contains("abc-123"), Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no access line:\n{}", child.output_so_far()));
+    let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    let f = &v["fields"];
+    assert_eq!(v["target"], "access");
+    assert_eq!(f["request_id"], "abc-123");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["completion_tokens"], 5);
+    assert_eq!(f["prompt_tokens"], 3);
+    assert_eq!(f["backend"], url.trim_start_matches("http://"));
+    assert!(f["duration_ms"].is_u64() && f["queue_wait_ms"].is_u64() && f["bytes"].is_u64());
+}
