@@ -87,6 +87,7 @@ pub struct Summary {
     /// Requests still running when the run ended (its drain period, or an interrupt) and cut
     /// then. They say nothing about the target, so they count neither as failed nor in
     /// [`errors`](Self::errors).
+    #[serde(default)]
     pub cancelled: u64,
     /// Open loop only: arrivals not sent because `max_in_flight` sessions were already running.
     pub dropped_arrivals: u64,
