@@ -1,0 +1,178 @@
+# Shared by the benchmark scripts in this directory; source it, do not run it.
+#
+# It gives every script the same guarantees: release binaries exist, every process it starts
+# listens on loopback and is killed when the script ends (normally, on error or on Ctrl-C),
+# and results land in one marked section of BENCHMARKS.md that a rerun replaces.
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$BENCH_DIR/../.." && pwd)
+BIN="$ROOT/target/release"
+BENCHMARKS_MD=${BENCHMARKS_MD:-"$ROOT/BENCHMARKS.md"}
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/bitnet-bench.XXXXXX")
+CHILD_PIDS=()
+
+bench_cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    local pid
+    for pid in "${CHILD_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    # Give the gateway its graceful exit, then make sure nothing outlives the script.
+    for pid in "${CHILD_PIDS[@]}"; do
+        local waited=0
+        while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 30 ]; do
+            sleep 0.1
+            waited=$((waited + 1))
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP_WORK:-0}" = 1 ]; then
+        echo "work files kept in $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$status"
+}
+trap bench_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+log() {
+    printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2
+}
+
+# Builds the three binaries once if any is missing. Set BENCH_REBUILD=1 to rebuild anyway,
+# e.g. after changing the gateway.
+ensure_binaries() {
+    local missing=0 b
+    for b in bitnet-gateway llama-sim bitnet-loadtest; do
+        [ -x "$BIN/$b" ] || missing=1
+    done
+    if [ "$missing" = 1 ] || [ "${BENCH_REBUILD:-0}" = 1 ]; then
+        log "building release binaries"
+        (cd "$ROOT" && cargo build --release -p gateway -p loadtest)
+    fi
+}
+
+# start_server NAME CMD... : starts CMD in the background with its stdout in $WORK/NAME.out
+# and stderr in $WORK/NAME.err, waits for its "listening on http://ADDR" line and sets
+# SERVER_URL and SERVER_PID. The process is killed when the script exits.
+start_server() {
+    local name=$1
+    shift
+    "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    SERVER_PID=$!
+    CHILD_PIDS+=("$SERVER_PID")
+    local tries=0
+    SERVER_URL=""
+    while [ -z "$SERVER_URL" ]; do
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            echo "$name exited before listening; stderr:" >&2
+            tail -20 "$WORK/$name.err" >&2
+            return 1
+        fi
+        if [ "$tries" -ge 200 ]; then
+            echo "$name did not print its address within 20 s" >&2
+            return 1
+        fi
+        SERVER_URL=$(grep -o 'listening on http://[0-9.:]*' "$WORK/$name.out" 2>/dev/null | head -1 | sed 's/^listening on //') || true
+        [ -n "$SERVER_URL" ] || { sleep 0.1; tries=$((tries + 1)); }
+    done
+}
+
+# stop_server PID : stops one server started by start_server and forgets it.
+stop_server() {
+    local pid=$1 waited=0 kept=() p
+    kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 50 ]; do
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    for p in "${CHILD_PIDS[@]}"; do
+        [ "$p" = "$pid" ] || kept+=("$p")
+    done
+    CHILD_PIDS=("${kept[@]+"${kept[@]}"}")
+}
+
+# wait_ready URL : polls URL until it answers 200 (the gateway marks backends up after a probe).
+wait_ready() {
+    local url=$1 tries=0
+    until curl -fsS -o /dev/null --max-time 1 "$url"; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || { echo "$url never became ready" >&2; return 1; }
+        sleep 0.1
+    done
+}
+
+# free_port START : prints the first port from START on that nothing listens on. Only for
+# programs such as nginx that must be told a fixed port; the check is made right before use.
+free_port() {
+    local port=$1
+    while ss -Htln "sport = :$port" | grep -q .; do
+        port=$((port + 1))
+    done
+    echo "$port"
+}
+
+# The CPU time (user + system) a process has used so far, in seconds.
+cpu_seconds() {
+    local ticks
+    ticks=$(getconf CLK_TCK)
+    # Fields 14 and 15 of /proc/PID/stat, counted after the parenthesised command name.
+    sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$ticks" '{ printf "%.3f\n", ($12 + $13) / hz }'
+}
+
+# The peak resident set size of a process, in MiB.
+peak_rss_mib() {
+    awk '/^VmHWM:/ { printf "%.1f\n", $2 / 1024 }' "/proc/$1/status"
+}
+
+load_average() {
+    cut -d' ' -f1-3 /proc/loadavg
+}
+
+# A markdown description of the machine, for the head of each section.
+machine_markdown() {
+    local model mem
+    model=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
+    mem=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+    printf -- '- Date: %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    printf -- '- Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s\n' \
+        "$(nproc)" "${model:-unknown CPU}" "$mem" "$(uname -r)"
+    printf -- '- Commit: %s%s\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+        "$(git -C "$ROOT" diff --quiet HEAD -- gateway loadtest 2>/dev/null || echo ' (with uncommitted changes in gateway/ or loadtest/)')"
+}
+
+# write_section NAME FILE : puts FILE between the NAME markers of BENCHMARKS.md, replacing
+# what a previous run wrote there, or appends it with markers when the section is new.
+write_section() {
+    local name=$1 file=$2
+    local begin="<!-- bench:$name:begin -->" end="<!-- bench:$name:end -->"
+    [ -f "$BENCHMARKS_MD" ] || printf '# Benchmarks\n' >"$BENCHMARKS_MD"
+    python3 - "$BENCHMARKS_MD" "$file" "$begin" "$end" <<'PY'
+import sys
+
+path, section_path, begin, end = sys.argv[1:5]
+text = open(path, encoding="utf-8").read()
+section = open(section_path, encoding="utf-8").read().rstrip("\n")
+block = f"{begin}\n{section}\n{end}"
+if begin in text and end in text:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    text = head + block + tail
+else:
+    text = text.rstrip("\n") + "\n\n" + block + "\n"
+open(path, "w", encoding="utf-8").write(text)
+PY
+    log "wrote section '$name' of $BENCHMARKS_MD"
+}
+
+# Every loopback connection needs a descriptor; the fan-out benchmark holds thousands.
+raise_fd_limit() {
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+}

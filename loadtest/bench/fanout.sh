@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Can one gateway carry 1,000 concurrent token streams at 20 tokens/s each, and at what cost?
+#
+# One llama-sim with enough slots for every stream, generating 20 tokens/s per slot with
+# near-instant prompt evaluation, is driven by 1,000 streams, once directly and once through a
+# fresh bitnet-gateway, in alternating order over several repeats. Two arrival patterns:
+#   - closed: exactly STREAMS workers, each starting its next stream as soon as one ends. They
+#     all start together, so the simulator emits its tokens in bursts of about 1,000 every
+#     50 ms: the harshest case for inter-token latency.
+#   - open: streams arrive at Poisson times at STREAMS / (stream length) per second, which
+#     holds about STREAMS streams in flight (Little's law) with tokens spread over time.
+# Reports the gateway's CPU time and peak RSS (VmHWM) per run, and the inter-token latency
+# (ITL) the gateway adds: ITL p50/p99 through the gateway minus direct, same load.
+#
+# Usage: loadtest/bench/fanout.sh
+# Knobs (environment): STREAMS (1000), TOKENS per stream (100, i.e. 5 s at 20 tokens/s),
+# DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open").
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+STREAMS=${STREAMS:-1000}
+TOKENS=${TOKENS:-100}
+DURATION=${DURATION:-15}
+REPEATS=${REPEATS:-3}
+read -r -a SCENARIOS <<<"${SCENARIOS:-closed open}"
+DECODE_RATE=20
+MODEL=bench
+# Headroom above STREAMS: Poisson arrivals briefly exceed the mean, and the comparison is
+# about carrying streams, not about queueing for a slot.
+SLOTS=$((STREAMS + STREAMS / 10))
+STREAM_SECS=$(awk -v t="$TOKENS" -v r="$DECODE_RATE" 'BEGIN { print t / r }')
+OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / d }')
+
+ensure_binaries
+raise_fd_limit
+[ "$(ulimit -n)" -ge $((4 * STREAMS + 100)) ] || {
+    echo "need at least $((4 * STREAMS + 100)) open files (ulimit -n is $(ulimit -n))" >&2
+    exit 1
+}
+
+start_server sim "$BIN/llama-sim" --port 0 --alias "$MODEL" --slots "$SLOTS" \
+    --decode-rate "$DECODE_RATE" --prefill-rate 1000000 --ctx 8192
+SIM_URL=$SERVER_URL
+SIM_PID=$SERVER_PID
+wait_ready "$SIM_URL/health"
+
+RAW="$WORK/raw.tsv"
+printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tgw_cpu_s\tgw_hwm_mib\tsim_cpu_s\tgen_cpu_s\n' >"$RAW"
+
+# run_one REPEAT SCENARIO PATH : one bitnet-loadtest run, one line of $RAW.
+run_one() {
+    local repeat=$1 scenario=$2 path=$3
+    local json="$WORK/r$repeat-$scenario-$path.json" url="$SIM_URL" gw_pid="" load=()
+    if [ "$path" = gateway ]; then
+        # A fresh gateway per run, so that its peak RSS belongs to this run alone.
+        start_server "gateway-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
+            --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+        url=$SERVER_URL
+        gw_pid=$SERVER_PID
+        wait_ready "$url/health"
+    fi
+    case $scenario in
+        closed) load=(--concurrency "$STREAMS") ;;
+        open) load=(--rate "$OPEN_RATE") ;;
+    esac
+    local gw_before=0 gw_after=0 sim_before sim_after
+    [ -n "$gw_pid" ] && gw_before=$(cpu_seconds "$gw_pid")
+    sim_before=$(cpu_seconds "$SIM_PID")
+    /usr/bin/time -f '%U %S' -o "$json.time" \
+        "$BIN/bitnet-loadtest" --url "$url" --model "$MODEL" --seed "$repeat" --stream \
+        "${load[@]}" --max-tokens "$TOKENS" --duration "$DURATION" --drain 30 \
+        --json "$json" -q >"$json.txt" 2>&1
+    sim_after=$(cpu_seconds "$SIM_PID")
+    local hwm=0
+    if [ -n "$gw_pid" ]; then
+        gw_after=$(cpu_seconds "$gw_pid")
+        hwm=$(peak_rss_mib "$gw_pid")
+        stop_server "$gw_pid"
+    fi
+    jq -r --arg r "$repeat" --arg s "$scenario" --arg p "$path" \
+        --arg gcpu "$(awk -v a="$gw_before" -v b="$gw_after" 'BEGIN { printf "%.2f", b - a }')" \
+        --arg hwm "$hwm" \
+        --arg scpu "$(awk -v a="$sim_before" -v b="$sim_after" 'BEGIN { printf "%.2f", b - a }')" \
+        --arg lcpu "$(awk '{ printf "%.2f", $1 + $2 }' "$json.time")" \
+        '.summary | [$r, $s, $p, .ttft_us.p50, .ttft_us.p99, .itl_us.p50, .itl_us.p99, .itl_us.max,
+          .succeeded, .failed + .dropped_arrivals, .wall_secs, $gcpu, $hwm, $scpu, $lcpu] | @tsv' \
+        "$json" >>"$RAW"
+    log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
+}
+
+LOAD_BEFORE=$(load_average)
+STARTED=$(date +%s)
+for repeat in $(seq 1 "$REPEATS"); do
+    for scenario in "${SCENARIOS[@]}"; do
+        if [ $((repeat % 2)) = 1 ]; then order=(direct gateway); else order=(gateway direct); fi
+        for path in "${order[@]}"; do
+            run_one "$repeat" "$scenario" "$path"
+        done
+    done
+done
+ELAPSED=$(($(date +%s) - STARTED))
+LOAD_AFTER=$(load_average)
+
+SECTION="$WORK/section.md"
+{
+    echo "## Fan-out: $STREAMS concurrent streams at $DECODE_RATE tokens/s"
+    echo
+    machine_markdown
+    echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
+    echo "- One llama-sim, $SLOTS slots, $DECODE_RATE tokens/s per slot, prompt evaluation at 1,000,000 tokens/s (near instant). Each stream asks for $TOKENS tokens (${STREAM_SECS} s). The gateway knows the backend has $SLOTS slots, so nothing queues."
+    echo "- *closed*: $STREAMS workers back to back, started together, so tokens come in bursts of ~$STREAMS every $((1000 / DECODE_RATE)) ms. *open*: Poisson arrivals at $OPEN_RATE streams/s, ~$STREAMS in flight after the first ${STREAM_SECS} s."
+    echo "- The load generator, the simulator and the gateway share the machine's $(nproc) CPUs; their CPU use is shown so that the gateway's share can be judged."
+    echo
+    echo "Command:"
+    echo
+    echo '```sh'
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" loadtest/bench/fanout.sh"
+    echo '```'
+    echo
+    python3 - "$RAW" <<'PY'
+import csv
+import statistics
+import sys
+
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+reps = sorted({r["repeat"] for r in rows})
+scenarios = []
+for r in rows:
+    if r["scenario"] not in scenarios:
+        scenarios.append(r["scenario"])
+cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def col(scenario, path, key):
+    return [float(cell[(r, scenario, path)][key]) for r in reps if (r, scenario, path) in cell]
+
+
+def paired(scenario, key):
+    return [
+        float(cell[(r, scenario, "gateway")][key]) - float(cell[(r, scenario, "direct")][key])
+        for r in reps
+        if (r, scenario, "gateway") in cell and (r, scenario, "direct") in cell
+    ]
+
+
+print(f"Medians of {len(reps)} repeats; latency in ms. *Added* is the median over repeats of (gateway − direct) in the same repeat.")
+print()
+print("| arrivals | path | streams done | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | ITL max | added ITL p50 | added ITL p99 |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for s in scenarios:
+    for p in ["direct", "gateway"]:
+        if not col(s, p, "itl_p50"):
+            continue
+        a50 = "—" if p == "direct" else f"{med(paired(s, 'itl_p50')) / 1000:+.2f}"
+        a99 = "—" if p == "direct" else f"{med(paired(s, 'itl_p99')) / 1000:+.2f}"
+        print(
+            f"| {s} | {p} | {med(col(s, p, 'streams_done')):.0f} | {sum(col(s, p, 'failed')):.0f} "
+            f"| {med(col(s, p, 'ttft_p50')) / 1000:.1f} | {med(col(s, p, 'ttft_p99')) / 1000:.1f} "
+            f"| {med(col(s, p, 'itl_p50')) / 1000:.2f} | {med(col(s, p, 'itl_p99')) / 1000:.2f} | {med(col(s, p, 'itl_max')) / 1000:.1f} "
+            f"| {a50} | {a99} |"
+        )
+print()
+print("CPU time is user + system seconds over the whole run (arrivals plus the streams still running after them).")
+print()
+print("| arrivals | path | wall s | gateway CPU s | gateway CPU % of one core | gateway peak RSS MiB | simulator CPU s | load generator CPU s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+for s in scenarios:
+    for p in ["direct", "gateway"]:
+        if not col(s, p, "wall_s"):
+            continue
+        wall = med(col(s, p, "wall_s"))
+        if p == "gateway":
+            share = med([c / w * 100 for c, w in zip(col(s, p, "gw_cpu_s"), col(s, p, "wall_s"))])
+            gw = f"{med(col(s, p, 'gw_cpu_s')):.2f} | {share:.0f} % | {med(col(s, p, 'gw_hwm_mib')):.1f}"
+        else:
+            gw = "— | — | —"
+        print(f"| {s} | {p} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
+print()
+for s in scenarios:
+    if not col(s, "gateway", "gw_hwm_mib"):
+        continue
+    hwm = max(col(s, "gateway", "gw_hwm_mib"))
+    a99 = med(paired(s, "itl_p99")) / 1000
+    print(f"- {s}: gateway peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})")
+PY
+} >"$SECTION"
+write_section fanout "$SECTION"
+cat "$SECTION"

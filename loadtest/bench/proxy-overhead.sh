@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# What does the gateway add on top of a backend, compared with nginx as a plain reverse proxy?
+#
+# A zero-latency llama-sim (it answers at once, so all measured time is HTTP and proxy work)
+# is reached three ways: directly, through bitnet-gateway, and through nginx. Each repeat runs
+# the three paths back to back for every (mode, rate) cell, in a rotating order, so machine
+# noise hits all three alike. Reports medians over the repeats of:
+#   - p50/p99 latency at fixed open-loop rates, and what each proxy adds to the direct path;
+#   - maximum throughput in a closed loop at high concurrency, the gateway/nginx ratio, and
+#     the CPU time each proxy spends per request.
+#
+# Usage: loadtest/bench/proxy-overhead.sh
+# Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
+# CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), NGINX_PORT_FROM (18480).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+REPEATS=${REPEATS:-5}
+DURATION=${DURATION:-5}
+read -r -a RATES <<<"${RATES:-500 1000}"
+CONCURRENCY=${CONCURRENCY:-64}
+TPUT_DURATION=${TPUT_DURATION:-5}
+NGINX_PORT_FROM=${NGINX_PORT_FROM:-18480}
+PATHS=(direct gateway nginx)
+MODES=(plain stream)
+MODEL=bench
+# Larger than any concurrency used here, so neither the simulator nor the gateway queues:
+# the comparison is about proxying, not admission.
+SLOTS=1024
+
+command -v nginx >/dev/null || {
+    echo "nginx is not installed (Debian: apt-get install nginx)" >&2
+    exit 1
+}
+ensure_binaries
+raise_fd_limit
+
+start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slots "$SLOTS"
+SIM_URL=$SERVER_URL
+SIM_HOSTPORT=${SIM_URL#http://}
+
+start_server gateway "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --model "$MODEL" \
+    --backend "$SIM_URL#slots=$SLOTS"
+GATEWAY_URL=$SERVER_URL
+GATEWAY_PID=$SERVER_PID
+
+# nginx must be given its port in the config; take the first free one from NGINX_PORT_FROM.
+NGINX_DIR="$WORK/nginx"
+mkdir -p "$NGINX_DIR/tmp"
+chmod 755 "$WORK" "$NGINX_DIR" "$NGINX_DIR/tmp"
+NGINX_PORT=$(free_port "$NGINX_PORT_FROM")
+NGINX_USER=""
+[ "$(id -u)" = 0 ] && NGINX_USER="user root;"
+cat >"$NGINX_DIR/nginx.conf" <<EOF
+daemon off;
+$NGINX_USER
+# One worker per CPU, as the gateway's runtime has one thread per CPU.
+worker_processes $(nproc);
+pid $NGINX_DIR/nginx.pid;
+error_log $NGINX_DIR/error.log warn;
+events { worker_connections 4096; }
+http {
+    # The gateway writes one access-log line per request too.
+    access_log $NGINX_DIR/access.log;
+    client_body_temp_path $NGINX_DIR/tmp/body;
+    proxy_temp_path $NGINX_DIR/tmp/proxy;
+    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
+    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
+    scgi_temp_path $NGINX_DIR/tmp/scgi;
+    client_body_buffer_size 1m;
+    # nginx closes a client connection after 1,000 requests by default; the gateway does not.
+    keepalive_requests 1000000;
+    upstream sim {
+        server $SIM_HOSTPORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+EOF
+nginx -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -e "$NGINX_DIR/error.log" \
+    >"$WORK/nginx.out" 2>"$WORK/nginx.err" &
+NGINX_PID=$!
+CHILD_PIDS+=("$NGINX_PID")
+NGINX_URL="http://127.0.0.1:$NGINX_PORT"
+
+wait_ready "$SIM_URL/health"
+wait_ready "$GATEWAY_URL/health"
+wait_ready "$NGINX_URL/health"
+kill -0 "$NGINX_PID" || { cat "$NGINX_DIR/error.log" >&2; exit 1; }
+
+url_of() {
+    case $1 in
+        direct) echo "$SIM_URL" ;;
+        gateway) echo "$GATEWAY_URL" ;;
+        nginx) echo "$NGINX_URL" ;;
+    esac
+}
+
+# CPU seconds used so far by the proxy of a path (nginx: master and workers).
+proxy_cpu() {
+    local pid total=0
+    case $1 in
+        direct) echo 0; return ;;
+        gateway) cpu_seconds "$GATEWAY_PID"; return ;;
+        nginx)
+            for pid in "$NGINX_PID" $(pgrep -P "$NGINX_PID"); do
+                total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
+            done
+            echo "$total"
+            ;;
+    esac
+}
+
+RAW="$WORK/raw.tsv"
+printf 'repeat\tmode\tload\tpath\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\trequests\tfailed\tproxy_cpu_s\n' >"$RAW"
+
+# run_one REPEAT MODE LOAD PATH ARGS... : one bitnet-loadtest run, one line of $RAW.
+run_one() {
+    local repeat=$1 mode=$2 load=$3 path=$4
+    shift 4
+    local json="$WORK/r$repeat-$mode-$load-$path.json" stream=() before after
+    [ "$mode" = stream ] && stream=(--stream)
+    before=$(proxy_cpu "$path")
+    "$BIN/bitnet-loadtest" --url "$(url_of "$path")" --model "$MODEL" --seed "$repeat" \
+        "${stream[@]}" "$@" --json "$json" -q >"$json.txt"
+    after=$(proxy_cpu "$path")
+    jq -r --arg r "$repeat" --arg m "$mode" --arg l "$load" --arg p "$path" \
+        --arg cpu "$(awk -v a="$before" -v b="$after" 'BEGIN { printf "%.3f", b - a }')" \
+        '.summary | [$r, $m, $l, $p, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,
+          .requests_per_s, .requests, .failed + .dropped_arrivals, $cpu] | @tsv' "$json" >>"$RAW"
+    log "repeat $repeat $mode $load $path: $(tail -1 "$RAW" | cut -f5-)"
+}
+
+LOAD_BEFORE=$(load_average)
+STARTED=$(date +%s)
+for repeat in $(seq 1 "$REPEATS"); do
+    # Rotate the order of the paths from one repeat to the next.
+    order=()
+    for i in 0 1 2; do
+        order+=("${PATHS[$(((i + repeat - 1) % 3))]}")
+    done
+    for mode in "${MODES[@]}"; do
+        for rate in "${RATES[@]}"; do
+            for path in "${order[@]}"; do
+                run_one "$repeat" "$mode" "rate=$rate" "$path" --rate "$rate" --duration "$DURATION"
+            done
+        done
+        for path in "${order[@]}"; do
+            run_one "$repeat" "$mode" "max" "$path" --concurrency "$CONCURRENCY" \
+                --duration "$TPUT_DURATION"
+        done
+    done
+done
+ELAPSED=$(($(date +%s) - STARTED))
+LOAD_AFTER=$(load_average)
+cp "$RAW" "$ROOT/target/bench-proxy-overhead.tsv" 2>/dev/null || true
+
+SECTION="$WORK/section.md"
+{
+    echo "## Proxy overhead: direct vs bitnet-gateway vs nginx"
+    echo
+    machine_markdown
+    echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(nproc) worker processes, upstream \`keepalive 64\`, HTTP/1.1, \`proxy_buffering off\`, access log on (as the gateway's), port $NGINX_PORT"
+    echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
+    echo
+    echo "Command:"
+    echo
+    echo '```sh'
+    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION loadtest/bench/proxy-overhead.sh"
+    echo '```'
+    echo
+    python3 - "$RAW" "$REPEATS" "$CONCURRENCY" <<'PY'
+import csv
+import statistics
+import sys
+from collections import defaultdict
+
+raw, repeats, concurrency = sys.argv[1], sys.argv[2], sys.argv[3]
+rows = list(csv.DictReader(open(raw), delimiter="\t"))
+cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
+paths = ["direct", "gateway", "nginx"]
+modes = sorted({r["mode"] for r in rows}, key=["plain", "stream"].index)
+loads = []
+for r in rows:
+    if r["load"] not in loads:
+        loads.append(r["load"])
+reps = sorted({r["repeat"] for r in rows})
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def ms(us):
+    return f"{us / 1000:.2f}"
+
+
+def added(us):
+    return f"{us / 1000:+.2f}"
+
+
+def series(mode, load, path, key):
+    return [float(cell[(r, mode, load, path)][key]) for r in reps if (r, mode, load, path) in cell]
+
+
+def paired(mode, load, path, key):
+    out = []
+    for r in reps:
+        a, b = cell.get((r, mode, load, path)), cell.get((r, mode, load, "direct"))
+        if a and b:
+            out.append(float(a[key]) - float(b[key]))
+    return out
+
+
+print(f"Medians of {len(reps)} repeats. Latency in ms, measured by bitnet-loadtest from sending a request to")
+print("its first token (TTFT) and to its last byte (E2E). *Added* is the median over repeats of (path − direct)")
+print("within the same repeat. Non-streamed answers carry 64 tokens; streamed answers are 64 SSE chunks plus")
+print("the final ones.")
+print()
+print("### Latency at fixed open-loop rates")
+print()
+print("| mode | rate (req/s) | path | achieved req/s | TTFT p50 | TTFT p99 | E2E p50 | E2E p99 | added E2E p50 | added E2E p99 | failed |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for mode in modes:
+    for load in loads:
+        if not load.startswith("rate="):
+            continue
+        for path in paths:
+            if not series(mode, load, path, "rps"):
+                continue
+            add50 = "—" if path == "direct" else added(med(paired(mode, load, path, "e2e_p50")))
+            add99 = "—" if path == "direct" else added(med(paired(mode, load, path, "e2e_p99")))
+            print(
+                f"| {mode} | {load[5:]} | {path} | {med(series(mode, load, path, 'rps')):.0f} "
+                f"| {ms(med(series(mode, load, path, 'ttft_p50')))} | {ms(med(series(mode, load, path, 'ttft_p99')))} "
+                f"| {ms(med(series(mode, load, path, 'e2e_p50')))} | {ms(med(series(mode, load, path, 'e2e_p99')))} "
+                f"| {add50} | {add99} | {sum(series(mode, load, path, 'failed')):.0f} |"
+            )
+print()
+print(f"### Maximum throughput (closed loop, {concurrency} concurrent requests)")
+print()
+print("| mode | path | req/s | vs direct | proxy CPU µs/request | E2E p50 | E2E p99 | failed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+ratios = {}
+for mode in modes:
+    for path in paths:
+        rps = series(mode, "max", path, "rps")
+        if not rps:
+            continue
+        rel = [float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "direct")]["rps"]) for r in reps]
+        cpu = [
+            float(cell[(r, mode, "max", path)]["proxy_cpu_s"]) * 1e6 / max(1.0, float(cell[(r, mode, "max", path)]["requests"]))
+            for r in reps
+        ]
+        cpu_cell = "—" if path == "direct" else f"{med(cpu):.0f}"
+        print(
+            f"| {mode} | {path} | {med(rps):.0f} | {med(rel):.2f} | {cpu_cell} "
+            f"| {ms(med(series(mode, 'max', path, 'e2e_p50')))} | {ms(med(series(mode, 'max', path, 'e2e_p99')))} "
+            f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
+        )
+    ratios[mode] = med([
+        float(cell[(r, mode, "max", "gateway")]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
+    ])
+print()
+for mode, ratio in ratios.items():
+    print(f"- Throughput ratio gateway/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'})")
+for mode in modes:
+    load = "rate=1000"
+    if series(mode, load, "gateway", "e2e_p99"):
+        a = med(paired(mode, load, "gateway", "e2e_p99")) / 1000
+        print(f"- Gateway added E2E p99 at 1,000 req/s, {mode}: **{a:+.2f} ms** (target ≤ 0.3 ms: {'met' if a <= 0.3 else 'not met'})")
+PY
+} >"$SECTION"
+write_section proxy-overhead "$SECTION"
+cat "$SECTION"

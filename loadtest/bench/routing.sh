@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# What does the routing policy buy on a fleet of slow single-slot BitNet backends?
+#
+# Eight llama-sim backends imitate the bitnet.cpp fork of llama-server (1 slot each, no prompt
+# cache unless asked, 60 tokens/s prompt evaluation, 18 tokens/s generation) with every delay
+# multiplied by TIME_SCALE, so that a minute of wall time stands for 1/TIME_SCALE minutes of
+# the real fleet. For each workload and each offered load (a fraction of the fleet's capacity)
+# every policy in POLICIES runs once per repeat against a fresh gateway, policies in rotating
+# order. round-robin, which ignores load, is the baseline.
+#
+# The fleet's capacity is estimated first: a zero-latency simulator in the same dialect
+# answers a calibration sample of each workload at once, and the token counts it reports
+# give each request's service time on a real backend,
+#     S = uncached prompt tokens / 60 + completion tokens / 18   (seconds),
+# so 8 backends serve at most 8 / mean(S) requests per second (times 1/TIME_SCALE when
+# compressed). Sessions of the agent workload carry TURNS requests each, so their arrival rate
+# is the request rate divided by TURNS.
+#
+# Usage: loadtest/bench/routing.sh
+# Knobs (environment): POLICIES ("round-robin least-loaded"), WORKLOADS ("agent short-chat"),
+# LOADS in percent of capacity ("70 90"), BACKENDS (8), TIME_SCALE (0.05), DURATION seconds of
+# arrivals per run (60), REPEATS (3).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+# Adding a policy to the comparison is adding its name here.
+read -r -a POLICIES <<<"${POLICIES:-round-robin least-loaded}"
+read -r -a WORKLOADS <<<"${WORKLOADS:-agent short-chat}"
+read -r -a LOADS <<<"${LOADS:-70 90}"
+BACKENDS=${BACKENDS:-8}
+TIME_SCALE=${TIME_SCALE:-0.05}
+DURATION=${DURATION:-60}
+REPEATS=${REPEATS:-3}
+PREFILL_RATE=60
+DECODE_RATE=18
+TURNS=5
+# An agent's tool call between turns takes about 2 s; compressed like everything else.
+THINK_TIME=$(awk -v s="$TIME_SCALE" 'BEGIN { print 2 * s }')
+MODEL=bench
+
+ensure_binaries
+raise_fd_limit
+
+# --- Capacity: service time per request, from a zero-latency calibration run. ---
+start_server calib "$BIN/llama-sim" --port 0 --dialect bitnet --zero-latency --alias "$MODEL"
+CALIB_URL=$SERVER_URL
+CALIB_PID=$SERVER_PID
+wait_ready "$CALIB_URL/health"
+CAPACITY="$WORK/capacity.tsv"
+printf 'workload\trequests\tprompt_mean\tcached_mean\tcompletion_mean\tservice_s\tfleet_req_s_real\tsession_requests\n' >"$CAPACITY"
+for workload in "${WORKLOADS[@]}"; do
+    "$BIN/bitnet-loadtest" --url "$CALIB_URL" --model "$MODEL" --workload "$workload" \
+        --concurrency 1 --requests 50 --think-time 0 --turns "$TURNS" --seed 1000 \
+        --json "$WORK/calib-$workload.json" -q >/dev/null 2>&1
+    session_requests=1
+    [ "$workload" = agent ] && session_requests=$TURNS
+    jq -r --arg w "$workload" --argjson p "$PREFILL_RATE" --argjson d "$DECODE_RATE" \
+        --argjson n "$BACKENDS" --argjson k "$session_requests" '
+        [.records[] | select(.status == 200)] as $ok
+        | ($ok | length) as $c
+        | ([$ok[] | .prompt_tokens] | add / $c) as $pt
+        | ([$ok[] | .cached_tokens // 0] | add / $c) as $ct
+        | ([$ok[] | .completion_tokens] | add / $c) as $gt
+        | (($pt - $ct) / $p + $gt / $d) as $s
+        | [$w, $c, $pt, $ct, $gt, $s, $n / $s, $k] | @tsv' \
+        "$WORK/calib-$workload.json" >>"$CAPACITY"
+done
+stop_server "$CALIB_PID"
+log "capacity: $(cut -f1,6,7 "$CAPACITY" | tail -n +2 | tr '\n' ' ')"
+
+# Arrival rate (sessions per second on the compressed clock) for WORKLOAD at PERCENT.
+arrival_rate() {
+    awk -F'\t' -v w="$1" -v pct="$2" -v s="$TIME_SCALE" \
+        '$1 == w { printf "%.4f", $7 / s * pct / 100 / $8 }' "$CAPACITY"
+}
+
+# --- The fleet. ---
+SIM_URLS=()
+SIM_PIDS=()
+for i in $(seq 1 "$BACKENDS"); do
+    start_server "sim$i" "$BIN/llama-sim" --port 0 --dialect bitnet --alias "$MODEL" \
+        --prefill-rate "$PREFILL_RATE" --decode-rate "$DECODE_RATE" --time-scale "$TIME_SCALE"
+    SIM_URLS+=("$SERVER_URL")
+    SIM_PIDS+=("$SERVER_PID")
+    wait_ready "$SERVER_URL/health"
+done
+
+# Sum over the fleet of a llama-server counter.
+fleet_counter() {
+    local url total=0 v
+    for url in "${SIM_URLS[@]}"; do
+        v=$(curl -fsS --max-time 2 "$url/metrics" | awk -v k="llamacpp:$1" '$1 == k { print $2 }')
+        total=$(awk -v a="$total" -v b="${v:-0}" 'BEGIN { print a + b }')
+    done
+    echo "$total"
+}
+
+# Waits until no backend is still working on a request a previous run left behind.
+wait_fleet_idle() {
+    local tries=0
+    while [ "$(fleet_counter requests_processing)" != 0 ] || [ "$(fleet_counter requests_deferred)" != 0 ]; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 600 ] || { echo "fleet did not go idle" >&2; return 1; }
+        sleep 0.1
+    done
+}
+
+busy_seconds() {
+    awk -v a="$(fleet_counter prompt_seconds_total)" -v b="$(fleet_counter tokens_predicted_seconds_total)" \
+        'BEGIN { print a + b }'
+}
+
+RAW="$WORK/raw.tsv"
+printf 'repeat\tworkload\tload\tpolicy\trate\trequests\tsucceeded\trejected\tfailed\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\twall_s\tutilization\n' >"$RAW"
+
+backend_flags=()
+for url in "${SIM_URLS[@]}"; do
+    backend_flags+=(--backend "$url#slots=1")
+done
+
+run_one() {
+    local repeat=$1 workload=$2 load=$3 policy=$4
+    local rate json="$WORK/r$repeat-$workload-$load-$policy.json"
+    rate=$(arrival_rate "$workload" "$load")
+    wait_fleet_idle
+    start_server "gateway-$repeat-$workload-$load-$policy" "$BIN/bitnet-gateway" \
+        --listen 127.0.0.1:0 --model "$MODEL" --policy "$policy" "${backend_flags[@]}"
+    local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after
+    wait_ready "$gw_url/health"
+    busy_before=$(busy_seconds)
+    "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
+        --rate "$rate" --duration "$DURATION" --drain 120 --seed "$repeat" \
+        --turns "$TURNS" --think-time "$THINK_TIME" --json "$json" -q >"$json.txt" 2>&1
+    busy_after=$(busy_seconds)
+    stop_server "$gw_pid"
+    jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
+        --arg util "$(awk -v a="$busy_before" -v b="$busy_after" -v n="$BACKENDS" -v d="$DURATION" \
+            'BEGIN { printf "%.3f", (b - a) / (n * d) }')" '
+        .summary | [$r, $w, $l, $p, $rate, .requests, .succeeded,
+          ((.statuses["429"] // 0) + (.statuses["503"] // 0) + .dropped_arrivals),
+          .failed, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,
+          .requests_per_s, .wall_secs, $util] | @tsv' "$json" >>"$RAW"
+    log "repeat $repeat $workload $load% $policy: $(tail -1 "$RAW" | cut -f5-)"
+}
+
+LOAD_BEFORE=$(load_average)
+STARTED=$(date +%s)
+for repeat in $(seq 1 "$REPEATS"); do
+    for workload in "${WORKLOADS[@]}"; do
+        for load in "${LOADS[@]}"; do
+            n=${#POLICIES[@]}
+            for i in $(seq 0 $((n - 1))); do
+                run_one "$repeat" "$workload" "$load" "${POLICIES[$(((i + repeat - 1) % n))]}"
+            done
+        done
+    done
+done
+ELAPSED=$(($(date +%s) - STARTED))
+LOAD_AFTER=$(load_average)
+
+SECTION="$WORK/section.md"
+{
+    echo "## Routing policies on $BACKENDS BitNet-like backends"
+    echo
+    machine_markdown
+    echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
+    echo "- $BACKENDS llama-sim backends, \`--dialect bitnet\` (1 slot, no prompt cache since requests do not ask for one), $PREFILL_RATE tokens/s prompt evaluation, $DECODE_RATE tokens/s generation, **\`--time-scale $TIME_SCALE\`: every delay is multiplied by $TIME_SCALE**, so one wall-clock second stands for $(awk -v s="$TIME_SCALE" 'BEGIN { print 1 / s }') s of the real fleet. The gateway is told each backend has 1 slot; a fresh gateway serves each run."
+    echo "- Streamed requests, Poisson arrivals for $DURATION s per run, then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns."
+    echo
+    echo "Command:"
+    echo
+    echo '```sh'
+    echo "POLICIES=\"${POLICIES[*]}\" WORKLOADS=\"${WORKLOADS[*]}\" LOADS=\"${LOADS[*]}\" TIME_SCALE=$TIME_SCALE DURATION=$DURATION REPEATS=$REPEATS loadtest/bench/routing.sh"
+    echo '```'
+    echo
+    python3 - "$RAW" "$CAPACITY" "$TIME_SCALE" "$BACKENDS" "$PREFILL_RATE" "$DECODE_RATE" <<'PY'
+import csv
+import statistics
+import sys
+
+raw, capacity_path = sys.argv[1], sys.argv[2]
+scale = float(sys.argv[3])
+backends, prefill, decode = sys.argv[4], sys.argv[5], sys.argv[6]
+rows = list(csv.DictReader(open(raw), delimiter="\t"))
+caps = list(csv.DictReader(open(capacity_path), delimiter="\t"))
+
+
+def ordered(key):
+    out = []
+    for r in rows:
+        if r[key] not in out:
+            out.append(r[key])
+    return out
+
+
+workloads, loads, policies = ordered("workload"), ordered("load"), ordered("policy")
+reps = ordered("repeat")
+cell = {(r["repeat"], r["workload"], r["load"], r["policy"]): r for r in rows}
+
+
+def med(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def col(w, l, p, key):
+    return [float(cell[(r, w, l, p)][key]) for r in reps if (r, w, l, p) in cell]
+
+
+print("### Capacity")
+print()
+print(f"A zero-latency simulator in the bitnet dialect answered a calibration sample of each workload; from the")
+print(f"token counts it reported, each request keeps a real backend's only slot busy for")
+print(f"S = (prompt tokens − cached tokens) / {prefill} + completion tokens / {decode} seconds. With {backends} backends the fleet")
+print(f"completes at most {backends} / S requests per second. The bitnet dialect truncates prompts longer than the")
+print(f"4,096-token context (keeping the end), which is why the agent's prompts stay under 4,096 tokens.")
+print()
+print("| workload | sample | mean prompt tokens | mean cached | mean completion tokens | S (s, real) | fleet capacity (req/s, real) | requests per session | sessions/s at 70 % (compressed clock) | at 90 % |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for c in caps:
+    s, fleet, k = float(c["service_s"]), float(c["fleet_req_s_real"]), float(c["session_requests"])
+    print(
+        f"| {c['workload']} | {c['requests']} | {float(c['prompt_mean']):.0f} | {float(c['cached_mean']):.0f} "
+        f"| {float(c['completion_mean']):.0f} | {s:.2f} | {fleet:.3f} | {k:.0f} "
+        f"| {fleet / scale * 0.7 / k:.3f} | {fleet / scale * 0.9 / k:.3f} |"
+    )
+print()
+print("For example, the offered session rate on the compressed clock is capacity ÷ time scale × load ÷ requests per session.")
+print()
+print("### Results")
+print()
+print(f"Medians of {len(reps)} repeats. TTFT and E2E are given in **real-time seconds** (measured ÷ {scale}). Throughput is")
+print("completed requests per second on the compressed clock. *Utilization* is the fleet's measured busy time (prompt")
+print("evaluation + generation, from the backends' /metrics) over backends × arrival window: a check of the offered load.")
+print("*Rejected* counts 429 and 503 answers (queue full or queue timeout) summed over the repeats; *failed* counts all failures.")
+print()
+print("| workload | load | policy | requests | rejected | failed | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) | E2E p99 (s) | throughput (req/s) | utilization | TTFT p99 vs round-robin |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for w in workloads:
+    for l in loads:
+        for p in policies:
+            if not col(w, l, p, "requests"):
+                continue
+            rel = []
+            for r in reps:
+                a, b = cell.get((r, w, l, p)), cell.get((r, w, l, "round-robin"))
+                if a and b and float(b["ttft_p99"]) > 0:
+                    rel.append(float(a["ttft_p99"]) / float(b["ttft_p99"]))
+            rel_cell = f"{med(rel):.2f}" if rel else "—"
+            sec = lambda key: med(col(w, l, p, key)) / 1e6 / scale
+            print(
+                f"| {w} | {l} % | {p} | {med(col(w, l, p, 'requests')):.0f} | {sum(col(w, l, p, 'rejected')):.0f} "
+                f"| {sum(col(w, l, p, 'failed')):.0f} | {sec('ttft_p50'):.1f} | {sec('ttft_p99'):.1f} "
+                f"| {sec('e2e_p50'):.1f} | {sec('e2e_p99'):.1f} | {med(col(w, l, p, 'rps')):.2f} "
+                f"| {med(col(w, l, p, 'utilization')) * 100:.0f} % | {rel_cell} |"
+            )
+PY
+} >"$SECTION"
+write_section routing "$SECTION"
+cat "$SECTION"
