@@ -524,15 +524,17 @@ async fn open_loop_arrivals_follow_a_poisson_process_at_the_requested_rate() {
     assert!((0.85..1.15).contains(&cv), "coefficient of variation {cv}");
     assert!((2000.0..3000.0).contains(&mean), "mean gap {mean} us");
 
-    // Requests really leave on schedule.
-    let mut lags: Vec<u64> = result
+    // Requests really leave on schedule: never early, and typically soon after their time
+    // (generously bounded, as this box may be busy with other work).
+    let mut lags: Vec<i64> = result
         .records
         .iter()
-        .map(|r| r.start_us.saturating_sub(r.scheduled_us.unwrap()))
+        .map(|r| r.start_us as i64 - r.scheduled_us.unwrap() as i64)
         .collect();
     lags.sort_unstable();
+    assert!(lags[0] >= -1_000, "a request left {} us early", -lags[0]);
     let median_lag = lags[lags.len() / 2];
-    assert!(median_lag < 20_000, "median lag {median_lag} us");
+    assert!(median_lag < 100_000, "median lag {median_lag} us");
 }
 
 #[tokio::test]
