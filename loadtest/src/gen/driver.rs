@@ -236,33 +236,27 @@ impl Driver {
             if !std::mem::take(&mut prepaid) && !self.take_ticket() {
                 return false;
             }
-            let keep_reply = {
-                let messages = session.next_turn().expect("has_next was checked");
-                let body = serde_json::to_vec(&ChatRequest {
-                    model: &self.cfg.model,
-                    messages,
-                    stream: self.cfg.stream,
-                    stream_options: self.cfg.stream.then_some(StreamOptions {
-                        include_usage: true,
-                    }),
-                    max_tokens,
-                })
-                .expect("chat requests always serialise");
-                let keep_reply = session.needs_replies();
-                let sent_at = Instant::now();
-                let outcome = self.send(Bytes::from(body), keep_reply, gaps).await;
-                let ok = outcome.error.is_none();
-                let scheduled_us = scheduled_us.filter(|_| session.turn() == 1);
-                self.record(&session, scheduled_us, sent_at, &outcome, gaps);
-                if !ok {
-                    // Without the reply the history cannot grow the way a real client's would.
-                    session.abandon();
-                    continue;
-                }
-                keep_reply.then_some(outcome.reply)
-            };
-            if let Some(reply) = keep_reply {
-                session.push_reply(&reply);
+            let messages = session.next_turn().expect("has_next was checked");
+            let body = serde_json::to_vec(&ChatRequest {
+                model: &self.cfg.model,
+                messages,
+                stream: self.cfg.stream,
+                stream_options: self.cfg.stream.then_some(StreamOptions {
+                    include_usage: true,
+                }),
+                max_tokens,
+            })
+            .expect("chat requests always serialise");
+            let keep_reply = session.needs_replies();
+            let sent_at = Instant::now();
+            let outcome = self.send(Bytes::from(body), keep_reply, gaps).await;
+            let scheduled_us = scheduled_us.filter(|_| session.turn() == 1);
+            self.record(&session, scheduled_us, sent_at, &outcome, gaps);
+            if outcome.error.is_some() {
+                // Without the reply the history cannot grow the way a real client's would.
+                session.abandon();
+            } else if keep_reply {
+                session.push_reply(&outcome.reply);
             }
         }
         true
