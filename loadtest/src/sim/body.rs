@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -47,14 +47,13 @@ impl Body for SimBody {
                     return Poll::Ready(Some(Ok(Frame::data(b))));
                 }
                 loop {
-                    return match rx.poll_recv(cx) {
-                        Poll::Ready(Some(Msg::Data(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                    match ready!(rx.poll_recv(cx)) {
+                        Some(Msg::Data(b)) => return Poll::Ready(Some(Ok(Frame::data(b)))),
                         // Headers are out: an HTTP error can no longer be sent. Tasks write
                         // their in-band error events as data instead, so this does not happen.
-                        Poll::Ready(Some(Msg::Fail(_))) => continue,
-                        Poll::Ready(None) => Poll::Ready(None),
-                        Poll::Pending => Poll::Pending,
-                    };
+                        Some(Msg::Fail(_)) => continue,
+                        None => return Poll::Ready(None),
+                    }
                 }
             }
         }

@@ -30,7 +30,8 @@ pub struct SimArgs {
     /// API behaviour to imitate: "llama.cpp" (current upstream llama-server) or "bitnet" (the
     /// 2024 fork bitnet.cpp builds: 1 slot, no prompt cache by default, usage on the finish
     /// chunk, `error:` stream events, 500 on `tools` and on null content, ignores
-    /// max_completion_tokens, truncates long prompts, dies on SIGTERM without draining).
+    /// max_completion_tokens, truncates long prompts, generates at most 4096 tokens per request
+    /// as its launcher's `-n 4096` makes it, dies on SIGTERM without draining).
     #[arg(long, value_enum, default_value_t = Dialect::LlamaCpp)]
     pub dialect: Dialect,
 
@@ -43,9 +44,9 @@ pub struct SimArgs {
     pub alias: Option<String>,
 
     /// Number of slots (requests processed at once); more requests wait in FIFO order and count
-    /// as llamacpp:requests_deferred. [default: 4 for llama.cpp, 1 for bitnet] In the bitnet
-    /// dialect, giving this flag also enables GET /slots, as the fork's --slots does; without
-    /// it /slots answers 501.
+    /// as llamacpp:requests_deferred. In the bitnet dialect, giving this flag also enables
+    /// GET /slots, as the fork's --slots does; without it /slots answers 501.
+    /// [default: 4 for llama.cpp, 1 for bitnet]
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
 

@@ -5,6 +5,9 @@ use std::time::Duration;
 /// Model path reported by `/v1/models` and `/props` when none is given.
 pub const DEFAULT_MODEL_PATH: &str = "models/Falcon3-10B-Instruct-1.58bit/ggml-model-i2_s.gguf";
 
+/// Longest single delay the simulator schedules; a year is "never" for any test or benchmark.
+const MAX_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Which llama-server the simulator imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dialect {
@@ -133,9 +136,12 @@ impl SimConfig {
         Ok(())
     }
 
-    /// `secs` of modelled time as wall time under `time_scale`.
+    /// `secs` of modelled time as wall time under `time_scale`, at most [`MAX_DELAY`] so that
+    /// absurd requests (a billion tokens) cannot overflow a deadline.
     pub(crate) fn scaled_secs(&self, secs: f64) -> Duration {
-        Duration::from_secs_f64((secs * self.time_scale).max(0.0))
+        Duration::try_from_secs_f64(secs * self.time_scale)
+            .unwrap_or(MAX_DELAY)
+            .min(MAX_DELAY)
     }
 
     /// A configured delay under `time_scale`.

@@ -2,7 +2,8 @@
 //!
 //! Deadlines are computed from the end of prompt evaluation, token `i` (from 1) being due
 //! `i / decode_rate` seconds after it, so timer lateness never accumulates. Tokens that are due
-//! together (when the scaled interval is below the timer's resolution, or the task woke late)
+//! together (when the scaled token interval is below the timer's resolution, or the task woke
+//! late)
 //! go out as one write.
 //!
 //! The same code serves the timed path, where output goes through a channel to the response body,
@@ -129,8 +130,8 @@ pub(crate) async fn run(
     sim.metrics
         .prompt_done(prompt_n, cache_n, prompt_d, sim.pool.busy());
 
-    let interval = cfg.scaled_secs(1.0 / cfg.decode_rate);
-    let due = |k: usize| gen_start + interval.mul_f64(k as f64);
+    let decode_time = |n: usize| cfg.scaled_secs(n as f64 / cfg.decode_rate);
+    let due = |k: usize| gen_start + decode_time(k);
     let limit = fault.map_or(job.n_predict, |(k, _)| k.min(job.n_predict));
     let mut babble = Babble::new(job.seed);
     let mut buf = BytesMut::with_capacity(512);
@@ -158,11 +159,8 @@ pub(crate) async fn run(
             wire.token(&mut buf, piece);
         }
         claim.set_decoded(upto);
-        sim.metrics.tokens_done(
-            upto - done,
-            interval.mul_f64((upto - done) as f64),
-            sim.pool.busy(),
-        );
+        sim.metrics
+            .tokens_done(upto - done, decode_time(upto - done), sim.pool.busy());
         done = upto;
         if job.stream {
             out.send(Msg::Data(buf.split().freeze())).await?;
@@ -200,7 +198,7 @@ pub(crate) async fn run(
         prompt_n,
         prompt_ms: ms(prompt_d),
         predicted_n: job.n_predict,
-        predicted_ms: ms(interval.mul_f64(job.n_predict as f64)),
+        predicted_ms: ms(decode_time(job.n_predict)),
     };
     // Free the slot before the last bytes leave, as llama-server does, so that a client sending
     // its next turn right away finds the slot (and its cache) idle.

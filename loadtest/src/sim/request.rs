@@ -8,6 +8,10 @@ use super::config::{Dialect, SimConfig};
 use super::error::ApiError;
 use super::tokens::{self, MSG_END, MSG_START};
 
+/// Most tokens the bitnet fork generates for one request: its launcher starts the server with
+/// `-n 4096`, which caps every request's own limit.
+const BITNET_MAX_PREDICT: usize = 4096;
+
 /// The model name the bitnet fork reports when a chat request names none.
 const BITNET_DEFAULT_MODEL: &str = "gpt-3.5-turbo-0613";
 
@@ -113,10 +117,18 @@ pub(crate) fn parse(cfg: &SimConfig, endpoint: Endpoint, body: &[u8]) -> Result<
         Some(n) => (n, true),
         None => (cfg.default_max_tokens, false),
     };
-    // Upstream stops when the slot's context is full; the fork shifts the context and goes on.
-    if dialect == Dialect::LlamaCpp && prompt.len() + n_predict > n_ctx {
-        n_predict = n_ctx - prompt.len();
-        limited = true;
+    match dialect {
+        // Upstream stops when the slot's context is full.
+        Dialect::LlamaCpp if prompt.len() + n_predict > n_ctx => {
+            n_predict = n_ctx - prompt.len();
+            limited = true;
+        }
+        // The fork shifts the context and goes on, up to its server-wide limit.
+        Dialect::Bitnet if n_predict > BITNET_MAX_PREDICT => {
+            n_predict = BITNET_MAX_PREDICT;
+            limited = true;
+        }
+        _ => {}
     }
 
     let id_slot = match body.get("id_slot").and_then(Value::as_i64) {
@@ -307,6 +319,13 @@ mod tests {
         let body = json!({"prompt": "a ".repeat(4000), "n_predict": 500});
         let j = job(Dialect::LlamaCpp, Endpoint::Native, body).unwrap();
         assert_eq!((j.n_predict, j.limited), (96, true));
+    }
+
+    #[test]
+    fn bitnet_caps_generation_at_its_server_limit() {
+        let body = json!({"prompt": "x", "n_predict": 1_000_000_000});
+        let j = job(Dialect::Bitnet, Endpoint::Native, body).unwrap();
+        assert_eq!((j.n_predict, j.limited), (4096, true));
     }
 
     #[test]

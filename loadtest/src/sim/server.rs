@@ -37,6 +37,9 @@ pub enum Exit {
 ///
 /// The listener is bound by the caller, so tests can bind `127.0.0.1:0` and know the address
 /// before serving starts. Fails only if `cfg` is invalid.
+///
+/// In the llama.cpp dialect, a shutdown waits for every in-flight request, so a request hung by
+/// a fault keeps it waiting until its client disconnects.
 pub async fn serve(
     listener: TcpListener,
     cfg: SimConfig,

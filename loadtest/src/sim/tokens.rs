@@ -121,7 +121,7 @@ pub(crate) struct Babble {
     state: u64,
     /// Words until the next punctuation mark.
     until_punct: u32,
-    /// Whether the next word starts the text or follows punctuation-free start.
+    /// Whether the next word is the first of the text, which has no leading space.
     first: bool,
 }
 
