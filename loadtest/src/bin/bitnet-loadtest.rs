@@ -104,7 +104,8 @@ struct RunArgs {
     /// Request streamed responses (`stream: true`) and measure per-chunk timings.
     #[arg(long)]
     stream: bool,
-    /// Traffic to send: short-chat, long-prompt, agent, or mix:KIND=WEIGHT,... (described in `bitnet-loadtest --help`).
+    /// Traffic to send: short-chat, long-prompt, agent, or mix:KIND=WEIGHT,... (described in
+    /// `bitnet-loadtest --help`).
     #[arg(long, value_name = "NAME", default_value = "short-chat")]
     workload: WorkloadSpec,
     /// `max_tokens` for every request, overriding each workload's default.
