@@ -96,7 +96,8 @@ pub struct SimArgs {
     #[arg(long, value_name = "N")]
     pub crash_after: Option<u64>,
 
-    /// Fault modifier: with --crash-after N, crash only once request N has streamed K tokens.
+    /// Fault modifier: with --crash-after N, crash only once request N has streamed K tokens
+    /// (or all of them, if it has fewer).
     #[arg(long, value_name = "K", requires = "crash_after")]
     pub crash_after_tokens: Option<usize>,
 
@@ -105,15 +106,15 @@ pub struct SimArgs {
     #[arg(long)]
     pub hang_before_first_byte: bool,
 
-    /// Fault: selected generation requests stop after K tokens and never finish; the slot stays
-    /// busy until the client disconnects.
+    /// Fault: selected generation requests stop after K tokens (or before their end, if
+    /// shorter) and never finish; the slot stays busy until the client disconnects.
     #[arg(long, value_name = "K")]
     pub hang_mid_stream_after: Option<usize>,
 
-    /// Fault: selected generation requests fail after K tokens. Streams get the dialect's error
-    /// event (upstream: `data: {"error":...}` and no [DONE]; bitnet: `error: {...}` then
-    /// [DONE]); upstream streams failing before their first token, and non-streamed requests,
-    /// get HTTP 500.
+    /// Fault: selected generation requests fail after K tokens (or before their end, if
+    /// shorter). Streams get the dialect's error event (upstream: `data: {"error":...}` and no
+    /// [DONE]; bitnet: `error: {...}` then [DONE]); upstream streams failing before their first
+    /// token, and non-streamed requests, get HTTP 500.
     #[arg(long, value_name = "K")]
     pub error_mid_stream_after: Option<usize>,
 

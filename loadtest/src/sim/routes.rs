@@ -46,7 +46,7 @@ pub(crate) async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Si
         (&Method::POST, "/completion" | "/completions" | "/v1/completions") => Endpoint::Native,
         _ => return body::error(&ApiError::NotFound),
     };
-    generate(&sim, endpoint, req).await
+    completion(&sim, endpoint, req).await
 }
 
 /// Reads the request body, within [`MAX_BODY`].
@@ -59,7 +59,11 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
 }
 
 /// A chat, completion or native completion request.
-async fn generate(sim: &Arc<Sim>, endpoint: Endpoint, req: Request<Incoming>) -> Response<SimBody> {
+async fn completion(
+    sim: &Arc<Sim>,
+    endpoint: Endpoint,
+    req: Request<Incoming>,
+) -> Response<SimBody> {
     let raw = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return body::error(&e),
