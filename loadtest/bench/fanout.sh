@@ -66,10 +66,13 @@ run_one() {
     local gw_before=0 gw_after=0 sim_before sim_after
     [ -n "$gw_pid" ] && gw_before=$(cpu_seconds "$gw_pid")
     sim_before=$(cpu_seconds "$SIM_PID")
+    local t0 t1
+    t0=$(date +%s.%N)
     /usr/bin/time -f '%U %S' -o "$json.time" \
         "$BIN/bitnet-loadtest" --url "$url" --model "$MODEL" --seed "$repeat" --stream \
         "${load[@]}" --max-tokens "$TOKENS" --duration "$DURATION" --drain 30 \
         --json "$json" -q >"$json.txt" 2>&1
+    t1=$(date +%s.%N)
     sim_after=$(cpu_seconds "$SIM_PID")
     local hwm=0
     if [ -n "$gw_pid" ]; then
@@ -79,11 +82,11 @@ run_one() {
     fi
     jq -r --arg r "$repeat" --arg s "$scenario" --arg p "$path" \
         --arg gcpu "$(awk -v a="$gw_before" -v b="$gw_after" 'BEGIN { printf "%.2f", b - a }')" \
-        --arg hwm "$hwm" \
+        --arg hwm "$hwm" --arg wall "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" \
         --arg scpu "$(awk -v a="$sim_before" -v b="$sim_after" 'BEGIN { printf "%.2f", b - a }')" \
         --arg lcpu "$(awk '{ printf "%.2f", $1 + $2 }' "$json.time")" \
         '.summary | [$r, $s, $p, .ttft_us.p50, .ttft_us.p99, .itl_us.p50, .itl_us.p99, .itl_us.max,
-          .succeeded, .failed + .dropped_arrivals, .wall_secs, $gcpu, $hwm, $scpu, $lcpu] | @tsv' \
+          .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu] | @tsv' \
         "$json" >>"$RAW"
     log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
 }
@@ -164,7 +167,7 @@ for s in scenarios:
             f"| {a50} | {a99} |"
         )
 print()
-print("CPU time is user + system seconds over the whole run (arrivals plus the streams still running after them).")
+print("CPU time is user + system seconds, and wall time is seconds, over the whole run: arrivals plus the streams still running after them.")
 print()
 print("| arrivals | path | wall s | gateway CPU s | gateway CPU % of one core | gateway peak RSS MiB | simulator CPU s | load generator CPU s |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
