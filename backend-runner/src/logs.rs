@@ -1,0 +1,155 @@
+//! Instance output: every line of a llama-server's stdout and stderr goes to the runner's log
+//! prefixed with `[NAME]`, optionally to a size-rotated file per instance, and into a short
+//! in-memory tail that explains a failed start. Lines announcing the listening port are also
+//! read back, for instances started on port 0.
+//!
+//! - [`rotating`]: the rotated file.
+
+pub mod rotating;
+
+use std::collections::VecDeque;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Child;
+
+use crate::command::parse_listen_port;
+use crate::config::LogFiles;
+use crate::instance::Instance;
+use rotating::RotatingFile;
+
+/// Lines of a process's output kept for error messages.
+const TAIL_LINES: usize = 30;
+
+/// The last lines one process wrote.
+#[derive(Debug, Default)]
+pub struct Tail(Mutex<VecDeque<String>>);
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_owned());
+    }
+
+    /// The kept lines, oldest first.
+    pub fn lines(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Where one instance's output goes; lives as long as the instance, across restarts.
+#[derive(Debug, Clone)]
+pub struct InstanceLog {
+    /// Feeds the file writer thread, if files are on.
+    file: Option<std_mpsc::Sender<String>>,
+}
+
+impl InstanceLog {
+    /// Output to the runner's log only, or also to `DIR/NAME.log` when `files` is set. The
+    /// file is written by a thread of its own so that a slow disk never stalls the runtime.
+    pub fn new(name: &str, files: Option<&LogFiles>) -> std::io::Result<InstanceLog> {
+        let Some(files) = files else {
+            return Ok(InstanceLog { file: None });
+        };
+        let path = files.dir.join(format!("{name}.log"));
+        let mut file = RotatingFile::open(&path, files.max_bytes, files.keep)?;
+        let (tx, rx) = std_mpsc::channel::<String>();
+        let thread_name = format!("log-{name}");
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let mut failed = false;
+                for line in rx {
+                    if let Err(err) = file.write_line(&line) {
+                        // Once per outage, not once per line.
+                        if !failed {
+                            tracing::error!(path = %path.display(), error = %err, "cannot write instance log file");
+                        }
+                        failed = true;
+                    } else {
+                        failed = false;
+                    }
+                }
+            })?;
+        Ok(InstanceLog { file: Some(tx) })
+    }
+
+    /// Starts forwarding `child`'s stdout and stderr (taken from it) for process number
+    /// `generation` of `inst`, and returns the tail those lines fill.
+    pub fn attach(&self, child: &mut Child, inst: &Arc<Instance>, generation: u64) -> Arc<Tail> {
+        let tail = Arc::new(Tail::default());
+        let streams: [Option<Box<dyn AsyncRead + Send + Unpin>>; 2] = [
+            child.stdout.take().map(|s| Box::new(s) as _),
+            child.stderr.take().map(|s| Box::new(s) as _),
+        ];
+        for stream in streams.into_iter().flatten() {
+            let (inst, tail, file) = (inst.clone(), tail.clone(), self.file.clone());
+            tokio::spawn(async move {
+                forward(stream, &inst, generation, &tail, file.as_ref()).await;
+            });
+        }
+        tail
+    }
+}
+
+/// Reads `stream` line by line until end of file (the process exited, or closed it).
+async fn forward(
+    stream: impl AsyncRead + Unpin,
+    inst: &Instance,
+    generation: u64,
+    tail: &Tail,
+    file: Option<&std_mpsc::Sender<String>>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::new();
+    let mut want_port = inst.config().port == 0;
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        // A model's output can be any bytes; keep the line rather than drop it.
+        let text = String::from_utf8_lossy(&buf);
+        let line = text.trim_end_matches(['\n', '\r']);
+        tracing::info!(target: "llama_server", "[{}] {line}", inst.name());
+        tail.push(line);
+        if let Some(file) = file {
+            let _ = file.send(line.to_owned());
+        }
+        if want_port {
+            if let Some(port) = parse_listen_port(line) {
+                inst.port_announced(generation, port);
+                want_port = false;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_only_the_last_lines() {
+        let tail = Tail::default();
+        for i in 0..TAIL_LINES + 5 {
+            tail.push(&format!("line {i}"));
+        }
+        let lines = tail.lines();
+        assert_eq!(lines.len(), TAIL_LINES);
+        assert_eq!(lines[0], "line 5");
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(&*format!("line {}", TAIL_LINES + 4))
+        );
+    }
+}
