@@ -26,7 +26,12 @@ use crate::config::{Config, ConfigError, RawConfig, RawHealth, RawLogs, RawResta
 ///   bitnet-runner --llama-server /opt/bitnet/build/bin/llama-server \
 ///       --model /models/ggml-model-i2_s.gguf --instances 7 --pin -- --temp 0.7
 #[derive(Debug, Parser)]
-#[command(name = "bitnet-runner", version, verbatim_doc_comment)]
+#[command(
+    name = "bitnet-runner",
+    version,
+    verbatim_doc_comment,
+    args_override_self = true
+)]
 pub struct Cli {
     /// TOML config file (timing, log files and per-instance [[instance]] overrides live
     /// there). Flags given on the command line override its values.

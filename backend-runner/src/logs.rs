@@ -8,10 +8,13 @@
 pub mod rotating;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
+use tokio::sync::Notify;
 
 use crate::command::parse_listen_port;
 use crate::config::LogFiles;
@@ -23,11 +26,16 @@ const TAIL_LINES: usize = 30;
 
 /// The last lines one process wrote.
 #[derive(Debug, Default)]
-pub struct Tail(Mutex<VecDeque<String>>);
+pub struct Tail {
+    lines: Mutex<VecDeque<String>>,
+    /// Output streams still being read.
+    open: AtomicUsize,
+    closed: Notify,
+}
 
 impl Tail {
     fn push(&self, line: &str) {
-        let mut lines = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lines = self.lines.lock().unwrap_or_else(PoisonError::into_inner);
         if lines.len() == TAIL_LINES {
             lines.pop_front();
         }
@@ -36,12 +44,32 @@ impl Tail {
 
     /// The kept lines, oldest first.
     pub fn lines(&self) -> Vec<String> {
-        self.0
+        self.lines
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Waits, at most `limit`, until every output stream of the process reached its end. A
+    /// process's last words may still be in the pipe when its exit is noticed.
+    pub async fn wait_closed(&self, limit: Duration) {
+        let all_closed = async {
+            loop {
+                let notified = self.closed.notified();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all_closed).await;
+    }
+
+    fn stream_closed(&self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.closed.notify_waiters();
     }
 }
 
@@ -91,9 +119,11 @@ impl InstanceLog {
             child.stderr.take().map(|s| Box::new(s) as _),
         ];
         for stream in streams.into_iter().flatten() {
+            tail.open.fetch_add(1, Ordering::AcqRel);
             let (inst, tail, file) = (inst.clone(), tail.clone(), self.file.clone());
             tokio::spawn(async move {
                 forward(stream, &inst, generation, &tail, file.as_ref()).await;
+                tail.stream_closed();
             });
         }
         tail

@@ -309,7 +309,7 @@ impl Supervisor {
         let Some(pid) = child.id() else {
             // Already reaped: it cannot have run at all.
             let status = child.wait().await;
-            return self.exited(status, None, first, &tail);
+            return self.exited(status, None, first, &tail).await;
         };
         let spawned = Instant::now();
         self.inst.update(|s| {
@@ -370,7 +370,7 @@ impl Supervisor {
             {
                 Event::Exited(status) => {
                     let tail = proc.tail.clone();
-                    return Err(self.exited(status, None, first, &tail));
+                    return Err(self.exited(status, None, first, &tail).await);
                 }
                 // Not taking work yet, so nothing to drain.
                 Event::Command(Command::Restart) => {
@@ -420,7 +420,9 @@ impl Supervisor {
             {
                 Event::Exited(status) => {
                     let tail = proc.tail.clone();
-                    return self.exited(status, Some(ready_at.elapsed()), false, &tail);
+                    return self
+                        .exited(status, Some(ready_at.elapsed()), false, &tail)
+                        .await;
                 }
                 Event::Command(Command::Restart) => {
                     return self.drain_and_stop(proc, Goal::Restart).await;
@@ -599,7 +601,7 @@ impl Supervisor {
     }
 
     /// Handles a process that ended on its own.
-    fn exited(
+    async fn exited(
         &self,
         status: std::io::Result<ExitStatus>,
         ready_for: Option<Duration>,
@@ -614,6 +616,7 @@ impl Supervisor {
         let fatal =
             first && ready_for.is_none() && status.as_ref().is_ok_and(|s| s.code().is_some());
         if fatal {
+            tail.wait_closed(Duration::from_millis(500)).await;
             return Ended::Failed(Failure {
                 reason: ExitReason::Crash,
                 ready_for,
