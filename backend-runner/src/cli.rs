@@ -18,7 +18,7 @@ use crate::config::{Config, ConfigError, RawConfig, RawHealth, RawLogs, RawResta
 /// API lists the instances (GET /instances), restarts one after draining it
 /// (POST /instances/NAME/restart), and serves GET /health and GET /metrics.
 ///
-/// SIGTERM or SIGINT drains and stops every instance (a second signal skips the drain).
+/// SIGTERM or SIGINT drains and stops every instance; a second signal kills them at once.
 /// Instances die with the runner even if it is killed with SIGKILL.
 ///
 /// Example, seven instances of 8 threads each on their own cores:

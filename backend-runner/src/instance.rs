@@ -58,10 +58,11 @@ impl State {
 pub enum Command {
     /// Drain, stop and start again (or start now, if waiting or failed).
     Restart,
-    /// Stop for good; `drain` waits for in-flight requests first (a second signal skips it).
+    /// Stop for good.
     Stop {
-        /// Whether to wait for in-flight requests.
-        drain: bool,
+        /// `true`: drain in-flight requests, SIGTERM, SIGKILL only after the stop timeout.
+        /// `false` (a second signal, or a failed start): SIGKILL at once.
+        graceful: bool,
     },
 }
 
@@ -219,9 +220,9 @@ impl Instance {
     }
 
     /// Asks the supervisor to stop the instance for good.
-    pub fn request_stop(&self, drain: bool) {
+    pub fn request_stop(&self, graceful: bool) {
         // An error means the supervisor already ended, which is what was asked.
-        let _ = self.commands.send(Command::Stop { drain });
+        let _ = self.commands.send(Command::Stop { graceful });
     }
 
     fn lock(&self) -> MutexGuard<'_, Status> {

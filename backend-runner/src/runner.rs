@@ -149,7 +149,7 @@ impl Runner {
 
     /// Runs until the first message on `signals` (SIGTERM/SIGINT) or until an instance cannot
     /// start at all, then stops every instance: drain, SIGTERM, SIGKILL after the stop timeout.
-    /// Another message on `signals` while stopping skips the remaining drains.
+    /// Another message on `signals` while stopping kills what is left at once.
     pub async fn run(mut self, mut signals: mpsc::Receiver<()>) -> Result<(), RunError> {
         let outcome = tokio::select! {
             _ = signals.recv() => Ok(()),
@@ -157,10 +157,10 @@ impl Runner {
         };
         self.state.stopping.store(true, Ordering::Relaxed);
         // A failed start is a configuration problem: the others are not worth draining.
-        let drain = outcome.is_ok();
-        tracing::info!(drain, "stopping every instance");
+        let graceful = outcome.is_ok();
+        tracing::info!(graceful, "stopping every instance");
         for inst in &self.state.instances {
-            inst.request_stop(drain);
+            inst.request_stop(graceful);
         }
         let mut signals_open = true;
         loop {
@@ -172,7 +172,7 @@ impl Runner {
                 },
                 signal = signals.recv(), if signals_open => match signal {
                     Some(()) => {
-                        tracing::warn!("second signal: stopping without waiting for in-flight requests");
+                        tracing::warn!("second signal: killing every instance now");
                         for inst in &self.state.instances {
                             inst.request_stop(false);
                         }

@@ -9,7 +9,8 @@
 //!   │  delay    │    (delay doubles in a crash loop; after max_failures: failed)
 //!   └───────────┘
 //!   ready ── restart requested ──▶ draining ── slots idle or timeout ──▶ SIGTERM … SIGKILL ──▶ starting
-//!   any ──── SIGTERM/SIGINT ─────▶ draining ─────────────────────────────────────────────────▶ stopped
+//!   any ──── SIGTERM/SIGINT ─────▶ draining ── slots idle or timeout ──▶ SIGTERM … SIGKILL ──▶ stopped
+//!            (a second signal: SIGKILL at once)
 //! ```
 //!
 //! Each instance runs in a process group of its own, started through the [`crate::launch`]
@@ -138,6 +139,10 @@ pub struct Supervisor {
     shared: Arc<Shared>,
     log: InstanceLog,
     backoff: Backoff,
+    /// Set once a stop was asked for, to whether it may be graceful. Kept apart from the
+    /// command that carried it because that command can arrive in the middle of a restart,
+    /// which must then not start anything new.
+    stop: Option<bool>,
 }
 
 // === impl Supervisor ===
@@ -157,6 +162,7 @@ impl Supervisor {
             shared,
             log,
             backoff,
+            stop: None,
         }
     }
 
@@ -169,6 +175,9 @@ impl Supervisor {
         loop {
             let ended = self.run_process(first).await;
             first = false;
+            if self.stop.is_some() {
+                break;
+            }
             let failure = match ended {
                 Ended::Stopped => break,
                 Ended::Restart => continue,
@@ -242,8 +251,8 @@ impl Supervisor {
 
     /// Waits in `failed` for a restart request (true) or a stop (false).
     async fn wait_failed(&mut self) -> bool {
-        match self.commands.recv().await {
-            Some(Command::Restart) => {
+        match self.next_command().await {
+            Command::Restart => {
                 self.backoff.reset();
                 let delay = self.backoff.next_delay();
                 self.inst.update(|s| {
@@ -252,7 +261,7 @@ impl Supervisor {
                 });
                 true
             }
-            Some(Command::Stop { .. }) | None => false,
+            Command::Stop { .. } => false,
         }
     }
 
@@ -427,8 +436,8 @@ impl Supervisor {
                 Event::Command(Command::Restart) => {
                     return self.drain_and_stop(proc, Goal::Restart).await;
                 }
-                Event::Command(Command::Stop { drain }) => {
-                    return self.drain_and_stop(proc, Goal::Stop { drain }).await;
+                Event::Command(Command::Stop { graceful }) => {
+                    return self.drain_and_stop(proc, Goal::Stop { graceful }).await;
                 }
                 Event::Tick => {}
             }
@@ -491,8 +500,8 @@ impl Supervisor {
         let timing = self.shared.timing.clone();
         let limit = match goal {
             Goal::Restart => timing.drain_timeout,
-            Goal::Stop { drain: true } => timing.shutdown_drain,
-            Goal::Stop { drain: false } => Duration::ZERO,
+            Goal::Stop { graceful: true } => timing.shutdown_drain,
+            Goal::Stop { graceful: false } => Duration::ZERO,
         };
         tracing::info!(instance = self.name(), goal = %goal, limit = ?limit, "draining");
         let started = Instant::now();
@@ -504,7 +513,12 @@ impl Supervisor {
         loop {
             let now = Instant::now();
             if now >= deadline {
-                if limit > Duration::ZERO {
+                if goal == (Goal::Stop { graceful: false }) {
+                    tracing::warn!(
+                        instance = self.name(),
+                        "stopping at once, in-flight requests or not"
+                    );
+                } else if limit > Duration::ZERO {
                     tracing::warn!(instance = self.name(), waited = ?now - started, "drain timeout: stopping with requests possibly in flight");
                 }
                 break;
@@ -547,11 +561,11 @@ impl Supervisor {
                     self.record_exit(&status);
                     return self.finish_planned(goal);
                 }
-                Event::Command(Command::Stop { drain }) => {
+                Event::Command(Command::Stop { graceful }) => {
                     // Shutdown overrides a restart in progress; a second signal cuts the wait.
-                    goal = Goal::Stop { drain };
+                    goal = Goal::Stop { graceful };
                     let cap = Instant::now()
-                        + if drain {
+                        + if graceful {
                             timing.shutdown_drain
                         } else {
                             Duration::ZERO
@@ -577,21 +591,32 @@ impl Supervisor {
         }
     }
 
-    /// SIGTERM to the process group, then SIGKILL after the stop timeout; reaps the process.
+    /// SIGTERM to the process group, then SIGKILL after the stop timeout (at once if a
+    /// hurried stop was asked for, before or meanwhile); reaps the process.
     async fn stop_process(&mut self, proc: &mut Proc) {
         let timeout = self.shared.timing.stop_timeout;
         // The process is not reaped until `wait` returns below, so its pid, and with it the
         // group id, cannot have been reused: the signals cannot reach a stranger.
         let group = Pid::from_raw(proc.pid as i32);
-        let _ = killpg(group, Signal::SIGTERM);
-        let status = match tokio::time::timeout(timeout, proc.child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                tracing::warn!(
-                    instance = self.name(),
-                    pid = proc.pid,
-                    "still running {timeout:?} after SIGTERM; sending SIGKILL"
-                );
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut status = None;
+        if self.stop != Some(false) {
+            let _ = killpg(group, Signal::SIGTERM);
+            while status.is_none() && self.stop != Some(false) {
+                tokio::select! {
+                    exited = proc.child.wait() => status = Some(exited),
+                    () = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!(instance = self.name(), pid = proc.pid, "still running {timeout:?} after SIGTERM; sending SIGKILL");
+                        break;
+                    }
+                    // Only a hurried stop changes anything here, through `self.stop`.
+                    _ = self.next_command() => {}
+                }
+            }
+        }
+        let status = match status {
+            Some(status) => status,
+            None => {
                 let _ = killpg(group, Signal::SIGKILL);
                 proc.child.wait().await
             }
@@ -663,11 +688,25 @@ impl Supervisor {
         };
         tokio::select! {
             status = exited => Event::Exited(status),
-            // The sender lives in the instance; if it is gone, nothing can ask for anything
-            // any more and stopping is the only sensible reading.
-            cmd = self.commands.recv() => Event::Command(cmd.unwrap_or(Command::Stop { drain: false })),
+            cmd = self.next_command() => Event::Command(cmd),
             () = tokio::time::sleep(wait) => Event::Tick,
         }
+    }
+
+    /// The next command, noting any stop in `self.stop` (a hurried one overrides a graceful
+    /// one, never the reverse).
+    async fn next_command(&mut self) -> Command {
+        // The sender lives in the instance; if it is gone, nothing can ask for anything any
+        // more, and stopping at once is the only sensible reading.
+        let cmd = self
+            .commands
+            .recv()
+            .await
+            .unwrap_or(Command::Stop { graceful: false });
+        if let Command::Stop { graceful } = cmd {
+            self.stop = Some(graceful && self.stop != Some(false));
+        }
+        cmd
     }
 
     fn set_state(&self, state: State) {
@@ -691,7 +730,7 @@ impl Supervisor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Goal {
     Restart,
-    Stop { drain: bool },
+    Stop { graceful: bool },
 }
 
 impl fmt::Display for Goal {

@@ -341,3 +341,81 @@ fn pinned_instances_run_on_disjoint_cores() {
         assert!(line.ends_with(&format!("\t{}", a[0])), "{line}");
     }
 }
+
+#[test]
+fn sigint_lets_an_in_flight_stream_finish_before_stopping() {
+    let Some(binary) = binary_or_skip("sigint_lets_an_in_flight_stream_finish_before_stopping")
+    else {
+        return;
+    };
+    let dir = TempDir::new("sigint-drain");
+    let mut runner = start(&binary, &dir, &["--ctx", "4096", "--parallel", "1"]);
+    let list = runner.wait_all_ready(READY_TIMEOUT);
+    let pid = pid_of(&list[0]);
+    let addr = addr_of(&list[0]);
+    let (first_tx, first_rx) = mpsc::channel();
+    let stream = std::thread::spawn(move || long_stream(addr, 2000, first_tx));
+    first_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream should start");
+
+    runner.child.signal(Signal::SIGINT).unwrap();
+    let status = runner
+        .child
+        .wait_timeout(Duration::from_secs(30))
+        .unwrap()
+        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
+    assert!(status.success(), "{status}");
+    let raw = stream.join().unwrap();
+    assert!(
+        raw.contains(r#""predicted_n":2000"#),
+        "{}",
+        &raw[raw.len().saturating_sub(500)..]
+    );
+    assert!(raw.ends_with("0\r\n\r\n"), "stream cut");
+    assert!(!is_alive(pid));
+}
+
+#[test]
+fn second_signal_kills_at_once_without_waiting_for_streams() {
+    let Some(binary) = binary_or_skip("second_signal_kills_at_once_without_waiting_for_streams")
+    else {
+        return;
+    };
+    let dir = TempDir::new("second-signal");
+    let mut runner = start(&binary, &dir, &["--ctx", "8192", "--parallel", "1"]);
+    let list = runner.wait_all_ready(READY_TIMEOUT);
+    let pid = pid_of(&list[0]);
+    let addr = addr_of(&list[0]);
+    let (first_tx, first_rx) = mpsc::channel();
+    // Far longer than the test waits.
+    let stream = std::thread::spawn(move || long_stream(addr, 8000, first_tx));
+    first_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream should start");
+
+    runner.child.signal(Signal::SIGTERM).unwrap();
+    assert!(runner
+        .child
+        .wait_for_line(|l| l.contains("draining"), Duration::from_secs(5))
+        .is_some());
+    let started = Instant::now();
+    runner.child.signal(Signal::SIGTERM).unwrap();
+    let status = runner
+        .child
+        .wait_timeout(Duration::from_secs(10))
+        .unwrap()
+        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
+    assert!(status.success(), "{status}");
+    assert!(!is_alive(pid));
+    let raw = stream.join().unwrap();
+    assert!(
+        !raw.contains(r#""predicted_n":8000"#),
+        "the stream was waited for"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
