@@ -33,7 +33,7 @@ use crate::config::{Config, ConfigError, RawConfig, RawHealth, RawLogs, RawResta
     args_override_self = true
 )]
 pub struct Cli {
-    /// TOML config file (timing, log files and per-instance [[instance]] overrides live
+    /// TOML config file (timing, log files and per-instance `[[instance]]` overrides live
     /// there). Flags given on the command line override its values.
     #[arg(long, value_name = "FILE", env = "BITNET_RUNNER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -46,7 +46,7 @@ pub struct Cli {
     #[arg(long, short = 'm', value_name = "PATH")]
     pub model: Option<PathBuf>,
 
-    /// Number of llama-server instances [default: 1, or the number of [[instance]] tables].
+    /// Number of llama-server instances [default: 1, or the number of `[[instance]]` tables].
     #[arg(long, value_name = "N")]
     pub instances: Option<u32>,
 
@@ -103,7 +103,7 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub stop_timeout: Option<f64>,
 
-    /// Also write each instance's output to DIR/NAME.log, rotated by size (see [logs] in
+    /// Also write each instance's output to DIR/NAME.log, rotated by size (see `[logs]` in
     /// the config file).
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,

@@ -43,7 +43,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "bitnet-runner-test-{tag}-{}-{}",
+            // The trailing letter keeps one name from being a prefix of another.
+            "bitnet-runner-test-{tag}-{}-{}d",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
