@@ -31,7 +31,7 @@ max_delay_secs = 1
 [stop]
 drain_timeout_secs = 30
 drain_grace_secs = 0.1
-shutdown_drain_secs = 5
+shutdown_drain_secs = 20
 timeout_secs = 5
 "#;
 
