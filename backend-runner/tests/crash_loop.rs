@@ -151,3 +151,19 @@ fn instance_output_goes_to_a_rotated_file() {
         .output_so_far()
         .contains("[i0] line 49 of a chatty server"));
 }
+
+#[test]
+fn metrics_pass_promtool_lint() {
+    let Some(_) = testkit::prometheus::promtool_or_skip("metrics_pass_promtool_lint") else {
+        return;
+    };
+    let dir = TempDir::new("promtool");
+    let runner = start(&dir, "kill -SEGV $$", "");
+    runner.wait_for("a restart", Duration::from_secs(10), |l| {
+        l[0]["restarts"].as_u64() >= Some(1)
+    });
+    let (status, text) = runner.get("/metrics");
+    assert_eq!(status, 200);
+    let (ok, report) = testkit::prometheus::promtool_check_metrics(&text).unwrap();
+    assert!(ok, "{report}\n{text}");
+}
