@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use http::Uri;
 
+use crate::dialect::{DialectCell, DialectSetting};
+
 /// Health of a backend, as a small state machine driven by probes and by proxying.
 ///
 /// `Unknown → Up | Loading | Down`, `Up ⇄ Down`, `Loading → Up`. Only `Up` is routed to.
@@ -55,6 +57,12 @@ pub struct Backend {
     pub base: Uri,
     /// Slot count fixed by configuration; `None` means "discover from `/props`".
     pub configured_slots: Option<u32>,
+    /// The API dialect it speaks (configured, or detected when it comes up).
+    pub dialect: DialectCell,
+    /// Whether the dialect is detected rather than configured.
+    pub detect_dialect: bool,
+    /// Context size per slot in tokens, from `/props`; 0 while unknown.
+    n_ctx: AtomicU32,
     slots: AtomicU32,
     inflight: AtomicU32,
     health: AtomicU8,
@@ -67,10 +75,23 @@ pub struct Backend {
 impl Backend {
     /// A backend in state `Unknown`, with `slots` from config or 1 until discovered.
     pub fn new(name: String, base: Uri, configured_slots: Option<u32>) -> Backend {
+        Backend::with_dialect(name, base, configured_slots, DialectSetting::Auto)
+    }
+
+    /// As [`Backend::new`], with a dialect setting.
+    pub fn with_dialect(
+        name: String,
+        base: Uri,
+        configured_slots: Option<u32>,
+        dialect: DialectSetting,
+    ) -> Backend {
         Backend {
             name,
             base,
             configured_slots,
+            dialect: DialectCell::new(dialect),
+            detect_dialect: dialect == DialectSetting::Auto,
+            n_ctx: AtomicU32::new(0),
             slots: AtomicU32::new(configured_slots.unwrap_or(1)),
             inflight: AtomicU32::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
@@ -99,6 +120,19 @@ impl Backend {
         if self.configured_slots.is_none() {
             self.slots.store(n.max(1), Ordering::Release);
         }
+    }
+
+    /// Context per slot in tokens, if known.
+    pub fn n_ctx(&self) -> Option<u32> {
+        match self.n_ctx.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Record the context per slot read from `/props`.
+    pub fn set_n_ctx(&self, n: u32) {
+        self.n_ctx.store(n, Ordering::Release);
     }
 
     /// Requests currently holding a slot on this backend.

@@ -28,6 +28,7 @@ use http::Uri;
 use serde::Deserialize;
 
 use crate::balance::PolicyKind;
+use crate::dialect::{DialectSetting, ToolsMode};
 
 /// Default listen address: the port OpenClaw configurations already point at.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8090";
@@ -77,7 +78,17 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
+    pub compat: RawCompat,
+    #[serde(default)]
     pub models: Vec<RawModel>,
+}
+
+/// `[compat]`: how the gateway bridges clients and older backends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompat {
+    pub tools: Option<ToolsMode>,
+    pub context_guard: Option<bool>,
 }
 
 /// `[queue]`
@@ -124,6 +135,7 @@ pub struct RawBackend {
     pub url: String,
     pub name: Option<String>,
     pub slots: Option<u32>,
+    pub dialect: Option<DialectSetting>,
 }
 
 impl RawConfig {
@@ -171,9 +183,10 @@ impl RawBackend {
                         })?)
                     }
                     Some(("name", n)) => b.name = Some(n.to_string()),
+                    Some(("dialect", d)) => b.dialect = Some(d.parse()?),
                     _ => {
                         return Err(format!(
-                            "unknown backend option '{kv}' in '{s}' (expected URL#slots=N or URL#name=NAME)"
+                            "unknown backend option '{kv}' in '{s}' (expected URL#slots=N, URL#name=NAME or URL#dialect=auto|llama.cpp|bitnet)"
                         ))
                     }
                 }
@@ -214,6 +227,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Attempts per request, counting the first (failover happens only before the first byte).
     pub max_attempts: u32,
+    /// What to do with `tools` for backends without tool calling.
+    pub tools: ToolsMode,
+    /// Refuse prompts that cannot fit a backend's context, before they reach it.
+    pub context_guard: bool,
     /// The models and their backends.
     pub models: Vec<ModelConfig>,
 }
@@ -232,6 +249,7 @@ pub struct BackendConfig {
     pub name: String,
     pub url: Uri,
     pub slots: Option<u32>,
+    pub dialect: DialectSetting,
 }
 
 fn secs(key: &str, v: Option<f64>, default: f64) -> Result<Duration, ConfigError> {
@@ -308,6 +326,7 @@ impl RawConfig {
                     name,
                     url,
                     slots: b.slots,
+                    dialect: b.dialect.unwrap_or_default(),
                 });
             }
             models.push(ModelConfig {
@@ -354,6 +373,8 @@ impl RawConfig {
                 5.0,
             )?,
             max_attempts,
+            tools: self.compat.tools.unwrap_or_default(),
+            context_guard: self.compat.context_guard.unwrap_or(true),
             models,
         })
     }

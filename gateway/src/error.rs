@@ -58,6 +58,12 @@ pub enum GatewayError {
     /// The chosen backend (and any failover target) could not be reached.
     #[error("backend {backend} is unreachable: {reason}")]
     Upstream { backend: String, reason: String },
+    /// The backend has no tool calling and `compat.tools = "reject"`.
+    #[error("{0}")]
+    ToolsUnsupported(String),
+    /// The prompt cannot fit the backend's context.
+    #[error("this request's prompt is about {tokens} tokens, more than the model's context of {n_ctx} tokens per request; shorten the conversation")]
+    ContextLengthExceeded { tokens: u64, n_ctx: u32 },
     /// The gateway is shutting down and takes no new work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -110,6 +116,16 @@ impl GatewayError {
                 "no_backend_available",
             ),
             Upstream { .. } => (StatusCode::BAD_GATEWAY, "server_error", "upstream_error"),
+            ToolsUnsupported(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "tools_unsupported",
+            ),
+            ContextLengthExceeded { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "context_length_exceeded",
+            ),
             ShuttingDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",

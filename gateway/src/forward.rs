@@ -9,10 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -21,8 +22,12 @@ use crate::admit::{admit, Admission};
 use crate::backend::Health;
 use crate::body::GatewayBody;
 use crate::config::Config;
+use crate::dialect::bitnet::{self, SseFixer};
+use crate::dialect::Dialect;
+use crate::error::json_response;
 use crate::error::GatewayError;
 use crate::pool::ModelPool;
+use crate::pool::SlotGuard;
 use crate::relay::{Exchange, RelayBody};
 use crate::state::Gateway;
 
@@ -90,8 +95,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl Outbound {
-    fn to_request(&self, uri: http::Uri) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(self.body.clone()));
+    /// The OpenAI generation endpoints, whose bodies the BitNet rewrites apply to.
+    fn is_openai_generation(&self) -> bool {
+        matches!(self.endpoint, "/v1/chat/completions" | "/v1/completions")
+    }
+
+    fn to_request(&self, uri: http::Uri, body: Bytes) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(body));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
@@ -157,7 +167,17 @@ pub async fn forward(
             Admission::NoBackend => return Err(GatewayError::NoBackend(pool.id.clone())),
         };
         let backend = guard.backend().clone();
-        let req = out.to_request(backend.uri_for(&out.path_and_query));
+        let bitnet = backend.dialect.get() == Dialect::Bitnet;
+        let mut dropped_tools = false;
+        let body = if bitnet && out.is_openai_generation() {
+            let r = bitnet::rewrite_request(&out.body, &pool.id, gw.config.tools)
+                .map_err(|e| GatewayError::ToolsUnsupported(e.to_string()))?;
+            dropped_tools = r.dropped_tools;
+            r.body
+        } else {
+            out.body.clone()
+        };
+        let req = out.to_request(backend.uri_for(&out.path_and_query), body);
         let last = attempt >= max_attempts;
         match gw.client.request(req).await {
             Ok(resp) if is_failover_status(resp.status()) && !last => {
@@ -178,38 +198,12 @@ pub async fn forward(
                     "backend refused the request before the first byte; failing over");
             }
             Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let sse = is_event_stream(&parts.headers);
-                if sse {
-                    // Keep every proxy and cache between us and the client from holding
-                    // tokens back.
-                    parts
-                        .headers
-                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-                    parts.headers.insert(
-                        HeaderName::from_static("x-accel-buffering"),
-                        HeaderValue::from_static("no"),
-                    );
-                }
-                if let Ok(v) = HeaderValue::from_str(&backend.name) {
-                    parts
-                        .headers
-                        .insert(HeaderName::from_static("x-backend"), v);
-                }
-                let exchange = Exchange {
-                    request_id: out.request_id,
-                    endpoint: out.endpoint,
-                    arrived: out.arrived,
-                    head_at: tokio::time::Instant::now(),
+                let ctx = RespondCtx {
                     queue_wait,
-                    status: parts.status.as_u16(),
-                    metrics: gw.metrics.clone(),
+                    bitnet,
+                    dropped_tools,
                 };
-                let body = GatewayBody::Relay {
-                    inner: RelayBody::new(body, guard, sse, exchange),
-                };
-                return Ok(Response::from_parts(parts, body));
+                return respond(gw, guard, resp, &out, ctx).await;
             }
             Err(err) => {
                 m.backends
@@ -234,6 +228,163 @@ pub async fn forward(
         // Release the failed backend's slot before waiting for another one.
         drop(guard);
     }
+}
+
+/// What [`respond`] needs to know about the attempt.
+struct RespondCtx {
+    queue_wait: Duration,
+    bitnet: bool,
+    dropped_tools: bool,
+}
+
+/// Largest non-streaming body from a BitNet backend read whole to check it for errors.
+const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+
+/// Turn the backend's response head into the client's response, with the relay body.
+///
+/// For the older BitNet server the body is looked at first: a non-streaming body is read
+/// whole (it is small, and the server reports some errors with status 200), and a stream's
+/// first event is awaited, so that an error it reports before any content becomes a proper
+/// HTTP error while nothing has reached the client yet.
+async fn respond(
+    gw: &Arc<Gateway>,
+    guard: SlotGuard,
+    resp: Response<Incoming>,
+    out: &Outbound,
+    ctx: RespondCtx,
+) -> Result<Response<GatewayBody>, GatewayError> {
+    let backend = guard.backend().clone();
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let sse = is_event_stream(&parts.headers);
+    let mut upstream = Some(body);
+    let mut prefix = None;
+    let mut fixer = None;
+    if ctx.bitnet {
+        let mut body = upstream.take().expect("set above");
+        let upstream_err = |e: hyper::Error| GatewayError::Upstream {
+            backend: backend.name.clone(),
+            reason: error_chain(&e),
+        };
+        if sse {
+            let (first, ended) = first_event(&mut body).await.map_err(upstream_err)?;
+            if let Some(err) = bitnet_error_event(&first) {
+                return Ok(normalised_response(err, &backend.name));
+            }
+            prefix = Some(first);
+            fixer = Some(SseFixer::default());
+            upstream = (!ended).then_some(body);
+        } else {
+            let bytes = Limited::new(body, MAX_BUFFERED)
+                .collect()
+                .await
+                .map_err(|e| GatewayError::Upstream {
+                    backend: backend.name.clone(),
+                    reason: e.to_string(),
+                })?
+                .to_bytes();
+            let status = parts.status.as_u16();
+            if status >= 400 || has_error_member(&bytes) {
+                if let Some(err) = bitnet::normalise_error(status, &bytes) {
+                    return Ok(normalised_response(err, &backend.name));
+                }
+            }
+            prefix = Some(bytes);
+        }
+    }
+    if sse {
+        // Keep every proxy and cache between us and the client from holding tokens back.
+        parts
+            .headers
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        parts.headers.insert(
+            HeaderName::from_static("x-accel-buffering"),
+            HeaderValue::from_static("no"),
+        );
+    }
+    if fixer.is_some() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    if let Ok(v) = HeaderValue::from_str(&backend.name) {
+        parts
+            .headers
+            .insert(HeaderName::from_static("x-backend"), v);
+    }
+    if ctx.dropped_tools {
+        tracing::warn!(request_id = %out.request_id, backend = %backend.name,
+            "dropped `tools` from a request: the backend has no tool calling");
+        parts.headers.insert(
+            HeaderName::from_static("x-gateway-warning"),
+            HeaderValue::from_static(
+                "tools and tool_choice were dropped: this model's backend has no tool calling",
+            ),
+        );
+    }
+    let exchange = Exchange {
+        request_id: out.request_id.clone(),
+        endpoint: out.endpoint,
+        arrived: out.arrived,
+        head_at: tokio::time::Instant::now(),
+        queue_wait: ctx.queue_wait,
+        status: parts.status.as_u16(),
+        metrics: gw.metrics.clone(),
+    };
+    let body = GatewayBody::Relay {
+        inner: RelayBody::new(upstream, prefix, fixer, guard, sse, exchange),
+    };
+    Ok(Response::from_parts(parts, body))
+}
+
+/// Read frames until the first whole SSE event (or the end). Returns the bytes read and
+/// whether the body ended.
+async fn first_event(body: &mut Incoming) -> Result<(Bytes, bool), hyper::Error> {
+    let mut buf = BytesMut::new();
+    // A first event larger than this is not an error report; stop looking.
+    const MAX_PEEK: usize = 64 * 1024;
+    while buf.len() < MAX_PEEK && !has_event_end(&buf) {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    buf.extend_from_slice(&data);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Ok((buf.freeze(), true)),
+        }
+    }
+    Ok((buf.freeze(), false))
+}
+
+fn has_event_end(b: &[u8]) -> bool {
+    b.windows(2).any(|w| w == b"\n\n") || b.windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// If the first event is the fork's `error: {…}` line, its error object.
+fn bitnet_error_event(first: &[u8]) -> Option<bitnet::NormalisedError> {
+    let line = first
+        .split(|&b| b == b'\n')
+        .find(|l| !l.is_empty() && !l.starts_with(b":"))?;
+    let rest = line.strip_prefix(b"error:")?;
+    let rest = rest.strip_suffix(b"\r").unwrap_or(rest);
+    bitnet::normalise_error(200, rest)
+}
+
+fn has_error_member(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct E {
+        error: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<E>(body).is_ok_and(|e| e.error.is_some())
+}
+
+fn normalised_response(err: bitnet::NormalisedError, backend: &str) -> Response<GatewayBody> {
+    let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut resp = json_response(status, err.body);
+    if let Ok(v) = HeaderValue::from_str(backend) {
+        resp.headers_mut()
+            .insert(HeaderName::from_static("x-backend"), v);
+    }
+    resp
 }
 
 fn is_failover_status(s: StatusCode) -> bool {

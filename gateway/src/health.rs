@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use tokio::task::JoinSet;
 
 use crate::backend::{Backend, Health};
+use crate::dialect;
 use crate::forward::UpstreamClient;
 use crate::pool::ModelPool;
 use crate::state::Gateway;
@@ -56,12 +57,9 @@ async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend
     loop {
         let seen = probe(&gw.client, &backend, cfg.health_timeout).await;
         if seen == Probe::Ok && backend.health() != Health::Up {
-            // Learn the slot count before admitting work, so the first burst is spread right.
-            if backend.configured_slots.is_none() {
-                if let Some(n) = fetch_total_slots(&gw.client, &backend, cfg.health_timeout).await {
-                    backend.set_discovered_slots(n);
-                }
-            }
+            // Learn slots, context and dialect before admitting work, so the first burst is
+            // spread right and rewritten right.
+            learn_props(&gw.client, &backend, cfg.health_timeout).await;
         }
         let next = next_health(
             backend.health(),
@@ -150,19 +148,34 @@ pub async fn probe(client: &UpstreamClient, backend: &Backend, timeout: Duration
     }
 }
 
-/// Read `total_slots` from llama-server's `GET /props`.
-async fn fetch_total_slots(
-    client: &UpstreamClient,
-    backend: &Backend,
-    timeout: Duration,
-) -> Option<u32> {
-    let (status, body) = get(client, backend, "/props", timeout).await.ok()?;
-    if status != StatusCode::OK {
-        return None;
+/// Read `total_slots`, the per-slot `n_ctx` and the dialect from llama-server's `GET /props`.
+async fn learn_props(client: &UpstreamClient, backend: &Backend, timeout: Duration) {
+    let Ok((StatusCode::OK, body)) = get(client, backend, "/props", timeout).await else {
+        return;
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return;
+    };
+    let int = |v: Option<&serde_json::Value>| {
+        v.and_then(|n| n.as_u64())
+            .and_then(|n| u32::try_from(n).ok())
+    };
+    if let Some(n) = int(v.get("total_slots")) {
+        backend.set_discovered_slots(n);
     }
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    let n = v.get("total_slots")?.as_u64()?;
-    u32::try_from(n).ok().filter(|&n| n > 0)
+    let n_ctx = int(v
+        .get("default_generation_settings")
+        .and_then(|g| g.get("n_ctx")));
+    if let Some(n) = n_ctx.filter(|&n| n > 0) {
+        backend.set_n_ctx(n);
+    }
+    if backend.detect_dialect {
+        let d = dialect::detect(&v);
+        if backend.dialect.get() != d {
+            tracing::info!(backend = %backend.name, dialect = d.as_str(), "detected the backend's API dialect from /props");
+        }
+        backend.dialect.set(d);
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@
 //!
 //! Around it: [`config`] and [`cli`] (TOML plus flags), [`state`] (the shared
 //! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
-//! [`health`] (background probes), [`error`] (the one mapping from errors to HTTP) and
+//! [`health`] (background probes), [`dialect`] (rewrites for the older BitNet server),
+//! [`context`] (the context-length guard), [`error`] (the one mapping from errors to HTTP) and
 //! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
 //! and [`metrics`] (Prometheus, one struct per component).
 
@@ -29,6 +30,8 @@ pub mod balance;
 pub mod body;
 pub mod cli;
 pub mod config;
+pub mod context;
+pub mod dialect;
 pub mod error;
 pub mod forward;
 pub mod health;

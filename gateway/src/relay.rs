@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::backend::Health;
 use crate::body::BoxError;
+use crate::dialect::bitnet::SseFixer;
 use crate::error::error_body;
 use crate::metrics::Metrics;
 use crate::pool::SlotGuard;
@@ -53,39 +54,42 @@ enum Ending {
     ClientGone,
 }
 
-pin_project_lite::pin_project! {
-    /// A backend's body on its way to the client, holding the slot it occupies.
-    pub struct RelayBody {
-        #[pin]
-        upstream: Incoming,
-        guard: Option<SlotGuard>,
-        // The response is an SSE stream: a broken upstream ends it with an error event
-        // rather than a truncated message, because SSE clients read events, not framing.
-        sse: bool,
-        done: bool,
-        scanner: Scanner,
-        exchange: Exchange,
-        first_content: Option<Instant>,
-        bytes: u64,
-        recorded: bool,
-    }
-
-    impl PinnedDrop for RelayBody {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            if !*this.recorded {
-                *this.recorded = true;
-                record(this.guard.as_ref(), this.scanner, this.exchange, *this.first_content, *this.bytes, *this.sse, Ending::ClientGone);
-            }
-        }
-    }
+/// A backend's body on its way to the client, holding the slot it occupies.
+pub struct RelayBody {
+    /// `None` once the upstream body has ended (or when it was read in full beforehand).
+    upstream: Option<Incoming>,
+    /// Bytes already read from the upstream (a peeked first event, or a whole body), sent
+    /// before anything else.
+    prefix: Option<Bytes>,
+    /// Rewrites the older BitNet server's error lines; `None` for everyone else.
+    fixer: Option<SseFixer>,
+    guard: Option<SlotGuard>,
+    // The response is an SSE stream: a broken upstream ends it with an error event
+    // rather than a truncated message, because SSE clients read events, not framing.
+    sse: bool,
+    done: bool,
+    scanner: Scanner,
+    exchange: Exchange,
+    first_content: Option<Instant>,
+    bytes: u64,
+    recorded: bool,
 }
 
 impl RelayBody {
-    /// Relay `upstream`, releasing `guard` when it ends.
-    pub fn new(upstream: Incoming, guard: SlotGuard, sse: bool, exchange: Exchange) -> RelayBody {
+    /// Relay `upstream` after `prefix`, passing data through `fixer` if given, and release
+    /// `guard` when it ends.
+    pub fn new(
+        upstream: Option<Incoming>,
+        prefix: Option<Bytes>,
+        fixer: Option<SseFixer>,
+        guard: SlotGuard,
+        sse: bool,
+        exchange: Exchange,
+    ) -> RelayBody {
         RelayBody {
             upstream,
+            prefix,
+            fixer,
             guard: Some(guard),
             sse,
             done: false,
@@ -95,6 +99,45 @@ impl RelayBody {
             bytes: 0,
             recorded: false,
         }
+    }
+
+    fn finish(&mut self, ending: Ending) {
+        if !self.recorded {
+            self.recorded = true;
+            record(
+                self.guard.as_ref(),
+                &mut self.scanner,
+                &self.exchange,
+                self.first_content,
+                self.bytes,
+                self.sse,
+                ending,
+            );
+        }
+    }
+
+    /// Account for data about to be sent.
+    fn observe(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        if self.scanner.feed(data) && self.first_content.is_none() {
+            self.first_content = Some(Instant::now());
+        }
+        if let Some(g) = self.guard.as_ref() {
+            g.backend().touch_progress();
+        }
+    }
+
+    fn fix(&mut self, data: Bytes) -> Bytes {
+        match self.fixer.as_mut() {
+            Some(f) => f.feed(&data),
+            None => data,
+        }
+    }
+}
+
+impl Drop for RelayBody {
+    fn drop(&mut self) {
+        self.finish(Ending::ClientGone);
     }
 }
 
@@ -216,68 +259,70 @@ impl Body for RelayBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        match this.upstream.poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    *this.bytes += data.len() as u64;
-                    if this.scanner.feed(data) && this.first_content.is_none() {
-                        *this.first_content = Some(Instant::now());
-                    }
-                    if let Some(g) = this.guard.as_ref() {
-                        g.backend().touch_progress();
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
             }
-            Poll::Ready(None) => {
-                *this.done = true;
-                *this.recorded = true;
-                record(
-                    this.guard.as_ref(),
-                    this.scanner,
-                    this.exchange,
-                    *this.first_content,
-                    *this.bytes,
-                    *this.sse,
-                    Ending::Complete,
-                );
+            if let Some(p) = this.prefix.take() {
+                let p = this.fix(p);
+                if !p.is_empty() {
+                    this.observe(&p);
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                continue;
+            }
+            let Some(upstream) = this.upstream.as_mut() else {
+                // Ended: send what the fixer still holds, then finish.
+                if let Some(rest) = this
+                    .fixer
+                    .as_mut()
+                    .map(SseFixer::finish)
+                    .filter(|r| !r.is_empty())
+                {
+                    this.observe(&rest);
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
+                this.done = true;
+                this.finish(Ending::Complete);
                 this.guard.take();
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(err))) => {
-                *this.done = true;
-                *this.recorded = true;
-                record(
-                    this.guard.as_ref(),
-                    this.scanner,
-                    this.exchange,
-                    *this.first_content,
-                    *this.bytes,
-                    *this.sse,
-                    Ending::UpstreamBroken,
-                );
-                let guard = this.guard.take();
-                let name = guard
-                    .as_ref()
-                    .map(|g| g.backend().name.clone())
-                    .unwrap_or_default();
-                if let Some(g) = &guard {
-                    // A body that breaks mid-way almost always means the process died or
-                    // the connection was cut; the prober re-admits it if it is fine.
-                    if g.backend().set_health(Health::Down) != Health::Down {
-                        tracing::warn!(backend = %name, error = %err, "backend broke mid-response; marked down");
+                return Poll::Ready(None);
+            };
+            match Pin::new(upstream).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let data = this.fix(data);
+                        if data.is_empty() {
+                            continue;
+                        }
+                        this.observe(&data);
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
-                }
-                drop(guard);
-                if *this.sse {
-                    Poll::Ready(Some(Ok(Frame::data(broken_stream_event(&name)))))
-                } else {
-                    Poll::Ready(Some(Err(Box::new(err))))
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                Poll::Ready(None) => this.upstream = None,
+                Poll::Ready(Some(Err(err))) => {
+                    this.done = true;
+                    this.finish(Ending::UpstreamBroken);
+                    let guard = this.guard.take();
+                    let name = guard
+                        .as_ref()
+                        .map(|g| g.backend().name.clone())
+                        .unwrap_or_default();
+                    if let Some(g) = &guard {
+                        // A body that breaks mid-way almost always means the process died or
+                        // the connection was cut; the prober re-admits it if it is fine.
+                        if g.backend().set_health(Health::Down) != Health::Down {
+                            tracing::warn!(backend = %name, error = %err, "backend broke mid-response; marked down");
+                        }
+                    }
+                    drop(guard);
+                    return if this.sse {
+                        Poll::Ready(Some(Ok(Frame::data(broken_stream_event(&name)))))
+                    } else {
+                        Poll::Ready(Some(Err(Box::new(err))))
+                    };
                 }
             }
         }
@@ -290,10 +335,24 @@ impl Body for RelayBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.done {
-            SizeHint::with_exact(0)
-        } else {
-            self.upstream.size_hint()
+        match (&self.upstream, &self.prefix, &self.fixer) {
+            _ if self.done => SizeHint::with_exact(0),
+            // Rewritten bytes may change length: promise nothing.
+            (_, _, Some(_)) => SizeHint::default(),
+            (Some(up), None, None) => up.size_hint(),
+            (None, Some(p), None) => SizeHint::with_exact(p.len() as u64),
+            (Some(up), Some(p), None) => {
+                let up = up.size_hint();
+                let extra = p.len() as u64;
+                let mut h = SizeHint::new();
+                // Upper before lower: `set_lower` asserts lower <= upper.
+                if let Some(u) = up.upper() {
+                    h.set_upper(u + extra);
+                }
+                h.set_lower(up.lower() + extra);
+                h
+            }
+            (None, None, None) => SizeHint::with_exact(0),
         }
     }
 }

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::backend::Health;
 use crate::body::GatewayBody;
+use crate::context;
 use crate::error::{json_response, GatewayError};
 use crate::forward::{forward, strip_hop_by_hop, Outbound};
 use crate::inspect::inspect;
@@ -36,6 +37,9 @@ const PROXIED: &[&str] = &[
 
 /// The `X-Request-Id` header, taken from the client or generated.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Endpoints whose prompt the context guard checks.
+const GENERATION: &[&str] = &["/v1/chat/completions", "/v1/completions", "/completion"];
 
 /// The gateway's own endpoints.
 const OWN: &[&str] = &["/health", "/v1/models", "/metrics"];
@@ -159,6 +163,9 @@ async fn proxy(
     let pool = gw
         .resolve(seen.model.as_deref())
         .map_err(GatewayError::ModelNotFound)?;
+    if gw.config.context_guard && GENERATION.contains(&endpoint) {
+        context::check(gw, &pool, &body).await?;
+    }
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let out = Outbound {

@@ -43,7 +43,14 @@ impl Gateway {
             let backends = m
                 .backends
                 .iter()
-                .map(|b| Arc::new(Backend::new(b.name.clone(), b.url.clone(), b.slots)))
+                .map(|b| {
+                    Arc::new(Backend::with_dialect(
+                        b.name.clone(),
+                        b.url.clone(),
+                        b.slots,
+                        b.dialect,
+                    ))
+                })
                 .collect();
             let pool = Arc::new(ModelPool::new(
                 m.id.clone(),

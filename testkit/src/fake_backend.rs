@@ -263,7 +263,7 @@ async fn answer(
             return Ok(json(
                 200,
                 format!(
-                    r#"{{"total_slots":{},"default_generation_settings":{{"n_ctx":4096}}}}"#,
+                    r#"{{"total_slots":{},"default_generation_settings":{{"n_ctx":4096}},"build_info":"fake"}}"#,
                     shared.slots
                 ),
                 None,
