@@ -1,8 +1,16 @@
 //! The `llama-sim` command line.
+//!
+//! Besides its own flags, `llama-sim` accepts the llama-server command line that launchers such
+//! as `bitnet-runner` and BitNet's `run_inference_server.py` pass (`-t`, `-ngl`, `--no-perf`,
+//! `--metrics`, `--slots`, `-np`, `-cb`), so it can stand in for the real binary unchanged.
+//! llama-server spells some flags as several letters after one dash (`-np`, `-ngl`, `-cb`),
+//! which clap reads as bundled short flags; [`SimArgs`] implements [`Parser`] by hand to
+//! respell them before clap sees them.
 
+use std::ffi::OsString;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Args, CommandFactory, FromArgMatches, Parser};
 
 use super::config::{ConfigError, Dialect, Faults, SimConfig, DEFAULT_MODEL_PATH};
 
@@ -16,8 +24,8 @@ use super::config::{ConfigError, Dialect, Faults, SimConfig, DEFAULT_MODEL_PATH}
 /// `_` is a token per 12 characters, every `<|marker|>` is one, every other non-space character
 /// is one. Chats are rendered with a ChatML-like template, so re-sent history is a prefix of the
 /// next prompt and hits the slot cache.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "llama-sim", version, verbatim_doc_comment)]
+#[derive(Debug, Clone, Args)]
+#[command(verbatim_doc_comment)]
 pub struct SimArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
@@ -45,10 +53,40 @@ pub struct SimArgs {
 
     /// Number of slots (requests processed at once); more requests wait in FIFO order and count
     /// as llamacpp:requests_deferred. In the bitnet dialect, giving this flag also enables
-    /// GET /slots, as the fork's --slots does; without it /slots answers 501.
+    /// GET /slots, as the fork's --slots does; without it /slots answers 501. Without N, as
+    /// llama-server takes it, it only enables /slots.
     /// [default: 4 for llama.cpp, 1 for bitnet]
+    #[arg(long, value_name = "N", num_args = 0..=1)]
+    pub slots: Option<Option<usize>>,
+
+    /// Number of slots, llama-server's spelling (`-np N` is accepted too). Same as --slots N
+    /// except that it leaves /slots as the dialect has it.
     #[arg(long, value_name = "N")]
-    pub slots: Option<usize>,
+    pub parallel: Option<usize>,
+
+    /// Accepted for llama-server compatibility and ignored: speed comes from --prefill-rate
+    /// and --decode-rate, not from threads.
+    #[arg(short = 't', long, value_name = "N")]
+    pub threads: Option<usize>,
+
+    /// Accepted for llama-server compatibility (`-ngl N` too) and ignored: the modelled
+    /// server runs on the CPU.
+    #[arg(long, value_name = "N")]
+    pub n_gpu_layers: Option<i64>,
+
+    /// Accepted for llama-server compatibility and ignored: there are no perf counters to
+    /// turn off.
+    #[arg(long)]
+    pub no_perf: bool,
+
+    /// Accepted for llama-server compatibility and ignored: GET /metrics is always served.
+    #[arg(long)]
+    pub metrics: bool,
+
+    /// Accepted for llama-server compatibility (`-cb` too) and ignored: busy slots always
+    /// generate at the same time.
+    #[arg(long)]
+    pub cont_batching: bool,
 
     /// Context size of each slot, in tokens. Upstream refuses longer prompts with 400
     /// exceed_context_size_error and stops generating at the end of the context; bitnet
@@ -138,8 +176,19 @@ impl SimArgs {
         let mut cfg = SimConfig::new(self.dialect);
         cfg.model_path.clone_from(&self.model);
         cfg.alias.clone_from(&self.alias);
-        if let Some(n) = self.slots {
+        match (self.slots, self.parallel) {
+            (Some(Some(a)), Some(b)) if a != b => {
+                return Err(ConfigError::Invalid(
+                    "slots",
+                    "--slots N and --parallel N give different slot counts",
+                ))
+            }
+            _ => {}
+        }
+        if let Some(n) = self.slots.flatten().or(self.parallel) {
             cfg.slots = n;
+        }
+        if self.slots.is_some() {
             cfg.slots_endpoint = true;
         }
         cfg.ctx = self.ctx;
@@ -164,6 +213,99 @@ impl SimArgs {
     }
 }
 
+/// llama-server flags written as several letters after a single dash, and their spelling here.
+const SINGLE_DASH_WORDS: [(&str, &str); 3] = [
+    ("-np", "--parallel"),
+    ("-ngl", "--n-gpu-layers"),
+    ("-cb", "--cont-batching"),
+];
+
+/// Respells `-np 2`, `-np=2`, `-ngl 0` and `-cb` as their long forms; everything else passes
+/// unchanged, so bundled short flags of llama-sim's own keep working.
+fn respell<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    args.into_iter()
+        .map(|arg| {
+            let arg: OsString = arg.into();
+            let Some(text) = arg.to_str() else {
+                return arg;
+            };
+            let (word, value) = match text.split_once('=') {
+                Some((w, v)) => (w, Some(v)),
+                None => (text, None),
+            };
+            match SINGLE_DASH_WORDS.iter().find(|(short, _)| *short == word) {
+                Some((_, long)) => match value {
+                    Some(v) => format!("{long}={v}").into(),
+                    None => (*long).into(),
+                },
+                None => arg,
+            }
+        })
+        .collect()
+}
+
+impl CommandFactory for SimArgs {
+    fn command() -> clap::Command {
+        SimArgs::augment_args(clap::Command::new("llama-sim").version(env!("CARGO_PKG_VERSION")))
+    }
+
+    fn command_for_update() -> clap::Command {
+        SimArgs::augment_args_for_update(
+            clap::Command::new("llama-sim").version(env!("CARGO_PKG_VERSION")),
+        )
+    }
+}
+
+// Every entry point goes through `try_parse_from`, so the respelling cannot be bypassed.
+impl Parser for SimArgs {
+    fn parse() -> Self {
+        Self::parse_from(std::env::args_os())
+    }
+
+    fn try_parse() -> Result<Self, clap::Error> {
+        Self::try_parse_from(std::env::args_os())
+    }
+
+    fn parse_from<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Self::try_parse_from(args).unwrap_or_else(|e| e.exit())
+    }
+
+    fn try_parse_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut matches = Self::command().try_get_matches_from(respell(args))?;
+        Self::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut Self::command()))
+    }
+
+    fn update_from<I, T>(&mut self, args: I)
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        self.try_update_from(args).unwrap_or_else(|e| e.exit())
+    }
+
+    fn try_update_from<I, T>(&mut self, args: I) -> Result<(), clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut matches = Self::command_for_update().try_get_matches_from(respell(args))?;
+        self.update_from_arg_matches_mut(&mut matches)
+            .map_err(|e| e.format(&mut Self::command_for_update()))
+    }
+}
+
 fn secs(name: &'static str, s: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(s)
         .map_err(|_| ConfigError::Invalid(name, "must be a number of seconds >= 0"))
@@ -185,6 +327,67 @@ mod tests {
             .to_config()
             .unwrap();
         assert_eq!((bn.slots, bn.slots_endpoint), (2, true));
+    }
+
+    #[test]
+    fn the_runners_llama_server_command_line_is_accepted() {
+        let args = [
+            "llama-sim",
+            "-m",
+            "/models/x.gguf",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "-t",
+            "8",
+            "-c",
+            "2048",
+            "-ngl",
+            "0",
+            "--no-perf",
+            "--metrics",
+            "--slots",
+            "-np",
+            "2",
+            "--dialect",
+            "bitnet",
+        ];
+        let parsed = SimArgs::try_parse_from(args).expect("llama-server flags parse");
+        assert_eq!((parsed.port, parsed.threads), (0, Some(8)));
+        let cfg = parsed.to_config().unwrap();
+        assert_eq!(cfg.dialect, Dialect::Bitnet);
+        assert_eq!(cfg.model_path, "/models/x.gguf");
+        assert_eq!((cfg.slots, cfg.slots_endpoint, cfg.ctx), (2, true, 2048));
+    }
+
+    #[test]
+    fn single_dash_words_take_values_with_or_without_equals_and_cb_is_a_switch() {
+        let cfg = |args: &[&str]| {
+            let mut all = vec!["llama-sim", "--dialect", "bitnet"];
+            all.extend_from_slice(args);
+            SimArgs::try_parse_from(all).unwrap().to_config().unwrap()
+        };
+        assert_eq!(cfg(&["-np=3"]).slots, 3);
+        assert_eq!(cfg(&["-np", "2", "-cb", "-ngl=99"]).slots, 2);
+        // -np sets the count but, unlike --slots, leaves the fork's /slots off.
+        assert!(!cfg(&["-np", "2"]).slots_endpoint);
+        // Bare --slots turns /slots on and keeps the dialect's count.
+        let bare = cfg(&["--slots"]);
+        assert_eq!((bare.slots, bare.slots_endpoint), (1, true));
+        // Only whole words are respelled: -c512 is still -c with an attached value.
+        assert_eq!(cfg(&["-c512"]).ctx, 512);
+    }
+
+    #[test]
+    fn different_slot_counts_from_slots_and_parallel_are_refused() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["llama-sim"];
+            all.extend_from_slice(args);
+            SimArgs::try_parse_from(all).unwrap().to_config()
+        };
+        assert!(parse(&["--slots", "2", "-np", "3"]).is_err());
+        assert_eq!(parse(&["--slots", "2", "-np", "2"]).unwrap().slots, 2);
     }
 
     #[test]
@@ -232,6 +435,12 @@ mod tests {
             "--slow-start",
             "--fail-503",
             "--fault-every",
+            "--parallel",
+            "--threads",
+            "--n-gpu-layers",
+            "--no-perf",
+            "--metrics",
+            "--cont-batching",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
