@@ -135,7 +135,7 @@ mod tests {
         let _ = waiter.await;
         assert_eq!(p.queue_len(), 0);
         drop(busy);
-        assert_eq!(p.backends[0].inflight(), 0);
+        assert_eq!(p.backends()[0].inflight(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -154,7 +154,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            p.backends[0].inflight(),
+            p.backends()[0].inflight(),
             0,
             "the waiter's guard was dropped with it"
         );

@@ -4,12 +4,15 @@
 //! the health prober and the relay bodies write it. Everything is an atomic so that a
 //! routing decision never waits on I/O.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::time::Instant;
 
 use http::Uri;
 
 use crate::dialect::{DialectCell, DialectSetting};
+
+/// How long a backend's self-reported load is trusted: a few probe periods.
+const REPORT_TTL_MS: u64 = 5_000;
 
 /// Health of a backend, as a small state machine driven by probes and by proxying.
 ///
@@ -66,6 +69,15 @@ pub struct Backend {
     slots: AtomicU32,
     inflight: AtomicU32,
     health: AtomicU8,
+    /// Taken out of its pool (discovery lost it, or a reload removed it): its prober stops.
+    retired: AtomicBool,
+    /// Held out of rotation by its supervisor (the runner says it is starting, draining
+    /// before a planned restart, or restarting): takes no new work, keeps its running work.
+    held: AtomicBool,
+    /// Requests the backend itself reports as processing or deferred (its own count,
+    /// which includes other gateways' requests), and when that was read.
+    reported_busy: AtomicU32,
+    reported_at_ms: AtomicU64,
     /// Milliseconds since `epoch` at which the last response byte from this backend arrived.
     /// A backend that is still streaming is alive even when its `/health` is slow.
     last_progress_ms: AtomicU64,
@@ -95,6 +107,10 @@ impl Backend {
             slots: AtomicU32::new(configured_slots.unwrap_or(1)),
             inflight: AtomicU32::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
+            retired: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+            reported_busy: AtomicU32::new(0),
+            reported_at_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
@@ -140,14 +156,59 @@ impl Backend {
         self.inflight.load(Ordering::Acquire)
     }
 
+    /// Busy slots: our own in-flight requests, or what the backend last reported if that
+    /// is more (other gateways share it) and recent enough to trust.
+    pub fn busy(&self) -> u32 {
+        let own = self.inflight();
+        let at = self.reported_at_ms.load(Ordering::Acquire);
+        if at == 0 || self.now_ms().saturating_sub(at) > REPORT_TTL_MS {
+            return own;
+        }
+        own.max(self.reported_busy.load(Ordering::Acquire))
+    }
+
     /// Free slots, never negative: slots can shrink under requests already running.
     pub fn free_slots(&self) -> u32 {
-        self.slots().saturating_sub(self.inflight())
+        self.slots().saturating_sub(self.busy())
     }
 
     /// Whether a policy may send a new request here.
     pub fn is_routable(&self) -> bool {
-        self.health() == Health::Up && self.free_slots() > 0
+        self.health() == Health::Up
+            && !self.is_held()
+            && !self.is_retired()
+            && self.free_slots() > 0
+    }
+
+    /// Record the load the backend reports about itself (`/metrics` or `/slots`).
+    pub fn set_reported_busy(&self, n: u32) {
+        self.reported_busy.store(n, Ordering::Release);
+        self.reported_at_ms
+            .store(self.now_ms().max(1), Ordering::Release);
+    }
+
+    /// Hold out of rotation (or release); returns the previous value.
+    pub fn set_held(&self, on: bool) -> bool {
+        self.held.swap(on, Ordering::AcqRel)
+    }
+
+    /// Whether it is held out of rotation.
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Take it out of service for good.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// Whether it was taken out of its pool.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Only called by the pool, under its lock, when a slot guard is created or dropped.
@@ -161,8 +222,8 @@ impl Backend {
 
     /// Note that response bytes just arrived from this backend.
     pub fn touch_progress(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_progress_ms.store(ms, Ordering::Relaxed);
+        self.last_progress_ms
+            .store(self.now_ms().max(1), Ordering::Relaxed);
     }
 
     /// Time since the last response byte, or `None` if there never was one.

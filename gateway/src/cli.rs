@@ -37,6 +37,16 @@ pub struct Cli {
     #[arg(long = "backend", value_name = "URL[#slots=N]", value_parser = RawBackend::from_flag)]
     pub backends: Vec<RawBackend>,
 
+    /// A bitnet-runner control API (e.g. http://127.0.0.1:8099) whose ready instances serve
+    /// --model; followed as instances start, drain, restart or are added.
+    #[arg(long, value_name = "URL")]
+    pub runner: Option<String>,
+
+    /// HOST:PORT whose DNS addresses serve --model (e.g. a Kubernetes headless Service),
+    /// re-resolved every discovery interval.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub dns: Option<String>,
+
     /// Model id that --backend and --alias apply to. Defaults to the file's only model, or
     /// "default" when there is no file.
     #[arg(long, value_name = "ID")]
@@ -138,10 +148,21 @@ impl Cli {
         if let Some(v) = self.drain_timeout {
             raw.drain_timeout_secs = Some(v);
         }
-        if self.model.is_none() && self.backends.is_empty() && self.aliases.is_empty() {
+        if self.model.is_none()
+            && self.backends.is_empty()
+            && self.aliases.is_empty()
+            && self.runner.is_none()
+            && self.dns.is_none()
+        {
             return Ok(());
         }
         let model = self.target_model(raw)?;
+        if let Some(r) = &self.runner {
+            model.runner = Some(r.clone());
+        }
+        if let Some(d) = &self.dns {
+            model.dns = Some(d.clone());
+        }
         if !self.backends.is_empty() {
             model.backends = self.backends.clone();
         }

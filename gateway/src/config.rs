@@ -78,6 +78,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
+    pub discovery: RawDiscovery,
+    #[serde(default)]
     pub compat: RawCompat,
     #[serde(default)]
     pub models: Vec<RawModel>,
@@ -107,6 +109,15 @@ pub struct RawHealth {
     pub interval_secs: Option<f64>,
     pub timeout_secs: Option<f64>,
     pub failure_threshold: Option<u32>,
+    pub load_interval_secs: Option<f64>,
+    pub remote_load: Option<bool>,
+}
+
+/// `[discovery]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub interval_secs: Option<f64>,
 }
 
 /// `[upstream]`
@@ -126,6 +137,10 @@ pub struct RawModel {
     pub aliases: Vec<String>,
     #[serde(default)]
     pub backends: Vec<RawBackend>,
+    /// A bitnet-runner control API whose ready instances serve this model.
+    pub runner: Option<String>,
+    /// `HOST:PORT` whose addresses (re-resolved periodically) serve this model.
+    pub dns: Option<String>,
 }
 
 /// One backend of a model.
@@ -223,6 +238,13 @@ pub struct Config {
     pub health_timeout: Duration,
     /// Consecutive failed probes (timeouts, bad statuses) before a backend is marked down.
     pub health_failure_threshold: u32,
+    /// Read each backend's own reported load (`/metrics` or `/slots`), so that several
+    /// gateways in front of the same backends see each other's work.
+    pub remote_load: bool,
+    /// How often that load is read.
+    pub load_interval: Duration,
+    /// How often runner and DNS discovery refresh the backend sets.
+    pub discovery_interval: Duration,
     /// TCP connect timeout to backends.
     pub connect_timeout: Duration,
     /// Attempts per request, counting the first (failover happens only before the first byte).
@@ -240,7 +262,12 @@ pub struct Config {
 pub struct ModelConfig {
     pub id: String,
     pub aliases: Vec<String>,
+    /// Backends listed in the config.
     pub backends: Vec<BackendConfig>,
+    /// A runner whose ready instances are added to the backends.
+    pub runner: Option<Uri>,
+    /// `HOST:PORT` resolved periodically; each address is a backend.
+    pub dns: Option<String>,
 }
 
 /// A validated backend.
@@ -297,11 +324,31 @@ impl RawConfig {
                     ));
                 }
             }
-            if m.backends.is_empty() {
+            if m.backends.is_empty() && m.runner.is_none() && m.dns.is_none() {
                 return Err(invalid(
                     format!("{key}.backends"),
-                    format!("model '{}' has no backends", m.id),
+                    format!(
+                        "model '{}' has no backends (list `backends`, or set `runner` or `dns`)",
+                        m.id
+                    ),
                 ));
+            }
+            let runner = match &m.runner {
+                Some(r) => Some(
+                    parse_backend_url(r).map_err(|msg| invalid(format!("{key}.runner"), msg))?,
+                ),
+                None => None,
+            };
+            if let Some(d) = &m.dns {
+                let ok = d
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return Err(invalid(
+                        format!("{key}.dns"),
+                        format!("'{d}' is not HOST:PORT"),
+                    ));
+                }
             }
             let mut backends = Vec::with_capacity(m.backends.len());
             for (bi, b) in m.backends.into_iter().enumerate() {
@@ -333,6 +380,8 @@ impl RawConfig {
                 id: m.id,
                 aliases: m.aliases,
                 backends,
+                runner,
+                dns: m.dns,
             });
         }
         if let Some(d) = &self.default_model {
@@ -367,6 +416,13 @@ impl RawConfig {
             health_interval: secs("health.interval_secs", self.health.interval_secs, 5.0)?,
             health_timeout: secs("health.timeout_secs", self.health.timeout_secs, 3.0)?,
             health_failure_threshold: self.health.failure_threshold.unwrap_or(3).max(1),
+            remote_load: self.health.remote_load.unwrap_or(true),
+            load_interval: secs(
+                "health.load_interval_secs",
+                self.health.load_interval_secs,
+                1.0,
+            )?,
+            discovery_interval: secs("discovery.interval_secs", self.discovery.interval_secs, 1.0)?,
             connect_timeout: secs(
                 "upstream.connect_timeout_secs",
                 self.upstream.connect_timeout_secs,

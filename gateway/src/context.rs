@@ -94,7 +94,7 @@ pub async fn check(
     pool: &Arc<ModelPool>,
     body: &[u8],
 ) -> Result<(), GatewayError> {
-    let Some(n_ctx) = pool.backends.iter().filter_map(|b| b.n_ctx()).min() else {
+    let Some(n_ctx) = pool.backends().iter().filter_map(|b| b.n_ctx()).min() else {
         return Ok(());
     };
     let Some((text, messages)) = prompt_text(body) else {
@@ -116,7 +116,11 @@ pub async fn check(
 
 /// Count tokens with an up backend's `/tokenize`.
 async fn tokenize(gw: &Gateway, pool: &ModelPool, text: String) -> Option<u64> {
-    let backend = pool.backends.iter().find(|b| b.health() == Health::Up)?;
+    let backend = pool
+        .backends()
+        .iter()
+        .find(|b| b.health() == Health::Up)?
+        .clone();
     let body = serde_json::json!({ "content": text }).to_string();
     let req = Request::post(backend.uri_for("/tokenize"))
         .header("content-type", "application/json")

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::backend::{Backend, Health};
 use crate::dialect;
@@ -39,45 +39,155 @@ pub enum Probe {
     Unreachable,
 }
 
-/// Start a prober for every backend. The tasks end when the returned set is dropped.
-pub fn spawn_probers(gw: &Arc<Gateway>) -> JoinSet<()> {
-    let mut set = JoinSet::new();
+/// Start a prober for every backend configured at start.
+pub fn spawn_probers(gw: &Arc<Gateway>) {
     for pool in &gw.pools {
-        for backend in &pool.backends {
-            let (gw, pool, backend) = (gw.clone(), pool.clone(), backend.clone());
-            set.spawn(async move { probe_loop(gw, pool, backend).await });
+        for backend in pool.backends().iter() {
+            spawn_prober(gw, pool.clone(), backend.clone());
         }
     }
-    set
+}
+
+/// Start probing one backend. The task ends when the backend is retired or the gateway
+/// stops its background tasks.
+pub fn spawn_prober(gw: &Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend>) {
+    gw.spawn_background(probe_loop(gw.clone(), pool, backend));
 }
 
 async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend>) {
     let cfg = &gw.config;
     let mut failures = 0u32;
-    loop {
-        let seen = probe(&gw.client, &backend, cfg.health_timeout).await;
-        if seen == Probe::Ok && backend.health() != Health::Up {
-            // Learn slots, context and dialect before admitting work, so the first burst is
-            // spread right and rewritten right.
-            learn_props(&gw.client, &backend, cfg.health_timeout).await;
+    let mut next_health_at = Instant::now();
+    let mut next_load_at = Instant::now();
+    let mut load_source = LoadSource::Metrics;
+    while !backend.is_retired() {
+        let now = Instant::now();
+        if now >= next_health_at {
+            next_health_at = now + cfg.health_interval;
+            probe_once(&gw, &pool, &backend, &mut failures).await;
         }
-        let next = next_health(
-            backend.health(),
-            seen,
-            &mut failures,
-            cfg.health_failure_threshold,
-            backend.inflight(),
-        );
-        let prev = backend.set_health(next);
-        if prev != next {
-            tracing::info!(backend = %backend.name, from = prev.as_str(), to = next.as_str(), probe = ?seen, slots = backend.slots(), "backend state changed");
+        if cfg.remote_load && now >= next_load_at && backend.health() == Health::Up {
+            next_load_at = now + cfg.load_interval;
+            if let Some(busy) =
+                read_load(&gw.client, &backend, cfg.health_timeout, &mut load_source).await
+            {
+                let before = backend.free_slots();
+                backend.set_reported_busy(busy);
+                if backend.free_slots() > before {
+                    pool.dispatch_waiting();
+                }
+            }
         }
-        if next == Health::Up {
-            // A backend that came up (or whose slots grew) may serve waiting requests now.
-            pool.dispatch_waiting();
-        }
-        tokio::time::sleep(cfg.health_interval).await;
+        let wake = if cfg.remote_load {
+            next_health_at.min(next_load_at)
+        } else {
+            next_health_at
+        };
+        tokio::time::sleep_until(wake).await;
     }
+}
+
+async fn probe_once(gw: &Gateway, pool: &Arc<ModelPool>, backend: &Backend, failures: &mut u32) {
+    let cfg = &gw.config;
+    let seen = probe(&gw.client, backend, cfg.health_timeout).await;
+    if seen == Probe::Ok && backend.health() != Health::Up {
+        // Learn slots, context and dialect before admitting work, so the first burst is
+        // spread right and rewritten right.
+        learn_props(&gw.client, backend, cfg.health_timeout).await;
+    }
+    let next = next_health(
+        backend.health(),
+        seen,
+        failures,
+        cfg.health_failure_threshold,
+        backend.inflight(),
+    );
+    let prev = backend.set_health(next);
+    if prev != next {
+        tracing::info!(backend = %backend.name, from = prev.as_str(), to = next.as_str(), probe = ?seen, slots = backend.slots(), "backend state changed");
+    }
+    if next == Health::Up {
+        // A backend that came up (or whose slots grew) may serve waiting requests now.
+        pool.dispatch_waiting();
+    }
+}
+
+/// Where a backend's own load figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LoadSource {
+    /// `/metrics`: `requests_processing` + `requests_deferred` (needs `--metrics`).
+    Metrics,
+    /// `/slots`: slots processing (on by default upstream; `--slots` on the fork).
+    Slots,
+    /// Neither answers: rely on our own counts.
+    None,
+}
+
+/// Read how many requests the backend is working on or holding, counting other gateways'.
+async fn read_load(
+    client: &UpstreamClient,
+    backend: &Backend,
+    timeout: Duration,
+    source: &mut LoadSource,
+) -> Option<u32> {
+    if *source == LoadSource::Metrics {
+        match get(client, backend, "/metrics", timeout).await {
+            Ok((StatusCode::OK, body)) => {
+                if let Some(n) = load_from_metrics(&body) {
+                    return Some(n);
+                }
+                *source = LoadSource::Slots;
+            }
+            Ok(_) => *source = LoadSource::Slots,
+            Err(_) => return None,
+        }
+    }
+    if *source == LoadSource::Slots {
+        match get(client, backend, "/slots", timeout).await {
+            Ok((StatusCode::OK, body)) => return load_from_slots(&body),
+            Ok(_) => {
+                tracing::info!(backend = %backend.name, "backend reports no load (/metrics and /slots are off); using this gateway's own counts");
+                *source = LoadSource::None;
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+/// `llamacpp:requests_processing` + `llamacpp:requests_deferred` from Prometheus text.
+pub fn load_from_metrics(text: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(text).ok()?;
+    let mut found = false;
+    let mut total = 0.0;
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(value)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if name == "llamacpp:requests_processing" || name == "llamacpp:requests_deferred" {
+            total += value.parse::<f64>().ok()?;
+            found = true;
+        }
+    }
+    found.then(|| total.max(0.0) as u32)
+}
+
+/// Slots processing, from upstream's `is_processing` or the fork's `state` (0 = idle).
+pub fn load_from_slots(body: &[u8]) -> Option<u32> {
+    let slots: Vec<serde_json::Value> = serde_json::from_slice(body).ok()?;
+    let busy = slots
+        .iter()
+        .filter(|s| {
+            s.get("is_processing")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false)
+                || s.get("state")
+                    .and_then(|v| v.as_u64())
+                    .is_some_and(|v| v != 0)
+        })
+        .count();
+    u32::try_from(busy).ok()
 }
 
 /// The state machine: the next health from the current one and a probe result.
@@ -222,6 +332,17 @@ mod tests {
                 Health::Up
             );
         }
+    }
+
+    #[test]
+    fn backend_load_is_read_from_metrics_or_slots() {
+        let m = b"# HELP x\nllamacpp:requests_processing 2\nllamacpp:requests_deferred 3\nllamacpp:n_decode_total 99\n";
+        assert_eq!(load_from_metrics(m), Some(5));
+        assert_eq!(load_from_metrics(b"other 1\n"), None);
+        let up = br#"[{"id":0,"is_processing":true},{"id":1,"is_processing":false}]"#;
+        assert_eq!(load_from_slots(up), Some(1));
+        let fork = br#"[{"id":0,"state":1},{"id":1,"state":0},{"id":2,"state":1}]"#;
+        assert_eq!(load_from_slots(fork), Some(2));
     }
 
     #[test]

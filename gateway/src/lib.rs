@@ -19,12 +19,14 @@
 //!
 //! Around it: [`config`] and [`cli`] (TOML plus flags), [`state`] (the shared
 //! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
-//! [`health`] (background probes), [`dialect`] (rewrites for the older BitNet server),
+//! [`health`] (background probes and each backend's own load), [`discovery`] (backends
+//! from a bitnet-runner or DNS), [`dialect`] (rewrites for the older BitNet server),
 //! [`context`] (the context-length guard), [`error`] (the one mapping from errors to HTTP) and
 //! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
 //! and [`metrics`] (Prometheus, one struct per component).
 
 pub mod admit;
+pub mod auth;
 pub mod backend;
 pub mod balance;
 pub mod body;
@@ -32,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod context;
 pub mod dialect;
+pub mod discovery;
 pub mod error;
 pub mod forward;
 pub mod health;

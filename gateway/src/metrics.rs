@@ -172,7 +172,7 @@ impl Metrics {
                 .depth
                 .with_label_values(&[&pool.id])
                 .set(pool.queue_len() as i64);
-            for b in &pool.backends {
+            for b in pool.backends().iter() {
                 let l = [b.name.as_str()];
                 self.backends
                     .inflight

@@ -1,7 +1,9 @@
 //! A model's pool: its backends, its routing policy and its FIFO queue of waiting requests.
 //!
-//! Claiming a slot, queueing and handing a freed slot to the head of the queue all happen
-//! under one short `std::sync::Mutex` per pool. The critical sections are O(backends) or
+//! The backend set can change at run time (runner or DNS discovery, reload): it is an
+//! immutable list swapped as a whole, so a reader takes a cheap snapshot and never sees a
+//! half-updated set. Claiming a slot, queueing, handing a freed slot to the head of the
+//! queue and swapping the backend set all happen under one short `std::sync::Mutex` per pool. The critical sections are O(backends) or
 //! O(1) and never await, which is what makes "the freed slot goes to the oldest waiter" and
 //! "a slot is never handed out twice" easy to see and to test.
 
@@ -30,16 +32,18 @@ pub struct QueueLimits {
 pub struct ModelPool {
     /// The model id clients use.
     pub id: String,
-    /// The backends, in config order.
-    pub backends: Vec<Arc<Backend>>,
     /// Queue limits.
     pub limits: QueueLimits,
     policy: Box<dyn Policy>,
     queue: Mutex<Queue>,
 }
 
-#[derive(Debug, Default)]
+/// The backends as one shared, immutable list.
+pub type Backends = Arc<[Arc<Backend>]>;
+
+#[derive(Debug)]
 struct Queue {
+    backends: Backends,
     waiters: VecDeque<Waiter>,
     next_id: u64,
 }
@@ -84,11 +88,27 @@ impl ModelPool {
     ) -> ModelPool {
         ModelPool {
             id,
-            backends,
             limits,
             policy,
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                backends: backends.into(),
+                waiters: VecDeque::new(),
+                next_id: 0,
+            }),
         }
+    }
+
+    /// A snapshot of the backends.
+    pub fn backends(&self) -> Backends {
+        self.lock().backends.clone()
+    }
+
+    /// Replace the backend set, e.g. after discovery. Requests already running keep their
+    /// slot guards (and so their backends) until they end; waiters may fit the new set.
+    pub fn set_backends(self: &Arc<Self>, backends: Vec<Arc<Backend>>) {
+        let mut q = self.lock();
+        q.backends = backends.into();
+        self.dispatch_locked(&mut q);
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -99,7 +119,7 @@ impl ModelPool {
 
     /// Total slots of the backends that are up (or not yet known to be down).
     pub fn total_slots(&self) -> u32 {
-        self.backends
+        self.backends()
             .iter()
             .filter(|b| b.health() != Health::Down)
             .map(|b| b.slots())
@@ -109,8 +129,12 @@ impl ModelPool {
     /// The queue cap in force: fixed, or `per_slot` × slots (at least `per_slot`), so that
     /// a bigger fleet queues proportionally more before refusing.
     pub fn max_queue(&self) -> usize {
+        self.cap(&self.backends())
+    }
+
+    fn cap(&self, backends: &[Arc<Backend>]) -> usize {
         self.limits.max.unwrap_or_else(|| {
-            let slots: u32 = self.backends.iter().map(|b| b.slots()).sum();
+            let slots: u32 = backends.iter().map(|b| b.slots()).sum();
             self.limits.per_slot * (slots.max(1) as usize)
         })
     }
@@ -126,14 +150,17 @@ impl ModelPool {
         let mut q = self.lock();
         // FIFO fairness: a newcomer never overtakes requests already waiting.
         if q.waiters.is_empty() {
-            if let Some(guard) = self.claim_locked() {
+            if let Some(guard) = self.claim_locked(&q.backends) {
                 return TryClaim::Claimed(guard);
             }
         }
-        if self.backends.iter().all(|b| b.health() == Health::Down) {
+        if q.backends
+            .iter()
+            .all(|b| b.health() == Health::Down || b.is_retired())
+        {
             return TryClaim::NoBackend;
         }
-        let max = self.max_queue();
+        let max = self.cap(&q.backends);
         if q.waiters.len() >= max {
             return TryClaim::QueueFull {
                 queued: q.waiters.len(),
@@ -170,7 +197,7 @@ impl ModelPool {
 
     fn dispatch_locked(self: &Arc<Self>, q: &mut Queue) {
         while !q.waiters.is_empty() {
-            let Some(guard) = self.claim_locked() else {
+            let Some(guard) = self.claim_locked(&q.backends) else {
                 return;
             };
             let waiter = q.waiters.pop_front().expect("checked non-empty");
@@ -185,9 +212,9 @@ impl ModelPool {
 
     /// Pick a backend and claim a slot on it. Must be called with the queue lock held so
     /// that pick-then-increment is atomic with respect to other claims.
-    fn claim_locked(self: &Arc<Self>) -> Option<SlotGuard> {
-        let i = self.policy.pick(&self.backends)?;
-        let backend = self.backends[i].clone();
+    fn claim_locked(self: &Arc<Self>, backends: &[Arc<Backend>]) -> Option<SlotGuard> {
+        let i = self.policy.pick(backends)?;
+        let backend = backends[i].clone();
         backend.add_inflight();
         Some(SlotGuard {
             pool: self.clone(),
@@ -259,11 +286,11 @@ mod tests {
         let p = pool(&[2], None);
         let g1 = claimed(p.try_claim());
         let g2 = claimed(p.try_claim());
-        assert_eq!(p.backends[0].inflight(), 2);
+        assert_eq!(p.backends()[0].inflight(), 2);
         drop(g1);
-        assert_eq!(p.backends[0].inflight(), 1);
+        assert_eq!(p.backends()[0].inflight(), 1);
         drop(g2);
-        assert_eq!(p.backends[0].inflight(), 0);
+        assert_eq!(p.backends()[0].inflight(), 0);
     }
 
     #[test]
@@ -279,7 +306,7 @@ mod tests {
         drop(g);
         let g1 = rx1.try_recv().expect("first waiter gets the slot");
         assert!(rx2.try_recv().is_err(), "second waiter still waits");
-        assert_eq!(p.backends[0].inflight(), 1);
+        assert_eq!(p.backends()[0].inflight(), 1);
         drop(g1);
         let _g2 = rx2.try_recv().expect("then the second");
         assert_eq!(p.queue_len(), 0);
@@ -321,7 +348,7 @@ mod tests {
         };
         drop(rx); // the waiter's future is gone but it was never removed
         drop(g);
-        assert_eq!(p.backends[0].inflight(), 0);
+        assert_eq!(p.backends()[0].inflight(), 0);
         assert_eq!(p.queue_len(), 0);
     }
 
@@ -341,7 +368,7 @@ mod tests {
     #[test]
     fn all_backends_down_is_reported_instead_of_queueing() {
         let p = pool(&[1, 1], None);
-        for b in &p.backends {
+        for b in p.backends().iter() {
             b.set_health(Health::Down);
         }
         assert!(matches!(p.try_claim(), TryClaim::NoBackend));

@@ -192,9 +192,9 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
     let mut queues = serde_json::Map::new();
     for pool in &gw.pools {
         queues.insert(pool.id.clone(), json!(pool.queue_len()));
-        for b in &pool.backends {
+        for b in pool.backends().iter() {
             let h = b.health();
-            any_up |= h == Health::Up;
+            any_up |= h == Health::Up && !b.is_held();
             backends.push(json!({
                 "name": b.name,
                 "model": pool.id,
@@ -202,6 +202,9 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
                 "state": h.as_str(),
                 "slots": b.slots(),
                 "inflight": b.inflight(),
+                "busy": b.busy(),
+                "held": b.is_held(),
+                "dialect": b.dialect.get().as_str(),
             }));
         }
     }

@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::discovery;
 use crate::health::spawn_probers;
 use crate::routes::handle;
 use crate::state::Gateway;
@@ -25,7 +26,10 @@ pub async fn serve(
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let _probers = spawn_probers(&gw);
+    // Background tasks (probes, discovery) are aborted when serving ends, however it ends.
+    let _background = StopBackground(gw.clone());
+    spawn_probers(&gw);
+    discovery::spawn(&gw);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -72,4 +76,13 @@ pub async fn serve(
         Err(_) => tracing::warn!("drain timeout reached; cutting the remaining connections"),
     }
     Ok(())
+}
+
+/// Aborts the gateway's background tasks when dropped.
+struct StopBackground(Arc<Gateway>);
+
+impl Drop for StopBackground {
+    fn drop(&mut self) {
+        self.0.stop_background();
+    }
 }

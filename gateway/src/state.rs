@@ -1,9 +1,10 @@
 //! The gateway's shared state: models, their pools, and the upstream client.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use tokio::task::JoinSet;
 
 use crate::backend::Backend;
 use crate::config::Config;
@@ -27,6 +28,8 @@ pub struct Gateway {
     /// Prometheus metrics.
     pub metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
+    /// Probes and discovery loops; aborted when serving ends.
+    background: Mutex<JoinSet<()>>,
 }
 
 impl Gateway {
@@ -76,6 +79,7 @@ impl Gateway {
             client,
             metrics: Arc::new(Metrics::new()),
             shutting_down: AtomicBool::new(false),
+            background: Mutex::new(JoinSet::new()),
         })
     }
 
@@ -103,6 +107,22 @@ impl Gateway {
     /// Stop taking new work (SIGTERM): queued and new requests get 503.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Run a background task until [`Gateway::stop_background`].
+    pub fn spawn_background(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = self.background.lock().unwrap_or_else(|e| e.into_inner());
+        // Reap finished tasks so the set does not grow with retired backends' probers.
+        while set.try_join_next().is_some() {}
+        set.spawn(task);
+    }
+
+    /// Abort every background task.
+    pub fn stop_background(&self) {
+        self.background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .abort_all();
     }
 
     /// Whether shutdown has begun.

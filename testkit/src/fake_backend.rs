@@ -1,7 +1,7 @@
 //! Small scriptable HTTP backends for testing gateway logic.
 //!
-//! A [`FakeBackend`] answers `/health` (status settable at run time) and `/props`
-//! (`total_slots`) like llama-server, records every other request it receives, and
+//! A [`FakeBackend`] answers `/health` (status settable at run time), `/props`
+//! (`total_slots`) and `/metrics` (requests in progress) like llama-server, records every other request it receives, and
 //! answers it with whatever [`Reply`] the test's handler returns: a JSON body, timed SSE
 //! chunks, a stream the test drives chunk by chunk, a held request released on demand, a
 //! stream cut mid-way, or a connection reset before any answer.
@@ -169,17 +169,17 @@ impl FakeBackend {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
-    /// Requests being answered now (held ones included), excluding `/health` and `/props`.
+    /// Requests being answered now (held ones included), excluding `/health`, `/props` and `/metrics`.
     pub fn active(&self) -> usize {
         self.shared.active.load(Ordering::SeqCst)
     }
 
-    /// Every request received so far, excluding `/health` and `/props`.
+    /// Every request received so far, excluding `/health`, `/props` and `/metrics`.
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap().clone()
     }
 
-    /// Number of requests received so far, excluding `/health` and `/props`.
+    /// Number of requests received so far, excluding `/health`, `/props` and `/metrics`.
     pub fn count(&self) -> usize {
         self.shared.seen.lock().unwrap().len()
     }
@@ -268,6 +268,17 @@ async fn answer(
                 ),
                 None,
             ))
+        }
+        "/metrics" => {
+            // Like llama-server with --metrics: its own count of requests in progress.
+            let active = shared.active.load(Ordering::SeqCst);
+            let text = format!(
+                "# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {active}\n# TYPE llamacpp:requests_deferred gauge\nllamacpp:requests_deferred 0\n"
+            );
+            let mut r = Response::new(FakeBody::full(Bytes::from(text), None));
+            r.headers_mut()
+                .insert("content-type", "text/plain; version=0.0.4".parse().unwrap());
+            return Ok(r);
         }
         _ => {}
     }

@@ -67,7 +67,7 @@ impl TestGateway {
         };
         tg.wait_until(|gw| {
             gw.pools.iter().all(|p| {
-                p.backends
+                p.backends()
                     .iter()
                     .all(|b| b.health() == gateway::backend::Health::Up)
             })
@@ -102,7 +102,7 @@ impl TestGateway {
     }
 
     pub fn inflight(&self, backend: usize) -> u32 {
-        self.gw.pools[0].backends[backend].inflight()
+        self.gw.pools[0].backends()[backend].inflight()
     }
 
     /// Trigger graceful shutdown and wait for `serve` to return.
