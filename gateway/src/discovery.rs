@@ -106,7 +106,8 @@ pub fn apply(gw: &Arc<Gateway>, pool: &Arc<ModelPool>, statics: &[Arc<Backend>],
             }
         };
         let was_held = b.set_held(!f.ready);
-        if was_held != !f.ready {
+        // Held means "not ready": it changed when the old hold equals the new readiness.
+        if was_held == f.ready {
             tracing::info!(model = %pool.id, backend = %b.name, taking_work = f.ready, "supervisor changed the backend's rotation");
         }
         released |= was_held && f.ready;
@@ -236,6 +237,6 @@ mod tests {
         assert!(found.iter().all(|f| f.ready && f.name.ends_with(":8101")));
         assert!(found
             .iter()
-            .any(|f| f.url.to_string() == "http://127.0.0.1:8101/"));
+            .any(|f| f.url == "http://127.0.0.1:8101/"));
     }
 }
