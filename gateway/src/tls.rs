@@ -246,7 +246,7 @@ pub fn upstream_connector(
 }
 
 /// Wrap `http` (already set up with timeouts and keep-alive) so that it also reaches
-/// `https://` backends.
+/// `https://` backends. `TCP_NODELAY` is turned on and `enforce_http` off on `http`.
 ///
 /// Certificates are verified against `ca_file` alone when it is given (a private mesh CA
 /// should not also trust every public CA), else against the system store. Only HTTP/1.1 is
