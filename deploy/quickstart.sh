@@ -1,70 +1,162 @@
 #!/usr/bin/env bash
-# Bring up a local stack in one command: N backends and bitnet-gateway on 127.0.0.1:8090.
+# Bring up the whole stack in one command: bitnet-runner supervising the backends, and
+# bitnet-gateway on 127.0.0.1:8090 following the runner's instance list.
 #
-#   deploy/quickstart.sh                                   # llama-sim backends with BitNet timing
-#   LLAMA_SERVER=/path/llama-server MODEL=/path/model.gguf deploy/quickstart.sh   # real ones
+#   deploy/quickstart.sh                      # llama-sim backends with BitNet timing
+#   LLAMA_SERVER=/path/to/llama-server MODEL=/path/to/model.gguf deploy/quickstart.sh
 #
-# Environment: INSTANCES (default 2), THREADS (default 8, real backends only),
-# LISTEN (default 127.0.0.1:8090). Ctrl-C stops everything and leaves no process behind.
+# Environment (all optional):
+#   LLAMA_SERVER, MODEL  a llama-server binary and a GGUF model: real backends instead of
+#                        llama-sim (both or neither)
+#   INSTANCES            number of backends (default 2)
+#   THREADS              -t of each real backend (default: the cores divided among them)
+#   CTX                  -c of each backend (default 4096)
+#   LISTEN               gateway address (default 127.0.0.1:8090)
+#   RUNNER_CONTROL       runner control API address (default 127.0.0.1:8099; port 0 picks one)
+#   PROFILE              cargo profile to build and run: release (default) or dev
+#
+# Logs go to target/quickstart/. Ctrl-C stops everything and leaves no process behind: the
+# gateway drains, the runner stops its instances, and llama-server instances die with the
+# runner even if it is killed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 INSTANCES="${INSTANCES:-2}"
-THREADS="${THREADS:-8}"
+CTX="${CTX:-4096}"
 LISTEN="${LISTEN:-127.0.0.1:8090}"
+RUNNER_CONTROL="${RUNNER_CONTROL:-127.0.0.1:8099}"
+PROFILE="${PROFILE:-release}"
+MODEL_ID="falcon3-10b"
 
-cargo build --release --quiet -p gateway -p loadtest
+die() {
+  echo "quickstart: $*" >&2
+  exit 1
+}
 
-work="$(mktemp -d)"
-pids=()
+if [ "${LLAMA_SERVER:+set}" != "${MODEL:+set}" ]; then
+  die "set both LLAMA_SERVER and MODEL for real backends, or neither for llama-sim"
+fi
+case "$PROFILE" in
+  release) bin_dir=target/release ;;
+  dev | debug) bin_dir=target/debug PROFILE=dev ;;
+  *) die "PROFILE must be release or dev, not '$PROFILE'" ;;
+esac
+
+echo "== building bitnet-gateway, bitnet-runner and llama-sim ($PROFILE; the first build takes a few minutes)"
+cargo build --profile "$PROFILE" -p gateway -p backend-runner -p loadtest --bins
+
+logs=target/quickstart
+mkdir -p "$logs"
+runner_log="$logs/runner.log"
+gateway_log="$logs/gateway.log"
+
+if [ -n "${LLAMA_SERVER:-}" ]; then
+  backend_bin="$LLAMA_SERVER"
+  model="$MODEL"
+  cores="$(nproc 2>/dev/null || echo 1)"
+  threads="${THREADS:-$((cores / INSTANCES > 0 ? cores / INSTANCES : 1))}"
+  backend_args=()
+  kind="llama-server ($backend_bin)"
+else
+  backend_bin="$bin_dir/llama-sim"
+  # llama-sim never reads the model; the runner only checks that the file exists.
+  model="$logs/$MODEL_ID-sim.gguf"
+  : >"$model"
+  threads="${THREADS:-8}"
+  # The older BitNet server's behaviour, at 60 tokens/s of prompt and 18 tokens/s of output.
+  backend_args=(-- --dialect bitnet)
+  kind="llama-sim (BitNet dialect and timing)"
+fi
+
+runner_pid=""
+gateway_pid=""
+
+# Stop a process gracefully, then for good after $2 seconds.
+# shellcheck disable=SC2317 # reached through the EXIT trap
+stop() {
+  local pid="$1" grace="$2"
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 $((grace * 10))); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  # The runner's instances die with it (parent-death signal), so SIGKILL leaves no orphan.
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317 # the EXIT trap
 cleanup() {
+  local status=$?
   trap - EXIT INT TERM
-  if [ "${#pids[@]}" -gt 0 ]; then
-    kill "${pids[@]}" 2>/dev/null || true
-    wait "${pids[@]}" 2>/dev/null || true
-  fi
-  rm -rf "$work"
+  echo "== stopping"
+  # Gateway first, so that nothing new reaches backends that are about to stop.
+  stop "$gateway_pid" 35
+  stop "$runner_pid" 25
+  exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# Wait for a "listening on http://HOST:PORT" line in a log and print the URL.
-url_from_log() {
-  local log="$1" pid="$2"
-  for _ in $(seq 1 600); do
-    if url="$(grep -o 'listening on http://[0-9.]*:[0-9]*' "$log" | head -n 1)" && [ -n "$url" ]; then
-      echo "${url#listening on }"
-      return 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "backend exited during start-up:" >&2
-      cat "$log" >&2
-      return 1
-    fi
-    sleep 0.1
-  done
-  echo "backend did not report its address in time:" >&2
-  cat "$log" >&2
-  return 1
-}
+echo "== starting bitnet-runner: $INSTANCES x $kind (log: $runner_log)"
+"$bin_dir/bitnet-runner" \
+  --llama-server "$backend_bin" --model "$model" \
+  --instances "$INSTANCES" --threads "$threads" --ctx "$CTX" \
+  --base-port 0 --control "$RUNNER_CONTROL" \
+  "${backend_args[@]}" >"$runner_log" 2>&1 &
+runner_pid=$!
 
-backend_args=()
-for i in $(seq 1 "$INSTANCES"); do
-  log="$work/backend-$i.log"
-  if [ -n "${LLAMA_SERVER:-}" ] && [ -n "${MODEL:-}" ]; then
-    "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port 0 -t "$THREADS" -c 4096 -ngl 0 --no-perf --metrics >"$log" 2>&1 &
-    kind="llama-server"
-  else
-    target/release/llama-sim --port 0 --dialect bitnet --alias falcon3-10b >"$log" 2>&1 &
-    kind="llama-sim (BitNet timing)"
-  fi
-  pids+=("$!")
-  url="$(url_from_log "$log" "$!")"
-  echo "backend $i: $kind at $url"
-  backend_args+=(--backend "$url")
+# The runner prints its control URL once the API is up; instances then start in the background.
+control=""
+for _ in $(seq 1 300); do
+  control="$(grep -o 'control API listening on http://[^ ]*' "$runner_log" | head -n 1 | sed 's/.* on //')" || true
+  [ -n "$control" ] && break
+  kill -0 "$runner_pid" 2>/dev/null || { cat "$runner_log" >&2; die "bitnet-runner exited during start-up"; }
+  sleep 0.1
+done
+[ -n "$control" ] || { cat "$runner_log" >&2; die "bitnet-runner did not start its control API"; }
+
+# Real models can take minutes to load; the runner's own startup timeout bounds this wait.
+echo "== waiting for $INSTANCES instances to be ready ($control/instances)"
+while :; do
+  ready="$(curl -fsS "$control/instances" 2>/dev/null | grep -o '"state":"ready"' | wc -l)" || ready=0
+  [ "$ready" -ge "$INSTANCES" ] && break
+  kill -0 "$runner_pid" 2>/dev/null || { tail -n 40 "$runner_log" >&2; die "bitnet-runner exited before its instances were ready"; }
+  sleep 0.2
 done
 
-target/release/bitnet-gateway --listen "$LISTEN" --model falcon3-10b --alias bitnet "${backend_args[@]}" &
-pids+=("$!")
-echo "gateway: http://$LISTEN (Ctrl-C stops everything)"
-wait "${pids[@]}"
+echo "== starting bitnet-gateway on $LISTEN (log: $gateway_log)"
+"$bin_dir/bitnet-gateway" --listen "$LISTEN" --model "$MODEL_ID" --alias bitnet \
+  --runner "$control" >"$gateway_log" 2>&1 &
+gateway_pid=$!
+
+# /health answers 200 once a backend can take work.
+for _ in $(seq 1 300); do
+  curl -fsS "http://$LISTEN/health" >/dev/null 2>&1 && break
+  kill -0 "$gateway_pid" 2>/dev/null || { cat "$gateway_log" >&2; die "bitnet-gateway exited during start-up"; }
+  sleep 0.1
+done
+curl -fsS "http://$LISTEN/health" >/dev/null 2>&1 || { cat "$gateway_log" >&2; die "bitnet-gateway found no ready backend"; }
+
+cat <<EOF
+== ready: gateway http://$LISTEN, runner $control ($INSTANCES x $kind)
+
+  curl -s http://$LISTEN/v1/chat/completions -H "Content-Type: application/json" -d '{"model":"$MODEL_ID","messages":[{"role":"user","content":"What is 2+2?"}],"max_tokens":64}'
+  curl -s http://$LISTEN/health
+  curl -s $control/instances
+
+Ctrl-C stops everything.
+EOF
+
+# Run until Ctrl-C, or until either process ends on its own (then stop the other).
+set +e
+wait -n "$runner_pid" "$gateway_pid"
+status=$?
+set -e
+if kill -0 "$runner_pid" 2>/dev/null; then
+  echo "quickstart: bitnet-gateway exited (status $status); see $gateway_log" >&2
+else
+  echo "quickstart: bitnet-runner exited (status $status); see $runner_log" >&2
+fi
+exit 1
