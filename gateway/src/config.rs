@@ -80,6 +80,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub discovery: RawDiscovery,
     #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
     pub compat: RawCompat,
     #[serde(default)]
     pub models: Vec<RawModel>,
@@ -113,6 +115,15 @@ pub struct RawHealth {
     pub remote_load: Option<bool>,
 }
 
+/// `[limits]`: what one client may use.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<usize>,
+    pub header_read_timeout_secs: Option<f64>,
+}
+
 /// `[discovery]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +137,8 @@ pub struct RawDiscovery {
 pub struct RawUpstream {
     pub connect_timeout_secs: Option<f64>,
     pub max_attempts: Option<u32>,
+    pub first_byte_timeout_secs: Option<f64>,
+    pub idle_timeout_secs: Option<f64>,
 }
 
 /// `[[models]]`
@@ -249,6 +262,19 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Attempts per request, counting the first (failover happens only before the first byte).
     pub max_attempts: u32,
+    /// Longest wait for a backend's response head (and, for the older BitNet server's
+    /// streams, its first event). Generous: CPU prompt evaluation can take minutes.
+    pub first_byte_timeout: Duration,
+    /// Longest silence from a backend between two chunks of a response.
+    pub upstream_idle_timeout: Duration,
+    /// Most client connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a request's headers, counted from the connection's start
+    /// or from the end of the previous response: it is both the slowloris guard and the
+    /// keep-alive idle timeout.
+    pub header_read_timeout: Duration,
     /// What to do with `tools` for backends without tool calling.
     pub tools: ToolsMode,
     /// Refuse prompts that cannot fit a backend's context, before they reach it.
@@ -429,6 +455,31 @@ impl RawConfig {
                 5.0,
             )?,
             max_attempts,
+            first_byte_timeout: secs(
+                "upstream.first_byte_timeout_secs",
+                self.upstream.first_byte_timeout_secs,
+                600.0,
+            )?,
+            upstream_idle_timeout: secs(
+                "upstream.idle_timeout_secs",
+                self.upstream.idle_timeout_secs,
+                120.0,
+            )?,
+            max_connections: match self.limits.max_connections.unwrap_or(4096) {
+                0 => return Err(invalid("limits.max_connections", "must be at least 1")),
+                n => n,
+            },
+            max_header_bytes: match self.limits.max_header_bytes.unwrap_or(64 * 1024) {
+                n if n < 8192 => {
+                    return Err(invalid("limits.max_header_bytes", "must be at least 8192"))
+                }
+                n => n,
+            },
+            header_read_timeout: secs(
+                "limits.header_read_timeout_secs",
+                self.limits.header_read_timeout_secs,
+                30.0,
+            )?,
             tools: self.compat.tools.unwrap_or_default(),
             context_guard: self.compat.context_guard.unwrap_or(true),
             models,

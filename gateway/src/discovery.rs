@@ -235,8 +235,6 @@ mod tests {
         let found = resolve("localhost:8101").await.unwrap();
         assert!(!found.is_empty());
         assert!(found.iter().all(|f| f.ready && f.name.ends_with(":8101")));
-        assert!(found
-            .iter()
-            .any(|f| f.url == "http://127.0.0.1:8101/"));
+        assert!(found.iter().any(|f| f.url == "http://127.0.0.1:8101/"));
     }
 }

@@ -58,6 +58,9 @@ pub enum GatewayError {
     /// The chosen backend (and any failover target) could not be reached.
     #[error("backend {backend} is unreachable: {reason}")]
     Upstream { backend: String, reason: String },
+    /// The backend sent no response head within the first-byte timeout.
+    #[error("backend {backend} sent nothing within {waited:?}")]
+    UpstreamTimeout { backend: String, waited: Duration },
     /// The backend has no tool calling and `compat.tools = "reject"`.
     #[error("{0}")]
     ToolsUnsupported(String),
@@ -116,6 +119,11 @@ impl GatewayError {
                 "no_backend_available",
             ),
             Upstream { .. } => (StatusCode::BAD_GATEWAY, "server_error", "upstream_error"),
+            UpstreamTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                "upstream_timeout",
+            ),
             ToolsUnsupported(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",

@@ -123,6 +123,8 @@ pub async fn forward(
     let max_attempts = gw.config.max_attempts;
     let m = &gw.metrics;
     let mut attempt = 0;
+    // Why the previous attempt failed, if one did.
+    let mut failure: Option<GatewayError> = None;
     loop {
         attempt += 1;
         if gw.is_shutting_down() {
@@ -164,7 +166,10 @@ pub async fn forward(
                     retry_after: retry_hint(pool),
                 })
             }
-            Admission::NoBackend => return Err(GatewayError::NoBackend(pool.id.clone())),
+            // After a failed attempt, that failure explains more than "no backend left".
+            Admission::NoBackend => {
+                return Err(failure.unwrap_or_else(|| GatewayError::NoBackend(pool.id.clone())))
+            }
         };
         let backend = guard.backend().clone();
         let bitnet = backend.dialect.get() == Dialect::Bitnet;
@@ -179,7 +184,31 @@ pub async fn forward(
         };
         let req = out.to_request(backend.uri_for(&out.path_and_query), body);
         let last = attempt >= max_attempts;
-        match gw.client.request(req).await {
+        let sent = tokio::time::timeout(gw.config.first_byte_timeout, gw.client.request(req)).await;
+        let Ok(sent) = sent else {
+            // Hung before answering: another backend may do better.
+            m.backends
+                .upstream_errors
+                .with_label_values(&[&backend.name, "first_byte_timeout"])
+                .inc();
+            backend.set_health(Health::Down);
+            tracing::warn!(backend = %backend.name, attempt, timeout = ?gw.config.first_byte_timeout,
+                "backend sent no response head in time; marked down");
+            if last {
+                return Err(GatewayError::UpstreamTimeout {
+                    backend: backend.name.clone(),
+                    waited: gw.config.first_byte_timeout,
+                });
+            }
+            m.backends.retries.with_label_values(&[&backend.name]).inc();
+            failure = Some(GatewayError::UpstreamTimeout {
+                backend: backend.name.clone(),
+                waited: gw.config.first_byte_timeout,
+            });
+            drop(guard);
+            continue;
+        };
+        match sent {
             Ok(resp) if is_failover_status(resp.status()) && !last => {
                 let loading = resp.status() == StatusCode::SERVICE_UNAVAILABLE;
                 let kind = if loading { "status_503" } else { "status_502" };
@@ -217,12 +246,14 @@ pub async fn forward(
                     tracing::warn!(backend = %backend.name, error = %err, attempt,
                         "backend unreachable; marked down");
                 }
+                let err = GatewayError::Upstream {
+                    backend: backend.name.clone(),
+                    reason: error_chain(&err),
+                };
                 if last {
-                    return Err(GatewayError::Upstream {
-                        backend: backend.name.clone(),
-                        reason: error_chain(&err),
-                    });
+                    return Err(err);
                 }
+                failure = Some(err);
             }
         }
         // Release the failed backend's slot before waiting for another one.
@@ -267,7 +298,14 @@ async fn respond(
             reason: error_chain(&e),
         };
         if sse {
-            let (first, ended) = first_event(&mut body).await.map_err(upstream_err)?;
+            let (first, ended) =
+                tokio::time::timeout(gw.config.first_byte_timeout, first_event(&mut body))
+                    .await
+                    .map_err(|_| GatewayError::UpstreamTimeout {
+                        backend: backend.name.clone(),
+                        waited: gw.config.first_byte_timeout,
+                    })?
+                    .map_err(upstream_err)?;
             if let Some(err) = bitnet_error_event(&first) {
                 return Ok(normalised_response(err, &backend.name));
             }
@@ -330,7 +368,18 @@ async fn respond(
         metrics: gw.metrics.clone(),
     };
     let body = GatewayBody::Relay {
-        inner: RelayBody::new(upstream, prefix, fixer, guard, sse, exchange),
+        inner: RelayBody::new(
+            upstream,
+            prefix,
+            fixer,
+            guard,
+            sse,
+            exchange,
+            (
+                gw.config.first_byte_timeout,
+                gw.config.upstream_idle_timeout,
+            ),
+        ),
     };
     Ok(Response::from_parts(parts, body))
 }

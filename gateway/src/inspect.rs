@@ -77,4 +77,35 @@ mod tests {
             .unwrap_err()
             .contains("invalid type"));
     }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A deterministic fuzz over inputs biased towards JSON syntax.
+        let alphabet = br#"{}[]":,model stream true false null 0123456789.eE+-\u00"#;
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for len in 0..4000usize {
+            let body: Vec<u8> = (0..len % 200)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if x.is_multiple_of(17) {
+                        (x >> 8) as u8
+                    } else {
+                        alphabet[(x % alphabet.len() as u64) as usize]
+                    }
+                })
+                .collect();
+            let _ = inspect(&body);
+            let _ = crate::dialect::bitnet::rewrite_request(
+                &body,
+                "m",
+                crate::dialect::ToolsMode::Drop,
+            );
+            let mut fixer = crate::dialect::bitnet::SseFixer::default();
+            let _ = fixer.feed(&body);
+            let _ = fixer.finish();
+            let _ = crate::dialect::bitnet::normalise_error(500, &body);
+        }
+    }
 }

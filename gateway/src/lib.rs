@@ -23,7 +23,8 @@
 //! from a bitnet-runner or DNS), [`dialect`] (rewrites for the older BitNet server),
 //! [`context`] (the context-length guard), [`error`] (the one mapping from errors to HTTP) and
 //! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
-//! and [`metrics`] (Prometheus, one struct per component).
+//! [`metrics`] (Prometheus, one struct per component), [`auth`] (API and admin keys,
+//! checked in constant time) and [`tls`] (rustls termination with reload, https backends).
 
 pub mod admit;
 pub mod auth;
@@ -46,6 +47,7 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tls;
 
 pub use server::serve;
 pub use state::Gateway;

@@ -9,6 +9,7 @@
 //! On the way it feeds each frame to the [`Scanner`] (which only reads), and when the body
 //! ends, fails or is dropped it records the request's metrics and access-log line, once.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -73,11 +74,21 @@ pub struct RelayBody {
     first_content: Option<Instant>,
     bytes: u64,
     recorded: bool,
+    /// Fires when the backend has been silent too long: until the first data, the
+    /// first-byte timeout (prompt evaluation on a CPU can take minutes); after it, `idle`.
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    idle: Duration,
 }
+
+/// The backend went silent mid-response for longer than the idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for {0:?} in the middle of the response")]
+pub struct UpstreamIdle(Duration);
 
 impl RelayBody {
     /// Relay `upstream` after `prefix`, passing data through `fixer` if given, and release
-    /// `guard` when it ends.
+    /// `guard` when it ends. `timeouts` are the longest silences before the first data and
+    /// between later data.
     pub fn new(
         upstream: Option<Incoming>,
         prefix: Option<Bytes>,
@@ -85,7 +96,9 @@ impl RelayBody {
         guard: SlotGuard,
         sse: bool,
         exchange: Exchange,
+        timeouts: (Duration, Duration),
     ) -> RelayBody {
+        let (first, idle) = timeouts;
         RelayBody {
             upstream,
             prefix,
@@ -98,6 +111,8 @@ impl RelayBody {
             first_content: None,
             bytes: 0,
             recorded: false,
+            idle_timer: Box::pin(tokio::time::sleep(first)),
+            idle,
         }
     }
 
@@ -118,6 +133,7 @@ impl RelayBody {
 
     /// Account for data about to be sent.
     fn observe(&mut self, data: &[u8]) {
+        self.idle_timer.as_mut().reset(Instant::now() + self.idle);
         self.bytes += data.len() as u64;
         if self.scanner.feed(data) && self.first_content.is_none() {
             self.first_content = Some(Instant::now());
@@ -288,7 +304,18 @@ impl Body for RelayBody {
                 this.guard.take();
                 return Poll::Ready(None);
             };
-            match Pin::new(upstream).poll_frame(cx) {
+            let polled = match Pin::new(upstream).poll_frame(cx) {
+                // Only a backend with nothing to give is idle: a slow client that makes us
+                // poll late finds data waiting and never trips the timer.
+                Poll::Pending if this.idle_timer.as_mut().poll(cx).is_ready() => {
+                    Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)) as BoxError)))
+                }
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e) as BoxError))),
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+                Poll::Ready(None) => Poll::Ready(None),
+            };
+            match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
@@ -321,7 +348,7 @@ impl Body for RelayBody {
                     return if this.sse {
                         Poll::Ready(Some(Ok(Frame::data(broken_stream_event(&name)))))
                     } else {
-                        Poll::Ready(Some(Err(Box::new(err))))
+                        Poll::Ready(Some(Err(err)))
                     };
                 }
             }

@@ -71,6 +71,14 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Ga
     resp
 }
 
+/// At most `max` characters of client-supplied text, for error messages.
+fn clip(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// The client's request id when it is short printable ASCII, else a fresh one.
 fn request_id(headers: &http::HeaderMap) -> String {
     if let Some(v) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
@@ -162,7 +170,7 @@ async fn proxy(
     let seen = inspect(&body).map_err(GatewayError::InvalidRequest)?;
     let pool = gw
         .resolve(seen.model.as_deref())
-        .map_err(GatewayError::ModelNotFound)?;
+        .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
     if gw.config.context_guard && GENERATION.contains(&endpoint) {
         context::check(gw, &pool, &body).await?;
     }

@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::discovery;
 use crate::health::spawn_probers;
@@ -30,12 +31,21 @@ pub async fn serve(
     let _background = StopBackground(gw.clone());
     spawn_probers(&gw);
     discovery::spawn(&gw);
+    let cfg = &gw.config;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        // A client that never finishes its headers must not hold a connection forever.
-        .header_read_timeout(Duration::from_secs(30));
+        // A client that never finishes its headers, or idles between requests, must not
+        // hold a connection forever.
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -50,6 +60,10 @@ pub async fn serve(
                 }
             },
             () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream));
+            continue;
         };
         // Tokens are small writes; never let Nagle hold one back.
         let _ = stream.set_nodelay(true);
@@ -66,6 +80,7 @@ pub async fn serve(
             if let Err(err) = conn.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
@@ -76,6 +91,27 @@ pub async fn serve(
         Err(_) => tracing::warn!("drain timeout reached; cutting the remaining connections"),
     }
     Ok(())
+}
+
+/// Answer a connection over `max_connections` with a 503 and close it, so the client
+/// learns why instead of hanging in the accept backlog.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = crate::error::error_body(
+        "the gateway has reached its connection limit; retry later",
+        "unavailable_error",
+        "too_many_connections",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// Aborts the gateway's background tasks when dropped.

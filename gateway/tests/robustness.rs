@@ -1,0 +1,359 @@
+//! Limits against bad clients, backpressure, bad backends, and a flood of malformed input.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use testkit::fake_backend::{FakeBackend, Reply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn read_some(sock: &mut TcpStream, within: Duration) -> String {
+    let mut buf = vec![0u8; 8192];
+    match tokio::time::timeout(within, sock.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Ok(Err(_)) => String::new(),
+        Err(_) => panic!("no answer within {within:?}"),
+    }
+}
+
+fn ok(_: &testkit::fake_backend::Seen) -> Reply {
+    Reply::Json(200, completion_json("fine"))
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_a_503_and_the_limit_frees_up() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nmax_connections = 2").await;
+    let a = TcpStream::connect(gw.addr).await.unwrap();
+    let _b = TcpStream::connect(gw.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    let answer = read_some(&mut c, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = get(&gw.url("/health")).await;
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test]
+async fn an_oversized_request_head_is_refused() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nmax_header_bytes = 8192").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let big = "x".repeat(20_000);
+    let req = format!("GET /health HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let answer = read_some(&mut s, Duration::from_secs(2)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+    assert!(!answer.starts_with("HTTP/1.1 200"));
+    // A normal head still works.
+    assert_eq!(get(&gw.url("/health")).await.status, 200);
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nheader_read_timeout_secs = 0.3").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let answer = read_some(&mut s, Duration::from_secs(3)).await;
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_timeout() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nheader_read_timeout_secs = 0.3").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_some(&mut s, Duration::from_secs(2)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let t = Instant::now();
+    let after = read_some(&mut s, Duration::from_secs(3)).await;
+    assert!(
+        after.is_empty(),
+        "expected the server to close the idle connection: {after}"
+    );
+    assert!(t.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn a_slow_reader_slows_the_backend_instead_of_filling_memory() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let gw = TestGateway::over(&[be.url()], "").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let body = chat(0, true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let stream = be.next_stream().await;
+    // The backend pushes 64 KiB chunks as fast as it is allowed to.
+    let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024 - 8)));
+    let pusher = tokio::spawn(async move {
+        let mut sent = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_millis(100), stream.send(chunk.clone())).await
+            {
+                Ok(true) => sent += chunk.len(),
+                Ok(false) => break,
+                Err(_) => {} // blocked: flow control is holding the backend back
+            }
+        }
+        sent
+    });
+    // The client reads one byte every 100 ms.
+    let mut read = 0;
+    let mut byte = [0u8; 1];
+    for _ in 0..30 {
+        read += s.read(&mut byte).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let sent = pusher.await.unwrap();
+    // Loopback moves gigabytes in 3 s; only socket buffers may sit between the two ends.
+    assert!(read > 0);
+    assert!(
+        sent < 32 * 1024 * 1024,
+        "the backend pushed {sent} bytes to a client that read {read}"
+    );
+    eprintln!(
+        "backend sent {} KiB while the client read {read} bytes",
+        sent / 1024
+    );
+}
+
+#[tokio::test]
+async fn a_backend_that_hangs_before_the_first_byte_times_out_and_fails_over() {
+    let hung = FakeBackend::start("hung", 4, |_| {
+        Reply::Held(Box::new(Reply::Json(200, "{}".into())))
+    })
+    .await;
+    let good = FakeBackend::start("good", 1, ok).await;
+    let gw = TestGateway::over(
+        &[hung.url(), good.url()],
+        "[upstream]\nfirst_byte_timeout_secs = 0.3\n[health]\ninterval_secs = 60",
+    )
+    .await;
+    let t = Instant::now();
+    let got = post_json(&gw.url("/v1/chat/completions"), &chat(0, false)).await;
+    assert_eq!(got.status, 200, "{}", got.text());
+    assert_eq!(got.headers["x-fake-backend"], "good");
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    let metrics = get(&gw.url("/metrics")).await.text();
+    assert!(
+        metrics.contains("kind=\"first_byte_timeout\"} 1"),
+        "{metrics}"
+    );
+    hung.release(100);
+}
+
+#[tokio::test]
+async fn the_last_attempt_timing_out_is_an_openai_504() {
+    let hung = FakeBackend::start("hung", 1, |_| {
+        Reply::Held(Box::new(Reply::Json(200, "{}".into())))
+    })
+    .await;
+    let gw = TestGateway::over(
+        &[hung.url()],
+        "[upstream]\nfirst_byte_timeout_secs = 0.2\nmax_attempts = 1",
+    )
+    .await;
+    post_json(&gw.url("/v1/chat/completions"), &chat(0, false))
+        .await
+        .assert_openai_error(504, "upstream_timeout");
+    hung.release(100);
+}
+
+#[tokio::test]
+async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let gw = TestGateway::over(&[be.url()], "[upstream]\nidle_timeout_secs = 0.3").await;
+    let url = gw.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move { post_json(&url, &chat(0, true)).await });
+    let stream = be.next_stream().await;
+    assert!(stream.send("data: {\"n\":1}\n\n").await);
+    // ...and then silence, with the connection open.
+    let got = tokio::time::timeout(Duration::from_secs(3), waiting)
+        .await
+        .expect("cut within 3 s")
+        .unwrap();
+    let text = got.text();
+    assert!(text.starts_with("data: {\"n\":1}\n\n"), "{text}");
+    assert!(text.contains("upstream_stream_broken"), "{text}");
+    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+        .await;
+    drop(stream);
+}
+
+#[tokio::test]
+async fn a_backend_that_answers_garbage_gets_an_openai_502() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let garbage = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let answer: &[u8] =
+                    if req.starts_with("GET /health") || req.starts_with("GET /props") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 15\r\n\r\n{\"status\":\"ok\"}"
+                    } else {
+                        b"\x00\x01 this is not HTTP at all\r\n\r\n"
+                    };
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    let gw = TestGateway::over(&[format!("http://{addr}")], "[health]\ninterval_secs = 60").await;
+    post_json(&gw.url("/v1/chat/completions"), &chat(0, false))
+        .await
+        .assert_openai_error(502, "upstream_error");
+    garbage.abort();
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_stream_leaves_other_streams_untouched() {
+    let dying = FakeBackend::start("dying", 1, |_| Reply::Controlled).await;
+    let steady = FakeBackend::start("steady", 1, |_| Reply::Controlled).await;
+    let mut gw =
+        TestGateway::over(&[dying.url(), steady.url()], "[health]\ninterval_secs = 60").await;
+    let (u1, u2) = (
+        gw.url("/v1/chat/completions"),
+        gw.url("/v1/chat/completions"),
+    );
+    let first = tokio::spawn(async move { post_json(&u1, &chat(0, true)).await });
+    let s1 = tokio::select! { s = dying.next_stream() => (s, true), s = steady.next_stream() => (s, false) };
+    let second = tokio::spawn(async move { post_json(&u2, &chat(1, true)).await });
+    let (s1, first_on_dying) = s1;
+    let s2 = if first_on_dying {
+        steady.next_stream().await
+    } else {
+        dying.next_stream().await
+    };
+    let (die, live) = if first_on_dying { (s1, s2) } else { (s2, s1) };
+    assert!(live.send("data: {\"live\":1}\n\n").await);
+    assert!(die.send("data: {\"die\":1}\n\n").await);
+    die.break_connection().await;
+    assert!(live.send("data: {\"live\":2}\n\n").await);
+    assert!(live.send("data: [DONE]\n\n").await);
+    drop(live);
+    let (a, b) = (first.await.unwrap(), second.await.unwrap());
+    let (dead_text, live_text) = if a.text().contains("die") {
+        (a.text(), b.text())
+    } else {
+        (b.text(), a.text())
+    };
+    assert!(dead_text.contains("upstream_stream_broken"), "{dead_text}");
+    assert_eq!(
+        live_text,
+        "data: {\"live\":1}\n\ndata: {\"live\":2}\n\ndata: [DONE]\n\n"
+    );
+    let metrics = get(&gw.url("/metrics")).await.text();
+    assert!(metrics.contains("kind=\"broken_stream\"} 1"), "{metrics}");
+    gw.shutdown().await;
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Send one malformed request of kind `i % 8` on a fresh raw connection, or through the
+/// keep-alive client; the gateway must answer (or close) and keep serving.
+async fn malformed(gw: &TestGateway, client: &TestClient, i: usize) {
+    let url = gw.url("/v1/chat/completions");
+    let body: Vec<u8> = match i % 8 {
+        0 => b"{\"model\":\"m\",".to_vec(),
+        1 => br#"{"model":["m"],"stream":"yes"}"#.to_vec(),
+        2 => format!(r#"{{"model":"{}"}}"#, "m".repeat(100_000)).into_bytes(),
+        3 => b"{\"model\":\"\xff\xfe\xfd\"}".to_vec(),
+        4 => b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["
+            .repeat(50)
+            .to_vec(),
+        5 => {
+            // Bad chunked encoding, raw.
+            let mut s = TcpStream::connect(gw.addr).await.unwrap();
+            let _ = s
+                .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nZZZ\r\nnot hex\r\n")
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut [0u8; 512])).await;
+            return;
+        }
+        6 => {
+            // A head that is not HTTP.
+            let mut s = TcpStream::connect(gw.addr).await.unwrap();
+            let _ = s.write_all(b"\x16\x03\x01\x02\x00 garbage\r\n\r\n").await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut [0u8; 512])).await;
+            return;
+        }
+        _ => br#"{"model":"m","messages":"not a list","max_tokens":-1}"#.to_vec(),
+    };
+    let resp = client.request(post(&url, body)).await.unwrap();
+    let status = resp.status().as_u16();
+    let _ = read(resp).await;
+    // 2 names an unknown (huge) model: 404; 7 is valid JSON for routing: it reaches the
+    // backend, which answers 200.
+    let expected = match i % 8 {
+        2 => 404,
+        7 => 200,
+        _ => 400,
+    };
+    assert_eq!(status, expected, "kind {}", i % 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_malformed_requests_leave_the_gateway_serving_with_flat_memory() {
+    let be = FakeBackend::start("a", 4, ok).await;
+    let gw = TestGateway::over(&[be.url()], "").await;
+    let client = client();
+    for i in 0..1000 {
+        malformed(&gw, &client, i).await;
+    }
+    let warm = rss_kib();
+    for i in 1000..10_000 {
+        malformed(&gw, &client, i).await;
+    }
+    let after = rss_kib();
+    assert_eq!(get(&gw.url("/health")).await.status, 200);
+    assert_eq!(
+        post_json(&gw.url("/v1/chat/completions"), &chat(0, false))
+            .await
+            .status,
+        200
+    );
+    eprintln!("RSS after 1,000 malformed requests: {warm} KiB; after 10,000: {after} KiB");
+    assert!(
+        after < warm + 32 * 1024,
+        "memory grew from {warm} KiB to {after} KiB"
+    );
+    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+        .await;
+}
