@@ -90,6 +90,40 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<f64>,
 
+    /// A client API key, repeatable. Clients send it as `Authorization: Bearer KEY` or
+    /// `x-api-key: KEY`. With no key configured anywhere the gateway is open.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "BITNET_GATEWAY_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
+    /// A file of client API keys, one per line (`name:key` or `key`; `#` comments),
+    /// repeatable.
+    #[arg(long = "api-key-file", value_name = "FILE")]
+    pub api_key_files: Vec<PathBuf>,
+
+    /// A key for the admin endpoints (/admin/...), repeatable. Without one they are off.
+    #[arg(long = "admin-key", value_name = "KEY", hide_env_values = true)]
+    pub admin_keys: Vec<String>,
+
+    /// Whether /health and /metrics answer without a key: loopback (only to clients on
+    /// this machine), always, or never [default: loopback].
+    #[arg(long, value_name = "WHO")]
+    pub public_health_metrics: Option<crate::auth::PublicEndpoints>,
+
+    /// PEM certificate chain: serve HTTPS (HTTP/1.1 and HTTP/2 by ALPN). Needs --tls-key.
+    /// SIGHUP reloads it.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -147,6 +181,18 @@ impl Cli {
         }
         if let Some(v) = self.drain_timeout {
             raw.drain_timeout_secs = Some(v);
+        }
+        raw.cli_api_keys = self.api_keys.clone();
+        raw.cli_admin_keys = self.admin_keys.clone();
+        raw.api_key_files.extend(self.api_key_files.iter().cloned());
+        if let Some(v) = self.public_health_metrics {
+            raw.public_health_metrics = Some(v);
+        }
+        if let Some(v) = &self.tls_cert {
+            raw.tls_cert = Some(v.clone());
+        }
+        if let Some(v) = &self.tls_key {
+            raw.tls_key = Some(v.clone());
         }
         if self.model.is_none()
             && self.backends.is_empty()

@@ -21,12 +21,13 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::Uri;
 use serde::Deserialize;
 
+use crate::auth::{KeySet, PublicEndpoints, RawApiKey};
 use crate::balance::PolicyKind;
 use crate::dialect::{DialectSetting, ToolsMode};
 
@@ -83,8 +84,29 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub compat: RawCompat,
+    /// Client keys (`[[api_keys]] name = "…", key = "…"` or `key_env = "VAR"`).
+    #[serde(default)]
+    pub api_keys: Vec<RawApiKey>,
+    /// Files of client keys, one per line (`name:key` or just `key`).
+    #[serde(default)]
+    pub api_key_files: Vec<PathBuf>,
+    /// Keys for the admin endpoints.
+    #[serde(default)]
+    pub admin_keys: Vec<RawApiKey>,
+    /// Whether `/health` and `/metrics` need no key: "loopback" (default), "always", "never".
+    pub public_health_metrics: Option<PublicEndpoints>,
+    /// PEM certificate chain; with `tls_key`, the gateway serves HTTPS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     #[serde(default)]
     pub models: Vec<RawModel>,
+    /// Keys given with `--api-key` (never in the file).
+    #[serde(skip)]
+    pub cli_api_keys: Vec<String>,
+    /// Keys given with `--admin-key`.
+    #[serde(skip)]
+    pub cli_admin_keys: Vec<String>,
 }
 
 /// `[compat]`: how the gateway bridges clients and older backends.
@@ -139,6 +161,8 @@ pub struct RawUpstream {
     pub max_attempts: Option<u32>,
     pub first_byte_timeout_secs: Option<f64>,
     pub idle_timeout_secs: Option<f64>,
+    /// CA bundle for `https://` backends, instead of the system roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[[models]]`
@@ -275,6 +299,16 @@ pub struct Config {
     /// or from the end of the previous response: it is both the slowloris guard and the
     /// keep-alive idle timeout.
     pub header_read_timeout: Duration,
+    /// Client keys; empty means the gateway is open.
+    pub keys: KeySet,
+    /// Admin keys; empty means the admin endpoints are off.
+    pub admin_keys: KeySet,
+    /// Whether `/health` and `/metrics` need a key.
+    pub public_health_metrics: PublicEndpoints,
+    /// HTTPS certificate and key files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// CA bundle for `https://` backends.
+    pub upstream_ca_file: Option<PathBuf>,
     /// What to do with `tools` for backends without tool calling.
     pub tools: ToolsMode,
     /// Refuse prompts that cannot fit a backend's context, before they reach it.
@@ -480,6 +514,17 @@ impl RawConfig {
                 self.limits.header_read_timeout_secs,
                 30.0,
             )?,
+            keys: KeySet::build(&self.api_keys, &self.cli_api_keys, &self.api_key_files)
+                .map_err(|e| invalid("api_keys", e.to_string()))?,
+            admin_keys: KeySet::build_admin(&self.admin_keys, &self.cli_admin_keys, &[])
+                .map_err(|e| invalid("admin_keys", e.to_string()))?,
+            public_health_metrics: self.public_health_metrics.unwrap_or_default(),
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => return Err(invalid("tls_cert", "tls_cert and tls_key go together")),
+            },
+            upstream_ca_file: self.upstream.ca_file,
             tools: self.compat.tools.unwrap_or_default(),
             context_guard: self.compat.context_guard.unwrap_or(true),
             models,
@@ -490,13 +535,8 @@ impl RawConfig {
 fn parse_backend_url(s: &str) -> Result<Uri, String> {
     let uri: Uri = s.parse().map_err(|e| format!("'{s}' is not a URL: {e}"))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "'{s}': https backends are not supported yet; use http://"
-            ))
-        }
-        _ => return Err(format!("'{s}' must start with http://")),
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("'{s}' must start with http:// or https://")),
     }
     if uri.authority().is_none() {
         return Err(format!("'{s}' has no host"));

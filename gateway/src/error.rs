@@ -67,6 +67,12 @@ pub enum GatewayError {
     /// The prompt cannot fit the backend's context.
     #[error("this request's prompt is about {tokens} tokens, more than the model's context of {n_ctx} tokens per request; shorten the conversation")]
     ContextLengthExceeded { tokens: u64, n_ctx: u32 },
+    /// No valid API key was presented.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The admin endpoints are off (no admin key is configured).
+    #[error("the admin endpoints are off: configure an admin key to use them")]
+    AdminDisabled,
     /// The gateway is shutting down and takes no new work.
     #[error("the gateway is shutting down")]
     ShuttingDown,
@@ -124,6 +130,16 @@ impl GatewayError {
                 "server_error",
                 "upstream_timeout",
             ),
+            Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            AdminDisabled => (
+                StatusCode::FORBIDDEN,
+                "invalid_request_error",
+                "admin_disabled",
+            ),
             ToolsUnsupported(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -170,6 +186,10 @@ impl GatewayError {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let GatewayError::Unauthorized(_) = self {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         if let GatewayError::MethodNotAllowed { allow, .. } = self {
             resp.headers_mut()

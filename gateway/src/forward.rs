@@ -30,23 +30,27 @@ use crate::pool::ModelPool;
 use crate::pool::SlotGuard;
 use crate::relay::{Exchange, RelayBody};
 use crate::state::Gateway;
+use crate::tls::{https_connector, TlsError};
+use hyper_rustls::HttpsConnector;
 
-/// The client used for every backend: HTTP/1.1 keep-alive, one idle pool per backend.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+/// The client used for every backend: HTTP/1.1 keep-alive, one idle pool per backend,
+/// plain or TLS by the backend URL's scheme.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Build the upstream client.
-pub fn upstream_client(cfg: &Config) -> UpstreamClient {
+pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {
     let mut connector = HttpConnector::new();
     // Tokens are small writes; Nagle would hold each one back waiting for an ACK.
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(cfg.connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(30)));
-    Client::builder(TokioExecutor::new())
+    let connector = https_connector(connector, cfg.upstream_ca_file.as_deref())?;
+    Ok(Client::builder(TokioExecutor::new())
         // llama-server closes idle keep-alive connections after 5 s; dropping ours first
         // avoids sending a request into a connection the server is closing.
         .pool_idle_timeout(Duration::from_secs(4))
         .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector)
+        .build(connector))
 }
 
 /// What the gateway keeps of a client request to send it (again, on failover).

@@ -33,20 +33,32 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        let listen = config.listen;
+        if config.keys.is_open() && !listen.ip().is_loopback() {
+            tracing::warn!(%listen, "no API keys are configured and the gateway listens beyond this machine: anyone who can reach it can use it");
+        }
+        for m in &config.models {
+            tracing::info!(model = %m.id, aliases = ?m.aliases, backends = m.backends.len(), runner = ?m.runner.as_ref().map(|r| r.to_string()), dns = ?m.dns, "serving model");
+        }
+        let gw = match Gateway::new(config) {
+            Ok(gw) => gw,
+            Err(err) => {
+                eprintln!("bitnet-gateway: {err}");
+                return ExitCode::from(2);
+            }
+        };
+        let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(err) => {
-                eprintln!("bitnet-gateway: cannot listen on {}: {err}", config.listen);
+                eprintln!("bitnet-gateway: cannot listen on {listen}: {err}");
                 return ExitCode::FAILURE;
             }
         };
         let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        let scheme = if gw.tls.is_some() { "https" } else { "http" };
         // Tests and scripts start us on port 0 and read the real address from this line.
-        println!("bitnet-gateway listening on http://{addr}");
-        for m in &config.models {
-            tracing::info!(model = %m.id, aliases = ?m.aliases, backends = m.backends.len(), "serving model");
-        }
-        let gw = Gateway::new(config);
+        println!("bitnet-gateway listening on {scheme}://{addr}");
+        tokio::spawn(reload_on_sighup(gw.clone()));
         match serve(listener, gw, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -55,6 +67,26 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// SIGHUP: re-read the certificate; a bad one is logged and the old one stays.
+async fn reload_on_sighup(gw: std::sync::Arc<Gateway>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        if let Some(tls) = &gw.tls {
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(cert = %tls.cert_path().display(), "SIGHUP: certificate reloaded")
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: certificate not reloaded; the old one stays in force")
+                }
+            }
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

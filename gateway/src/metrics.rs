@@ -61,6 +61,8 @@ pub struct RequestMetrics {
     pub cached_tokens: IntCounterVec,
     pub completion_tokens: IntCounterVec,
     pub tokens_per_second: HistogramVec,
+    pub by_key: IntCounterVec,
+    pub auth_failures: IntCounterVec,
 }
 
 impl RequestMetrics {
@@ -73,6 +75,8 @@ impl RequestMetrics {
             prompt_tokens: counter(r, "bitnet_gateway_prompt_tokens_total", "Prompt tokens, as reported by the backend, including cached ones.", &["backend", "model"]),
             cached_tokens: counter(r, "bitnet_gateway_prompt_tokens_cached_total", "Prompt tokens the backend served from its prompt cache.", &["backend", "model"]),
             completion_tokens: counter(r, "bitnet_gateway_completion_tokens_total", "Generated tokens, as reported by the backend (or counted content chunks when it reports none).", &["backend", "model"]),
+            by_key: counter(r, "bitnet_gateway_requests_by_key_total", "Requests that presented a valid key, by the key's configured name.", &["key"]),
+            auth_failures: counter(r, "bitnet_gateway_auth_failures_total", "Requests refused for their key: reason is missing or invalid.", &["reason"]),
             tokens_per_second: histogram(r, "bitnet_gateway_generation_tokens_per_second", "Each request's decode rate: llama-server's predicted_per_second, or completion tokens over the time after the first token.", &["backend", "model"], RATE_BUCKETS),
         }
     }

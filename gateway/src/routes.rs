@@ -2,6 +2,7 @@
 //! request to [`forward`](crate::forward::forward). The gateway's own endpoints
 //! (`/health`, `/v1/models`) are answered here.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -12,7 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde_json::json;
 
-use crate::backend::Health;
+use crate::auth::{endpoint_is_public, AuthError};
 use crate::body::GatewayBody;
 use crate::context;
 use crate::error::{json_response, GatewayError};
@@ -44,15 +45,27 @@ const GENERATION: &[&str] = &["/v1/chat/completions", "/v1/completions", "/compl
 /// The gateway's own endpoints.
 const OWN: &[&str] = &["/health", "/v1/models", "/metrics"];
 
-/// Serve one request. Never fails: gateway errors become OpenAI error responses.
-pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<GatewayBody> {
+/// Serve one request from `peer`. Never fails: gateway errors become OpenAI error responses.
+pub async fn handle(
+    gw: Arc<Gateway>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<GatewayBody> {
     let arrived = tokio::time::Instant::now();
     let id = request_id(req.headers());
     if let Ok(v) = HeaderValue::from_str(&id) {
         req.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     let endpoint = endpoint_label(req.uri().path());
-    let mut resp = match route(&gw, req, &id, endpoint, arrived).await {
+    let authorized = authorize(&gw, &req, peer);
+    if let Ok(Some(key)) = &authorized {
+        gw.metrics.requests.by_key.with_label_values(&[key]).inc();
+    }
+    let routed = match authorized {
+        Ok(_) => route(&gw, req, &id, endpoint, arrived).await,
+        Err(e) => Err(e),
+    };
+    let mut resp = match routed {
         Ok(resp) => resp,
         Err(err) => {
             tracing::info!(target: "access", request_id = %id, endpoint, status = err.status().as_u16(), code = err.code(), error = %err, "request refused by the gateway");
@@ -69,6 +82,50 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>) -> Response<Ga
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     resp
+}
+
+/// Check the request's key for what it asks. Returns the key's name (for logs and
+/// metrics), or `None` when no key is needed.
+fn authorize(
+    gw: &Gateway,
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Option<String>, GatewayError> {
+    let cfg = &gw.config;
+    let path = req.uri().path();
+    let keys = if path.starts_with("/admin/") {
+        if cfg.admin_keys.is_open() {
+            return Err(GatewayError::AdminDisabled);
+        }
+        &cfg.admin_keys
+    } else if cfg.keys.is_open()
+        || ((path == "/health" || path == "/metrics")
+            && endpoint_is_public(cfg.public_health_metrics, peer))
+    {
+        return Ok(None);
+    } else {
+        &cfg.keys
+    };
+    match keys.check(req.headers()) {
+        Ok(name) => Ok(Some(name.to_string())),
+        Err(e) => {
+            let reason = match e {
+                AuthError::Missing => "missing",
+                AuthError::Invalid => "invalid",
+            };
+            gw.metrics
+                .requests
+                .auth_failures
+                .with_label_values(&[reason])
+                .inc();
+            Err(GatewayError::Unauthorized(match e {
+                AuthError::Missing => {
+                    "no API key: send Authorization: Bearer KEY (or x-api-key: KEY)"
+                }
+                AuthError::Invalid => "the API key is not valid here",
+            }))
+        }
+    }
 }
 
 /// At most `max` characters of client-supplied text, for error messages.
@@ -118,6 +175,9 @@ async fn route(
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let path = req.uri().path();
     let method = req.method();
+    if let Some(rest) = path.strip_prefix("/admin/") {
+        return admin(gw, method, rest);
+    }
     let allow = if PROXIED.contains(&path) {
         if method == Method::POST {
             return proxy(gw, req, id, endpoint, arrived).await;
@@ -195,26 +255,13 @@ async fn proxy(
 /// `GET /health`: 200 when any backend can take work, 503 otherwise, with each backend's
 /// state so an operator sees at a glance what is wrong.
 fn health(gw: &Gateway) -> Response<GatewayBody> {
-    let mut any_up = false;
-    let mut backends = Vec::new();
+    let backends = backends_json(gw);
+    let any_up = backends
+        .iter()
+        .any(|b| b["state"] == "up" && b["held"] == false);
     let mut queues = serde_json::Map::new();
     for pool in &gw.pools {
         queues.insert(pool.id.clone(), json!(pool.queue_len()));
-        for b in pool.backends().iter() {
-            let h = b.health();
-            any_up |= h == Health::Up && !b.is_held();
-            backends.push(json!({
-                "name": b.name,
-                "model": pool.id,
-                "url": b.base.to_string(),
-                "state": h.as_str(),
-                "slots": b.slots(),
-                "inflight": b.inflight(),
-                "busy": b.busy(),
-                "held": b.is_held(),
-                "dialect": b.dialect.get().as_str(),
-            }));
-        }
     }
     let ok = any_up && !gw.is_shutting_down();
     let body = json!({
@@ -228,6 +275,73 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(status, Bytes::from(body.to_string()))
+}
+
+/// Every backend's state, for `/health` and `/admin/backends`.
+fn backends_json(gw: &Gateway) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for pool in &gw.pools {
+        for b in pool.backends().iter() {
+            out.push(json!({
+                "name": b.name,
+                "model": pool.id,
+                "url": b.base.to_string(),
+                "state": b.health().as_str(),
+                "slots": b.slots(),
+                "inflight": b.inflight(),
+                "busy": b.busy(),
+                "held": b.is_held(),
+                "dialect": b.dialect.get().as_str(),
+            }));
+        }
+    }
+    out
+}
+
+/// The admin endpoints: `GET /admin/backends`, and `POST /admin/backends/NAME/drain` or
+/// `/resume` to hold a backend out of rotation (its running requests finish) or return it.
+fn admin(gw: &Gateway, method: &Method, rest: &str) -> Result<Response<GatewayBody>, GatewayError> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method, parts.as_slice()) {
+        (&Method::GET, ["backends"]) => Ok(json_response(
+            StatusCode::OK,
+            Bytes::from(json!({ "backends": backends_json(gw) }).to_string()),
+        )),
+        (&Method::POST, ["backends", name, action @ ("drain" | "resume")]) => {
+            let found = gw.pools.iter().find_map(|p| {
+                p.backends()
+                    .iter()
+                    .find(|b| b.name == *name)
+                    .map(|b| (p.clone(), b.clone()))
+            });
+            let Some((pool, backend)) = found else {
+                return Err(GatewayError::NotFound(format!(
+                    "/admin/backends/{}",
+                    clip(name, 64)
+                )));
+            };
+            let hold = *action == "drain";
+            backend.set_held(hold);
+            if !hold {
+                pool.dispatch_waiting();
+            }
+            tracing::info!(backend = %backend.name, action, "admin changed a backend's rotation");
+            let body =
+                json!({ "backend": backend.name, "held": hold, "inflight": backend.inflight() });
+            Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
+        }
+        (_, ["backends"]) => Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: "/admin/backends".into(),
+            allow: "GET",
+        }),
+        (_, ["backends", _, "drain" | "resume"]) => Err(GatewayError::MethodNotAllowed {
+            method: method.to_string(),
+            path: format!("/admin/{}", clip(rest, 64)),
+            allow: "POST",
+        }),
+        _ => Err(GatewayError::NotFound(format!("/admin/{}", clip(rest, 64)))),
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.

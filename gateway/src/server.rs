@@ -70,14 +70,38 @@ pub async fn serve(
         let gw2 = gw.clone();
         let svc = service_fn(move |req| {
             let gw = gw2.clone();
-            async move { Ok::<_, Infallible>(handle(gw, req).await) }
+            async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            let served = match acceptor {
+                None => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(acceptor) => {
+                    // The handshake runs here, not in the accept loop, and is bounded so a
+                    // silent client cannot hold a connection slot.
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(tls)) => {
+                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(err) = served {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
             drop(permit);
@@ -92,6 +116,9 @@ pub async fn serve(
     }
     Ok(())
 }
+
+/// Longest TLS handshake a client gets.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answer a connection over `max_connections` with a 503 and close it, so the client
 /// learns why instead of hanging in the accept backlog.

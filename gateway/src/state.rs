@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::forward::{upstream_client, UpstreamClient};
 use crate::metrics::Metrics;
 use crate::pool::{ModelPool, QueueLimits};
+use crate::tls::{TlsError, TlsReloader};
 
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
@@ -30,11 +31,21 @@ pub struct Gateway {
     shutting_down: AtomicBool,
     /// Probes and discovery loops; aborted when serving ends.
     background: Mutex<JoinSet<()>>,
+    /// The HTTPS certificate in force, when serving HTTPS.
+    pub tls: Option<TlsReloader>,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A certificate, key or CA file is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Gateway {
-    /// Build the pools and the client from a validated config.
-    pub fn new(config: Config) -> Arc<Gateway> {
+    /// Build the pools, the client and the TLS acceptor from a validated config.
+    pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
         let names = DashMap::new();
         let limits = QueueLimits {
             max: config.queue_max,
@@ -70,8 +81,12 @@ impl Gateway {
             .default_model
             .as_ref()
             .and_then(|d| names.get(d).map(|p| p.clone()));
-        let client = upstream_client(&config);
-        Arc::new(Gateway {
+        let client = upstream_client(&config)?;
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(TlsReloader::load(cert, key)?),
+            None => None,
+        };
+        Ok(Arc::new(Gateway {
             config,
             pools,
             names,
@@ -80,7 +95,8 @@ impl Gateway {
             metrics: Arc::new(Metrics::new()),
             shutting_down: AtomicBool::new(false),
             background: Mutex::new(JoinSet::new()),
-        })
+            tls,
+        }))
     }
 
     /// The pool for a request's `model` field.
