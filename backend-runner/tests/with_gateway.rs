@@ -46,7 +46,7 @@ impl Gateway {
                 .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let gw = gateway::Gateway::new(config);
+                let gw = gateway::Gateway::new(config).unwrap();
                 let _ = gateway::serve(listener, gw, async move {
                     let _ = rx.await;
                 })

@@ -74,7 +74,7 @@ async fn backends_are_discovered_from_every_address_a_name_resolves_to() {
         .unwrap()
         .validate()
         .unwrap();
-    let gw = gateway::Gateway::new(config);
+    let gw = gateway::Gateway::new(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(gateway::serve(listener, gw.clone(), std::future::pending()));

@@ -54,7 +54,7 @@ impl TestGateway {
             .expect("valid config");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let gw = Gateway::new(config);
+        let gw = Gateway::new(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, gw.clone(), async move {
             let _ = rx.await;
