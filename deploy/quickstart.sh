@@ -7,17 +7,19 @@
 #
 # Environment (all optional):
 #   LLAMA_SERVER, MODEL  a llama-server binary and a GGUF model: real backends instead of
-#                        llama-sim (both or neither)
+#                        llama-sim (only when both are set)
 #   INSTANCES            number of backends (default 2)
 #   THREADS              -t of each real backend (default: the cores divided among them)
 #   CTX                  -c of each backend (default 4096)
-#   LISTEN               gateway address (default 127.0.0.1:8090)
+#   SIM_ARGS             extra llama-sim arguments, e.g. "--time-scale 0.1" to run 10x faster
+#   LISTEN               gateway address (default 127.0.0.1:8090; port 0 picks one)
 #   RUNNER_CONTROL       runner control API address (default 127.0.0.1:8099; port 0 picks one)
 #   PROFILE              cargo profile to build and run: release (default) or dev
+#   BIN_DIR              run the binaries already in this directory instead of building
+#   LOG_DIR              where the logs go (default target/quickstart)
 #
-# Logs go to target/quickstart/. Ctrl-C stops everything and leaves no process behind: the
-# gateway drains, the runner stops its instances, and llama-server instances die with the
-# runner even if it is killed.
+# Ctrl-C stops everything and leaves no process behind: the gateway drains, the runner stops
+# its instances, and the instances die with the runner even if it is killed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,24 +35,34 @@ die() {
   exit 1
 }
 
-if [ "${LLAMA_SERVER:+set}" != "${MODEL:+set}" ]; then
-  die "set both LLAMA_SERVER and MODEL for real backends, or neither for llama-sim"
+real_backends=""
+if [ -n "${LLAMA_SERVER:-}" ] && [ -n "${MODEL:-}" ]; then
+  real_backends=1
+elif [ -n "${LLAMA_SERVER:-}${MODEL:-}" ]; then
+  echo "quickstart: only one of LLAMA_SERVER and MODEL is set; using llama-sim backends" >&2
 fi
-case "$PROFILE" in
-  release) bin_dir=target/release ;;
-  dev | debug) bin_dir=target/debug PROFILE=dev ;;
-  *) die "PROFILE must be release or dev, not '$PROFILE'" ;;
-esac
 
-echo "== building bitnet-gateway, bitnet-runner and llama-sim ($PROFILE; the first build takes a few minutes)"
-cargo build --profile "$PROFILE" -p gateway -p backend-runner -p loadtest --bins
+if [ -n "${BIN_DIR:-}" ]; then
+  bin_dir="$BIN_DIR"
+else
+  case "$PROFILE" in
+    release) bin_dir=target/release ;;
+    dev | debug) bin_dir=target/debug PROFILE=dev ;;
+    *) die "PROFILE must be release or dev, not '$PROFILE'" ;;
+  esac
+  echo "== building bitnet-gateway, bitnet-runner and llama-sim ($PROFILE; the first build takes a few minutes)"
+  cargo build --profile "$PROFILE" -p gateway -p backend-runner -p loadtest --bins
+fi
+for bin in bitnet-gateway bitnet-runner llama-sim; do
+  [ -x "$bin_dir/$bin" ] || die "$bin_dir/$bin not found"
+done
 
-logs=target/quickstart
+logs="${LOG_DIR:-target/quickstart}"
 mkdir -p "$logs"
 runner_log="$logs/runner.log"
 gateway_log="$logs/gateway.log"
 
-if [ -n "${LLAMA_SERVER:-}" ]; then
+if [ -n "$real_backends" ]; then
   backend_bin="$LLAMA_SERVER"
   model="$MODEL"
   cores="$(nproc 2>/dev/null || echo 1)"
@@ -64,7 +76,9 @@ else
   : >"$model"
   threads="${THREADS:-8}"
   # The older BitNet server's behaviour, at 60 tokens/s of prompt and 18 tokens/s of output.
-  backend_args=(-- --dialect bitnet)
+  # SIM_ARGS is split into words on purpose.
+  # shellcheck disable=SC2206
+  backend_args=(-- --dialect bitnet ${SIM_ARGS:-})
   kind="llama-sim (BitNet dialect and timing)"
 fi
 
@@ -131,19 +145,25 @@ echo "== starting bitnet-gateway on $LISTEN (log: $gateway_log)"
   --runner "$control" >"$gateway_log" 2>&1 &
 gateway_pid=$!
 
-# /health answers 200 once a backend can take work.
+# The gateway prints its bound address (LISTEN may ask for port 0); /health then answers 200
+# once a backend can take work.
+gateway=""
 for _ in $(seq 1 300); do
-  curl -fsS "http://$LISTEN/health" >/dev/null 2>&1 && break
+  gateway="$(grep -o 'bitnet-gateway listening on http://[^ ]*' "$gateway_log" | head -n 1 | sed 's/.* on http:\/\///')" || true
+  [ -n "$gateway" ] && curl -fsS "http://$gateway/health" >/dev/null 2>&1 && break
   kill -0 "$gateway_pid" 2>/dev/null || { cat "$gateway_log" >&2; die "bitnet-gateway exited during start-up"; }
   sleep 0.1
 done
-curl -fsS "http://$LISTEN/health" >/dev/null 2>&1 || { cat "$gateway_log" >&2; die "bitnet-gateway found no ready backend"; }
+if [ -z "$gateway" ] || ! curl -fsS "http://$gateway/health" >/dev/null 2>&1; then
+  cat "$gateway_log" >&2
+  die "bitnet-gateway found no ready backend"
+fi
 
 cat <<EOF
-== ready: gateway http://$LISTEN, runner $control ($INSTANCES x $kind)
+== ready: gateway http://$gateway, runner $control ($INSTANCES x $kind)
 
-  curl -s http://$LISTEN/v1/chat/completions -H "Content-Type: application/json" -d '{"model":"$MODEL_ID","messages":[{"role":"user","content":"What is 2+2?"}],"max_tokens":64}'
-  curl -s http://$LISTEN/health
+  curl -s http://$gateway/v1/chat/completions -H "Content-Type: application/json" -d '{"model":"$MODEL_ID","messages":[{"role":"user","content":"What is 2+2?"}],"max_tokens":64}'
+  curl -s http://$gateway/health
   curl -s $control/instances
 
 Ctrl-C stops everything.

@@ -1,9 +1,11 @@
 //! The files in `deploy/`: the systemd units pass `systemd-analyze verify` and keep a low
 //! exposure score, the example configs pass the real binaries' `--check-config` and agree
-//! with each other and with the units, and the OpenClaw snippet points at the gateway.
+//! with each other and with the units, the OpenClaw snippet points at the gateway, and
+//! `quickstart.sh` brings the stack up and takes it down on Ctrl-C.
 //!
-//! Tests that need `systemd-analyze` or the `bitnet-runner` binary print a `SKIPPED` line
-//! when it is missing, except in CI (`CI=true`), where they fail instead.
+//! Tests that need `systemd-analyze`, curl, or the `bitnet-runner` and `llama-sim` binaries
+//! print a `SKIPPED` line when one is missing, except in CI (`CI=true`), where they fail
+//! instead.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -11,6 +13,9 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use testkit::child::ChildGuard;
 
 const UNITS: [&str; 2] = ["bitnet-runner.service", "bitnet-gateway.service"];
 
@@ -431,4 +436,125 @@ fn openclaw_snippet_points_at_the_gateway_without_client_side_compat_flags() {
         snippet["agents"]["defaults"]["models"][&model_ref]["alias"].as_str(),
         gateway_model["aliases"].as_array().unwrap()[0].as_str()
     );
+}
+
+/// Whether `pid` is gone: no such process, or a zombie nobody has reaped yet.
+fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+#[test]
+fn quickstart_brings_up_the_stack_answers_its_curl_and_leaves_nothing_on_ctrl_c() {
+    let test = "quickstart_brings_up_the_stack_answers_its_curl_and_leaves_nothing_on_ctrl_c";
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_bitnet-gateway"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if !["bitnet-runner", "llama-sim"]
+        .iter()
+        .all(|b| bin_dir.join(b).is_file())
+    {
+        return skip(
+            test,
+            "bitnet-runner or llama-sim not built (cargo build -p backend-runner -p loadtest)",
+        );
+    }
+    if !Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return skip(test, "curl not found");
+    }
+
+    // Fast simulated backends and OS-assigned ports, so that the test neither waits on BitNet
+    // speed nor takes the product's ports; logs in a directory of its own.
+    let logs = TempDir::new("deploy-quickstart");
+    let mut cmd = Command::new("bash");
+    cmd.arg(deploy().join("quickstart.sh"))
+        .env("BIN_DIR", &bin_dir)
+        .env("LOG_DIR", &logs.0)
+        .env("LISTEN", "127.0.0.1:0")
+        .env("RUNNER_CONTROL", "127.0.0.1:0")
+        .env("SIM_ARGS", "--time-scale 0.05")
+        .env("INSTANCES", "2");
+    for var in ["LLAMA_SERVER", "MODEL", "THREADS", "CTX", "PROFILE"] {
+        cmd.env_remove(var);
+    }
+    let mut script = ChildGuard::spawn(cmd).expect("start quickstart.sh");
+    let ready = script
+        .wait_for_line(|l| l.starts_with("== ready"), Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("never ready:\n{}", script.output_so_far()));
+    let control = ready
+        .split("runner ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no runner URL in {ready:?}"))
+        .to_string();
+    let curl = script
+        .wait_for_line(
+            |l| l.trim_start().starts_with("curl ") && l.contains("/v1/chat/completions"),
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no curl line:\n{}", script.output_so_far()));
+
+    // The curl the script prints, run as written.
+    let out = run(Command::new("bash").arg("-c").arg(curl.trim()));
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", text(&out.stdout), text(&out.stderr)));
+    assert_eq!(reply["object"], "chat.completion", "{reply}");
+    assert_eq!(
+        reply["usage"]["completion_tokens"], 64,
+        "max_tokens of the curl"
+    );
+
+    // Everything that must be gone afterwards: the script's process group (the script, the
+    // runner, the gateway) and the instances, which the runner puts in groups of their own.
+    let group = run(Command::new("pgrep")
+        .arg("-g")
+        .arg(script.pid().to_string()));
+    let mut pids: Vec<u32> = text(&group.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let instances = run(Command::new("curl").args(["-fsS", &format!("{control}/instances")]));
+    let instances: serde_json::Value =
+        serde_json::from_slice(&instances.stdout).expect("runner /instances");
+    let instance_pids: Vec<u32> = instances["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
+        .collect();
+    assert_eq!(instance_pids.len(), 2, "{instances}");
+    assert!(pids.len() >= 3, "script, runner and gateway: {pids:?}");
+    pids.extend(instance_pids);
+
+    // Ctrl-C: SIGINT to the whole foreground process group, as a terminal sends it.
+    let sent = run(Command::new("kill")
+        .args(["-INT", "--"])
+        .arg(format!("-{}", script.pid())));
+    assert!(sent.status.success(), "kill: {}", text(&sent.stderr));
+    let status = script
+        .wait_timeout(Duration::from_secs(60))
+        .expect("wait")
+        .unwrap_or_else(|| panic!("still running after Ctrl-C:\n{}", script.output_so_far()));
+    assert_eq!(status.code(), Some(130), "{}", script.output_so_far());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&p| process_gone(p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left behind: {:?}",
+            pids.iter()
+                .filter(|&&p| !process_gone(p))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
