@@ -45,7 +45,7 @@ pub async fn admit(pool: &Arc<ModelPool>) -> Admission {
         rx: Some(rx),
     };
     let rx = ticket.rx.as_mut().expect("set above");
-    match tokio::time::timeout(pool.limits.timeout, rx).await {
+    match tokio::time::timeout(pool.limits().timeout, rx).await {
         Ok(Ok(guard)) => {
             ticket.rx = None;
             Admission::Admitted {

@@ -64,6 +64,7 @@ pub struct Backend {
     pub dialect: DialectCell,
     /// Whether the dialect is detected rather than configured.
     pub detect_dialect: bool,
+    dialect_setting: DialectSetting,
     /// Context size per slot in tokens, from `/props`; 0 while unknown.
     n_ctx: AtomicU32,
     slots: AtomicU32,
@@ -103,6 +104,7 @@ impl Backend {
             configured_slots,
             dialect: DialectCell::new(dialect),
             detect_dialect: dialect == DialectSetting::Auto,
+            dialect_setting: dialect,
             n_ctx: AtomicU32::new(0),
             slots: AtomicU32::new(configured_slots.unwrap_or(1)),
             inflight: AtomicU32::new(0),
@@ -136,6 +138,11 @@ impl Backend {
         if self.configured_slots.is_none() {
             self.slots.store(n.max(1), Ordering::Release);
         }
+    }
+
+    /// The dialect as configured (`Auto` when detected).
+    pub fn dialect_setting(&self) -> DialectSetting {
+        self.dialect_setting
     }
 
     /// Context per slot in tokens, if known.

@@ -19,7 +19,7 @@ use crate::config::{Config, ConfigError, RawBackend, RawConfig, RawModel};
 ///
 ///   bitnet-gateway --model falcon3-10b --alias bitnet \
 ///       --backend http://127.0.0.1:8101 --backend http://127.0.0.1:8102#slots=2
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "bitnet-gateway", version, verbatim_doc_comment)]
 pub struct Cli {
     /// TOML config file. Flags given on the command line override its values.
@@ -144,7 +144,7 @@ pub enum LogFormat {
 
 impl Cli {
     /// Load the file (if any), apply the flags, and validate.
-    pub fn into_config(self) -> Result<Config, ConfigError> {
+    pub fn into_config(&self) -> Result<Config, ConfigError> {
         let mut raw = match &self.config {
             Some(path) => RawConfig::from_file(path)?,
             None => RawConfig::default(),

@@ -140,7 +140,7 @@ async fn tokenize(gw: &Gateway, pool: &ModelPool, text: String) -> Option<u64> {
         Some(t.tokens.len() as u64)
     };
     tokio::time::timeout(
-        gw.config
+        gw.config()
             .health_timeout
             .max(std::time::Duration::from_secs(5)),
         fut,

@@ -8,6 +8,7 @@
 //! runner restart must not empty the pool.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,6 @@ use http_body_util::{BodyExt, Full};
 use serde::Deserialize;
 
 use crate::backend::Backend;
-use crate::config::ModelConfig;
 use crate::health::spawn_prober;
 use crate::pool::ModelPool;
 use crate::state::Gateway;
@@ -33,24 +33,37 @@ pub struct Found {
     pub ready: bool,
 }
 
-/// Start a discovery loop for every model with a runner or DNS source.
+/// Start a discovery loop for every model with a runner or DNS source that has none yet.
+/// Called at start and after a reload.
 pub fn spawn(gw: &Arc<Gateway>) {
-    for (pool, model) in gw.pools.iter().zip(&gw.config.models) {
-        if model.runner.is_some() || model.dns.is_some() {
-            gw.spawn_background(discovery_loop(gw.clone(), pool.clone(), model.clone()));
+    let config = gw.config();
+    for pool in gw.pools().iter() {
+        let has_source = config
+            .models
+            .iter()
+            .any(|m| m.id == pool.id && (m.runner.is_some() || m.dns.is_some()));
+        if has_source && !pool.discovering.swap(true, Ordering::AcqRel) {
+            gw.spawn_background(discovery_loop(gw.clone(), pool.clone()));
         }
     }
 }
 
-async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, model: ModelConfig) {
-    // The configured backends stay whatever the sources say.
-    let statics: Vec<Arc<Backend>> = pool.backends().to_vec();
+async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>) {
     let mut from_runner: Option<Vec<Found>> = None;
     let mut from_dns: Option<Vec<Found>> = None;
     let mut runner_failing = false;
-    loop {
-        if let Some(runner) = &model.runner {
-            match runner_instances(&gw, runner).await {
+    while !pool.is_removed() {
+        // Read the sources afresh each round: a reload may change or remove them.
+        let config = gw.config();
+        let Some(model) = config.models.iter().find(|m| m.id == pool.id) else {
+            break;
+        };
+        if model.runner.is_none() && model.dns.is_none() {
+            apply(&gw, &pool, &pool.configured(), &[]);
+            break;
+        }
+        match &model.runner {
+            Some(runner) => match runner_instances(&gw, runner).await {
                 Ok(found) => {
                     if runner_failing {
                         tracing::info!(runner = %runner, "runner reachable again");
@@ -64,15 +77,17 @@ async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, model: ModelConf
                     }
                     runner_failing = true;
                 }
-            }
+            },
+            None => from_runner = None,
         }
-        if let Some(name) = &model.dns {
-            match resolve(name).await {
+        match &model.dns {
+            Some(name) => match resolve(name).await {
                 Ok(found) => from_dns = Some(found),
                 Err(e) => {
                     tracing::warn!(dns = %name, error = %e, "DNS lookup failed; keeping the last known set")
                 }
-            }
+            },
+            None => from_dns = None,
         }
         let found: Vec<Found> = from_runner
             .iter()
@@ -80,9 +95,10 @@ async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, model: ModelConf
             .flatten()
             .cloned()
             .collect();
-        apply(&gw, &pool, &statics, &found);
-        tokio::time::sleep(gw.config.discovery_interval).await;
+        apply(&gw, &pool, &pool.configured(), &found);
+        tokio::time::sleep(config.discovery_interval).await;
     }
+    pool.discovering.store(false, Ordering::Release);
 }
 
 /// Make the pool's set the statics plus `found`, reusing backends by name.
@@ -178,7 +194,7 @@ async fn runner_instances(gw: &Gateway, runner: &Uri) -> Result<Vec<Found>, Sour
             .map(|c| c.to_bytes())
             .map_err(|e| SourceError::Http(e.to_string()))
     };
-    let body = tokio::time::timeout(gw.config.health_timeout, fut)
+    let body = tokio::time::timeout(gw.config().health_timeout, fut)
         .await
         .map_err(|_| SourceError::Http("timed out".into()))??;
     let list: Instances =

@@ -124,7 +124,7 @@ pub async fn forward(
     pool: &Arc<ModelPool>,
     out: Outbound,
 ) -> Result<Response<GatewayBody>, GatewayError> {
-    let max_attempts = gw.config.max_attempts;
+    let max_attempts = gw.config().max_attempts;
     let m = &gw.metrics;
     let mut attempt = 0;
     // Why the previous attempt failed, if one did.
@@ -179,7 +179,7 @@ pub async fn forward(
         let bitnet = backend.dialect.get() == Dialect::Bitnet;
         let mut dropped_tools = false;
         let body = if bitnet && out.is_openai_generation() {
-            let r = bitnet::rewrite_request(&out.body, &pool.id, gw.config.tools)
+            let r = bitnet::rewrite_request(&out.body, &pool.id, gw.config().tools)
                 .map_err(|e| GatewayError::ToolsUnsupported(e.to_string()))?;
             dropped_tools = r.dropped_tools;
             r.body
@@ -188,7 +188,8 @@ pub async fn forward(
         };
         let req = out.to_request(backend.uri_for(&out.path_and_query), body);
         let last = attempt >= max_attempts;
-        let sent = tokio::time::timeout(gw.config.first_byte_timeout, gw.client.request(req)).await;
+        let sent =
+            tokio::time::timeout(gw.config().first_byte_timeout, gw.client.request(req)).await;
         let Ok(sent) = sent else {
             // Hung before answering: another backend may do better.
             m.backends
@@ -196,18 +197,18 @@ pub async fn forward(
                 .with_label_values(&[&backend.name, "first_byte_timeout"])
                 .inc();
             backend.set_health(Health::Down);
-            tracing::warn!(backend = %backend.name, attempt, timeout = ?gw.config.first_byte_timeout,
+            tracing::warn!(backend = %backend.name, attempt, timeout = ?gw.config().first_byte_timeout,
                 "backend sent no response head in time; marked down");
             if last {
                 return Err(GatewayError::UpstreamTimeout {
                     backend: backend.name.clone(),
-                    waited: gw.config.first_byte_timeout,
+                    waited: gw.config().first_byte_timeout,
                 });
             }
             m.backends.retries.with_label_values(&[&backend.name]).inc();
             failure = Some(GatewayError::UpstreamTimeout {
                 backend: backend.name.clone(),
-                waited: gw.config.first_byte_timeout,
+                waited: gw.config().first_byte_timeout,
             });
             drop(guard);
             continue;
@@ -303,11 +304,11 @@ async fn respond(
         };
         if sse {
             let (first, ended) =
-                tokio::time::timeout(gw.config.first_byte_timeout, first_event(&mut body))
+                tokio::time::timeout(gw.config().first_byte_timeout, first_event(&mut body))
                     .await
                     .map_err(|_| GatewayError::UpstreamTimeout {
                         backend: backend.name.clone(),
-                        waited: gw.config.first_byte_timeout,
+                        waited: gw.config().first_byte_timeout,
                     })?
                     .map_err(upstream_err)?;
             if let Some(err) = bitnet_error_event(&first) {
@@ -380,8 +381,8 @@ async fn respond(
             sse,
             exchange,
             (
-                gw.config.first_byte_timeout,
-                gw.config.upstream_idle_timeout,
+                gw.config().first_byte_timeout,
+                gw.config().upstream_idle_timeout,
             ),
         ),
     };

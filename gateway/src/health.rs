@@ -41,7 +41,7 @@ pub enum Probe {
 
 /// Start a prober for every backend configured at start.
 pub fn spawn_probers(gw: &Arc<Gateway>) {
-    for pool in &gw.pools {
+    for pool in gw.pools().iter() {
         for backend in pool.backends().iter() {
             spawn_prober(gw, pool.clone(), backend.clone());
         }
@@ -55,7 +55,7 @@ pub fn spawn_prober(gw: &Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backen
 }
 
 async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend>) {
-    let cfg = &gw.config;
+    let cfg = &gw.config();
     let mut failures = 0u32;
     let mut next_health_at = Instant::now();
     let mut next_load_at = Instant::now();
@@ -88,7 +88,7 @@ async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend
 }
 
 async fn probe_once(gw: &Gateway, pool: &Arc<ModelPool>, backend: &Backend, failures: &mut u32) {
-    let cfg = &gw.config;
+    let cfg = &gw.config();
     let seen = probe(&gw.client, backend, cfg.health_timeout).await;
     if seen == Probe::Ok && backend.health() != Health::Up {
         // Learn slots, context and dialect before admitting work, so the first burst is

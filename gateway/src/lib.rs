@@ -21,7 +21,7 @@
 //! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
 //! [`health`] (background probes and each backend's own load), [`discovery`] (backends
 //! from a bitnet-runner or DNS), [`dialect`] (rewrites for the older BitNet server),
-//! [`context`] (the context-length guard), [`error`] (the one mapping from errors to HTTP) and
+//! [`context`] (the context-length guard), [`reload`] (applying a new config on SIGHUP), [`error`] (the one mapping from errors to HTTP) and
 //! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
 //! [`metrics`] (Prometheus, one struct per component), [`auth`] (API and admin keys,
 //! checked in constant time) and [`tls`] (rustls termination with reload, https backends).
@@ -43,6 +43,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod pool;
 pub mod relay;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod sse;

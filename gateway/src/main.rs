@@ -58,7 +58,7 @@ fn main() -> ExitCode {
         let scheme = if gw.tls.is_some() { "https" } else { "http" };
         // Tests and scripts start us on port 0 and read the real address from this line.
         println!("bitnet-gateway listening on {scheme}://{addr}");
-        tokio::spawn(reload_on_sighup(gw.clone()));
+        tokio::spawn(reload_on_sighup(gw.clone(), cli));
         match serve(listener, gw, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
@@ -69,24 +69,46 @@ fn main() -> ExitCode {
     })
 }
 
-/// SIGHUP: re-read the certificate; a bad one is logged and the old one stays.
-async fn reload_on_sighup(gw: std::sync::Arc<Gateway>) {
+/// SIGHUP: re-read the config file (and flags) and apply it; an invalid one is logged,
+/// naming the problem, and the old one stays in force.
+async fn reload_on_sighup(gw: std::sync::Arc<Gateway>, cli: Cli) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     while hup.recv().await.is_some() {
-        if let Some(tls) = &gw.tls {
-            match tls.reload() {
-                Ok(()) => {
-                    tracing::info!(cert = %tls.cert_path().display(), "SIGHUP: certificate reloaded")
+        let config = match cli.into_config() {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::error!(error = %one_line(&err), "SIGHUP: config not reloaded; the old one stays in force");
+                continue;
+            }
+        };
+        match gw.reload(config) {
+            Ok(r) => {
+                tracing::info!(models_added = ?r.models_added, models_removed = ?r.models_removed, backends_added = r.backends_added, backends_removed = r.backends_removed, "SIGHUP: config reloaded (certificate too, if any)");
+                for what in r.need_restart {
+                    tracing::warn!(
+                        setting = what,
+                        "SIGHUP: this setting changed but takes effect only after a restart"
+                    );
                 }
-                Err(err) => {
-                    tracing::error!(error = %err, "SIGHUP: certificate not reloaded; the old one stays in force")
-                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "SIGHUP: config not reloaded (certificate not reloaded); the old one stays in force")
             }
         }
     }
+}
+
+/// An error on one log line: TOML errors quote the offending lines over several.
+fn one_line(err: &dyn std::fmt::Display) -> String {
+    err.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 fn init_logging(format: LogFormat) {

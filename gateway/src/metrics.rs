@@ -171,7 +171,7 @@ impl Metrics {
 
     /// Prometheus text exposition, with live gauges read from the gateway's state.
     pub fn render(&self, gw: &Gateway) -> String {
-        for pool in &gw.pools {
+        for pool in gw.pools().iter() {
             self.queue
                 .depth
                 .with_label_values(&[&pool.id])

@@ -8,6 +8,7 @@
 //! "a slot is never handed out twice" easy to see and to test.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,10 +33,13 @@ pub struct QueueLimits {
 pub struct ModelPool {
     /// The model id clients use.
     pub id: String,
-    /// Queue limits.
-    pub limits: QueueLimits,
-    policy: Box<dyn Policy>,
     queue: Mutex<Queue>,
+    /// The backends listed in the config (discovery adds others to these).
+    configured: Mutex<Vec<Arc<Backend>>>,
+    /// Taken out of the config by a reload: discovery for it stops.
+    removed: AtomicBool,
+    /// A discovery loop is running for it.
+    pub(crate) discovering: AtomicBool,
 }
 
 /// The backends as one shared, immutable list.
@@ -43,6 +47,8 @@ pub type Backends = Arc<[Arc<Backend>]>;
 
 #[derive(Debug)]
 struct Queue {
+    limits: QueueLimits,
+    policy: Box<dyn Policy>,
     backends: Backends,
     waiters: VecDeque<Waiter>,
     next_id: u64,
@@ -88,14 +94,53 @@ impl ModelPool {
     ) -> ModelPool {
         ModelPool {
             id,
-            limits,
-            policy,
+            configured: Mutex::new(backends.clone()),
             queue: Mutex::new(Queue {
+                limits,
+                policy,
                 backends: backends.into(),
                 waiters: VecDeque::new(),
                 next_id: 0,
             }),
+            removed: AtomicBool::new(false),
+            discovering: AtomicBool::new(false),
         }
+    }
+
+    /// The queue limits in force.
+    pub fn limits(&self) -> QueueLimits {
+        self.lock().limits
+    }
+
+    /// Change the queue limits and policy (a reload); waiters may fit a larger queue now.
+    pub fn reconfigure(self: &Arc<Self>, limits: QueueLimits, policy: Box<dyn Policy>) {
+        let mut q = self.lock();
+        q.limits = limits;
+        q.policy = policy;
+        self.dispatch_locked(&mut q);
+    }
+
+    /// The backends listed in the config.
+    pub fn configured(&self) -> Vec<Arc<Backend>> {
+        self.configured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replace the backends listed in the config (a reload).
+    pub fn set_configured(&self, backends: Vec<Arc<Backend>>) {
+        *self.configured.lock().unwrap_or_else(|e| e.into_inner()) = backends;
+    }
+
+    /// Mark the model as removed by a reload.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether a reload removed the model.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// A snapshot of the backends.
@@ -129,14 +174,8 @@ impl ModelPool {
     /// The queue cap in force: fixed, or `per_slot` × slots (at least `per_slot`), so that
     /// a bigger fleet queues proportionally more before refusing.
     pub fn max_queue(&self) -> usize {
-        self.cap(&self.backends())
-    }
-
-    fn cap(&self, backends: &[Arc<Backend>]) -> usize {
-        self.limits.max.unwrap_or_else(|| {
-            let slots: u32 = backends.iter().map(|b| b.slots()).sum();
-            self.limits.per_slot * (slots.max(1) as usize)
-        })
+        let q = self.lock();
+        cap(&q.limits, &q.backends)
     }
 
     /// Requests waiting now.
@@ -150,7 +189,7 @@ impl ModelPool {
         let mut q = self.lock();
         // FIFO fairness: a newcomer never overtakes requests already waiting.
         if q.waiters.is_empty() {
-            if let Some(guard) = self.claim_locked(&q.backends) {
+            if let Some(guard) = self.claim_locked(&q) {
                 return TryClaim::Claimed(guard);
             }
         }
@@ -160,7 +199,7 @@ impl ModelPool {
         {
             return TryClaim::NoBackend;
         }
-        let max = self.cap(&q.backends);
+        let max = cap(&q.limits, &q.backends);
         if q.waiters.len() >= max {
             return TryClaim::QueueFull {
                 queued: q.waiters.len(),
@@ -197,7 +236,7 @@ impl ModelPool {
 
     fn dispatch_locked(self: &Arc<Self>, q: &mut Queue) {
         while !q.waiters.is_empty() {
-            let Some(guard) = self.claim_locked(&q.backends) else {
+            let Some(guard) = self.claim_locked(q) else {
                 return;
             };
             let waiter = q.waiters.pop_front().expect("checked non-empty");
@@ -212,9 +251,9 @@ impl ModelPool {
 
     /// Pick a backend and claim a slot on it. Must be called with the queue lock held so
     /// that pick-then-increment is atomic with respect to other claims.
-    fn claim_locked(self: &Arc<Self>, backends: &[Arc<Backend>]) -> Option<SlotGuard> {
-        let i = self.policy.pick(backends)?;
-        let backend = backends[i].clone();
+    fn claim_locked(self: &Arc<Self>, q: &Queue) -> Option<SlotGuard> {
+        let i = q.policy.pick(&q.backends)?;
+        let backend = q.backends[i].clone();
         backend.add_inflight();
         Some(SlotGuard {
             pool: self.clone(),
@@ -227,6 +266,14 @@ impl ModelPool {
         backend.sub_inflight();
         self.dispatch_locked(&mut q);
     }
+}
+
+/// The queue cap: fixed, or `per_slot` × slots (at least `per_slot`).
+fn cap(limits: &QueueLimits, backends: &[Arc<Backend>]) -> usize {
+    limits.max.unwrap_or_else(|| {
+        let slots: u32 = backends.iter().map(|b| b.slots()).sum();
+        limits.per_slot * (slots.max(1) as usize)
+    })
 }
 
 impl SlotGuard {

@@ -91,7 +91,7 @@ fn authorize(
     req: &Request<Incoming>,
     peer: SocketAddr,
 ) -> Result<Option<String>, GatewayError> {
-    let cfg = &gw.config;
+    let cfg = &gw.config();
     let path = req.uri().path();
     let keys = if path.starts_with("/admin/") {
         if cfg.admin_keys.is_open() {
@@ -209,7 +209,7 @@ async fn proxy(
     endpoint: &'static str,
     arrived: tokio::time::Instant,
 ) -> Result<Response<GatewayBody>, GatewayError> {
-    let limit = gw.config.max_body_bytes;
+    let limit = gw.config().max_body_bytes;
     let (parts, body) = req.into_parts();
     // Refuse an announced oversize body before reading any of it.
     let announced = parts
@@ -231,7 +231,7 @@ async fn proxy(
     let pool = gw
         .resolve(seen.model.as_deref())
         .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
-    if gw.config.context_guard && GENERATION.contains(&endpoint) {
+    if gw.config().context_guard && GENERATION.contains(&endpoint) {
         context::check(gw, &pool, &body).await?;
     }
     let mut headers = parts.headers;
@@ -260,7 +260,7 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
         .iter()
         .any(|b| b["state"] == "up" && b["held"] == false);
     let mut queues = serde_json::Map::new();
-    for pool in &gw.pools {
+    for pool in gw.pools().iter() {
         queues.insert(pool.id.clone(), json!(pool.queue_len()));
     }
     let ok = any_up && !gw.is_shutting_down();
@@ -280,7 +280,7 @@ fn health(gw: &Gateway) -> Response<GatewayBody> {
 /// Every backend's state, for `/health` and `/admin/backends`.
 fn backends_json(gw: &Gateway) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
-    for pool in &gw.pools {
+    for pool in gw.pools().iter() {
         for b in pool.backends().iter() {
             out.push(json!({
                 "name": b.name,
@@ -308,7 +308,7 @@ fn admin(gw: &Gateway, method: &Method, rest: &str) -> Result<Response<GatewayBo
             Bytes::from(json!({ "backends": backends_json(gw) }).to_string()),
         )),
         (&Method::POST, ["backends", name, action @ ("drain" | "resume")]) => {
-            let found = gw.pools.iter().find_map(|p| {
+            let found = gw.pools().iter().find_map(|p| {
                 p.backends()
                     .iter()
                     .find(|b| b.name == *name)
@@ -357,14 +357,14 @@ fn metrics(gw: &Gateway) -> Response<GatewayBody> {
 /// `GET /v1/models`: every configured id and alias, in OpenAI list format.
 fn models(gw: &Gateway) -> Response<GatewayBody> {
     let mut data = Vec::new();
-    for (pool, m) in gw.pools.iter().zip(&gw.config.models) {
+    for m in &gw.config().models {
         let entry = |id: &str| {
             json!({
                 "id": id,
                 "object": "model",
                 "created": 0,
                 "owned_by": "bitnet-gateway",
-                "root": pool.id,
+                "root": m.id,
                 "aliases": m.aliases,
             })
         };

@@ -10,7 +10,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::discovery;
 use crate::health::spawn_probers;
@@ -31,21 +30,6 @@ pub async fn serve(
     let _background = StopBackground(gw.clone());
     spawn_probers(&gw);
     discovery::spawn(&gw);
-    let cfg = &gw.config;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // A client that never finishes its headers, or idles between requests, must not
-        // hold a connection forever.
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    let permits = Arc::new(Semaphore::new(cfg.max_connections));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -61,7 +45,7 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(permit) = gw.connections.clone().try_acquire_owned() else {
             tokio::spawn(refuse_connection(stream));
             continue;
         };
@@ -72,7 +56,9 @@ pub async fn serve(
             let gw = gw2.clone();
             async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
         });
-        let builder = builder.clone();
+        // Built per connection from the config in force, so a reload's limits apply to
+        // new connections.
+        let builder = connection_builder(&gw.config());
         let watcher = graceful.watcher();
         let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
@@ -109,12 +95,30 @@ pub async fn serve(
     }
     drop(listener);
     gw.begin_shutdown();
-    tracing::info!(drain_timeout = ?gw.config.drain_timeout, "shutting down: no new connections; draining in-flight responses");
-    match tokio::time::timeout(gw.config.drain_timeout, graceful.shutdown()).await {
+    tracing::info!(drain_timeout = ?gw.config().drain_timeout, "shutting down: no new connections; draining in-flight responses");
+    match tokio::time::timeout(gw.config().drain_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained; exiting"),
         Err(_) => tracing::warn!("drain timeout reached; cutting the remaining connections"),
     }
     Ok(())
+}
+
+/// HTTP/1.1 and HTTP/2 settings for one client connection.
+fn connection_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A client that never finishes its headers, or idles between requests, must not
+        // hold a connection forever.
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_buf_size(cfg.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
 }
 
 /// Longest TLS handshake a client gets.

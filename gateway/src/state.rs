@@ -1,9 +1,10 @@
 //! The gateway's shared state: models, their pools, and the upstream client.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use dashmap::DashMap;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::backend::Backend;
@@ -16,14 +17,14 @@ use crate::tls::{TlsError, TlsReloader};
 /// Everything a request needs, shared by all connections.
 #[derive(Debug)]
 pub struct Gateway {
-    /// The configuration in force.
-    pub config: Config,
-    /// One pool per model, in config order.
-    pub pools: Vec<Arc<ModelPool>>,
+    /// The configuration in force; replaced whole by a reload.
+    config: RwLock<Arc<Config>>,
+    /// One pool per model, in config order; replaced whole by a reload.
+    pools: RwLock<Arc<Vec<Arc<ModelPool>>>>,
     /// Model ids and aliases to their pool. Read on every request, so a concurrent map.
-    names: DashMap<String, Arc<ModelPool>>,
-    /// The pool that unknown or missing `model`s go to, if any.
-    default_pool: Option<Arc<ModelPool>>,
+    pub(crate) names: DashMap<String, Arc<ModelPool>>,
+    /// Client connections allowed at once (resized by a reload).
+    pub(crate) connections: Arc<Semaphore>,
     /// Pooled keep-alive connections to every backend.
     pub client: UpstreamClient,
     /// Prometheus metrics.
@@ -77,26 +78,42 @@ impl Gateway {
             }
             pools.push(pool);
         }
-        let default_pool = config
-            .default_model
-            .as_ref()
-            .and_then(|d| names.get(d).map(|p| p.clone()));
+        let connections = Arc::new(Semaphore::new(config.max_connections));
         let client = upstream_client(&config)?;
         let tls = match &config.tls {
             Some((cert, key)) => Some(TlsReloader::load(cert, key)?),
             None => None,
         };
         Ok(Arc::new(Gateway {
-            config,
-            pools,
+            config: RwLock::new(Arc::new(config)),
+            pools: RwLock::new(Arc::new(pools)),
             names,
-            default_pool,
+            connections,
             client,
             metrics: Arc::new(Metrics::new()),
             shutting_down: AtomicBool::new(false),
             background: Mutex::new(JoinSet::new()),
             tls,
         }))
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The model pools, in config order.
+    pub fn pools(&self) -> Arc<Vec<Arc<ModelPool>>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swap in a reloaded configuration and pool list.
+    pub(crate) fn install(&self, config: Config, pools: Vec<Arc<ModelPool>>) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pools);
     }
 
     /// The pool for a request's `model` field.
@@ -110,10 +127,12 @@ impl Gateway {
                 return Ok(p.clone());
             }
         }
-        if let Some(p) = &self.default_pool {
-            return Ok(p.clone());
+        if let Some(d) = &self.config().default_model {
+            if let Some(p) = self.names.get(d) {
+                return Ok(p.clone());
+            }
         }
-        match (model, self.pools.as_slice()) {
+        match (model, self.pools().as_slice()) {
             (None, [only]) => Ok(only.clone()),
             (None, _) => Err("(none)".to_string()),
             (Some(name), _) => Err(name.to_string()),

@@ -68,7 +68,7 @@ async fn gateway(server: &Server, compat: &str) -> TestGateway {
         server.url()
     );
     let gw = TestGateway::start(&toml).await;
-    gw.wait_until(|g| g.pools[0].backends()[0].n_ctx().is_some())
+    gw.wait_until(|g| g.pools()[0].backends()[0].n_ctx().is_some())
         .await;
     gw
 }
@@ -217,10 +217,10 @@ async fn the_dialect_is_detected_and_the_model_id_is_the_configured_one() {
     let server = bitnet_sim(|_| {}).await;
     let gw = gateway(&server, "").await;
     assert_eq!(
-        gw.gw.pools[0].backends()[0].dialect.get(),
+        gw.gw.pools()[0].backends()[0].dialect.get(),
         gateway::dialect::Dialect::Bitnet
     );
-    assert_eq!(gw.gw.pools[0].backends()[0].n_ctx(), Some(4096));
+    assert_eq!(gw.gw.pools()[0].backends()[0].n_ctx(), Some(4096));
     let models = get(&gw.url("/v1/models")).await.json();
     assert_eq!(models["data"][0]["id"], "falcon3-10b");
     let got = post_json(
@@ -244,7 +244,7 @@ async fn the_dialect_is_detected_and_the_model_id_is_the_configured_one() {
     .await;
     let gw = gateway(&up, "").await;
     assert_eq!(
-        gw.gw.pools[0].backends()[0].dialect.get(),
+        gw.gw.pools()[0].backends()[0].dialect.get(),
         gateway::dialect::Dialect::LlamaCpp
     );
 }
@@ -278,6 +278,6 @@ async fn an_error_before_any_content_becomes_a_proper_http_error() {
     assert!(got.status.as_u16() >= 500, "{} {}", got.status, got.text());
     let v = got.json();
     assert!(v["error"]["message"].is_string(), "{v}");
-    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+    gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 0)
         .await;
 }

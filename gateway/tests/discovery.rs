@@ -37,17 +37,17 @@ async fn a_second_gateway_avoids_the_backend_the_first_one_keeps_busy() {
     // Gateway A starts a long generation (about 5 s at this time scale) on one backend.
     let url = a.url("/v1/chat/completions");
     let long = tokio::spawn(async move { post_json(&url, &chat_tokens(2000)).await });
-    a.wait_until(|g| g.pools[0].backends().iter().any(|b| b.inflight() == 1))
+    a.wait_until(|g| g.pools()[0].backends().iter().any(|b| b.inflight() == 1))
         .await;
-    let busy = a.gw.pools[0]
+    let busy = a.gw.pools()[0]
         .backends()
         .iter()
         .position(|b| b.inflight() == 1)
         .unwrap();
-    let busy_name = a.gw.pools[0].backends()[busy].name.clone();
+    let busy_name = a.gw.pools()[0].backends()[busy].name.clone();
 
     // Gateway B has no request of its own there, but reads the backend's own load.
-    b.wait_until(|g| g.pools[0].backends()[busy].busy() == 1)
+    b.wait_until(|g| g.pools()[0].backends()[busy].busy() == 1)
         .await;
     for _ in 0..6 {
         let got = post_json(&b.url("/v1/chat/completions"), &chat_tokens(3)).await;
@@ -80,7 +80,7 @@ async fn backends_are_discovered_from_every_address_a_name_resolves_to() {
     let server = tokio::spawn(gateway::serve(listener, gw.clone(), std::future::pending()));
     let want = format!("127.0.0.1:{port}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !gw.pools[0]
+    while !gw.pools()[0]
         .backends()
         .iter()
         .any(|b| b.name == want && b.health() == gateway::backend::Health::Up)

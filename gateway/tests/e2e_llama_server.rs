@@ -35,7 +35,7 @@ async fn chat_completions_work_through_the_gateway_streamed_and_not() {
     let urls: Vec<String> = servers.iter().map(|s| s.url()).collect();
     let gw = TestGateway::over(&urls, "").await;
     assert_eq!(
-        gw.gw.pools[0].total_slots(),
+        gw.gw.pools()[0].total_slots(),
         4,
         "slots discovered from /props"
     );
@@ -86,7 +86,7 @@ async fn chat_completions_work_through_the_gateway_streamed_and_not() {
     let got = post_json(&gw.url("/tokenize"), r#"{"content":"hello world"}"#).await;
     assert_eq!(got.status, 200);
     assert!(!got.json()["tokens"].as_array().unwrap().is_empty());
-    gw.wait_until(|g| g.pools[0].backends().iter().all(|b| b.inflight() == 0))
+    gw.wait_until(|g| g.pools()[0].backends().iter().all(|b| b.inflight() == 0))
         .await;
 }
 
@@ -141,7 +141,7 @@ async fn a_client_disconnect_frees_the_llama_server_slot_within_two_seconds() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+    gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 0)
         .await;
     eprintln!("slot idle {:?} after the client disconnected", t.elapsed());
 }

@@ -32,7 +32,7 @@ async fn a_reset_before_the_answer_is_retried_on_another_backend_which_is_marked
     assert_eq!(got.status, 200, "{}", got.text());
     assert_eq!(got.headers["x-fake-backend"], "b");
     assert_eq!((a.count(), b.count()), (1, 1));
-    assert_eq!(gw.gw.pools[0].backends()[0].health(), Health::Down);
+    assert_eq!(gw.gw.pools()[0].backends()[0].health(), Health::Down);
     assert_eq!(gw.inflight(0) + gw.inflight(1), 0);
 }
 
@@ -45,7 +45,7 @@ async fn a_refused_connection_fails_over() {
     let got = post_json(&gw.url("/v1/chat/completions"), &chat(0, false)).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.headers["x-fake-backend"], "b");
-    assert_eq!(gw.gw.pools[0].backends()[0].health(), Health::Down);
+    assert_eq!(gw.gw.pools()[0].backends()[0].health(), Health::Down);
 }
 
 #[tokio::test]
@@ -62,7 +62,7 @@ async fn a_503_answer_fails_over_and_the_backend_is_not_routed_to() {
     let got = post_json(&gw.url("/v1/chat/completions"), &chat(0, false)).await;
     assert_eq!(got.status, 200);
     assert_eq!(got.headers["x-fake-backend"], "b");
-    assert_ne!(gw.gw.pools[0].backends()[0].health(), Health::Up);
+    assert_ne!(gw.gw.pools()[0].backends()[0].health(), Health::Up);
     for i in 1..4 {
         let got = post_json(&gw.url("/v1/chat/completions"), &chat(i, false)).await;
         assert_eq!(got.headers["x-fake-backend"], "b");
@@ -110,7 +110,7 @@ async fn a_loading_backend_is_not_routed_to_until_it_is_up() {
     let b = FakeBackend::start("b", 1, ok).await;
     let gw = TestGateway::over(&[a.url(), b.url()], "").await;
     a.set_health(503);
-    gw.wait_until(|g| g.pools[0].backends()[0].health() == Health::Loading)
+    gw.wait_until(|g| g.pools()[0].backends()[0].health() == Health::Loading)
         .await;
     for i in 0..3 {
         let got = post_json(&gw.url("/v1/chat/completions"), &chat(i, false)).await;
@@ -120,7 +120,7 @@ async fn a_loading_backend_is_not_routed_to_until_it_is_up() {
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["backends"][0]["state"], "loading");
     a.set_health(200);
-    gw.wait_until(|g| g.pools[0].backends()[0].health() == Health::Up)
+    gw.wait_until(|g| g.pools()[0].backends()[0].health() == Health::Up)
         .await;
     let got = post_json(&gw.url("/v1/chat/completions"), &chat(9, false)).await;
     assert_eq!(got.headers["x-fake-backend"], "a");
@@ -130,8 +130,8 @@ async fn a_loading_backend_is_not_routed_to_until_it_is_up() {
 async fn a_down_backend_is_probed_and_readmitted_when_healthy() {
     let a = FakeBackend::start("a", 4, ok).await;
     let gw = TestGateway::over(&[a.url()], "").await;
-    gw.gw.pools[0].backends()[0].set_health(Health::Down);
-    gw.wait_until(|g| g.pools[0].backends()[0].health() == Health::Up)
+    gw.gw.pools()[0].backends()[0].set_health(Health::Down);
+    gw.wait_until(|g| g.pools()[0].backends()[0].health() == Health::Up)
         .await;
     let got = post_json(&gw.url("/v1/chat/completions"), &chat(0, false)).await;
     assert_eq!(got.status, 200);
@@ -142,11 +142,11 @@ async fn requests_queued_while_every_backend_is_loading_start_when_one_comes_up(
     let a = FakeBackend::start("a", 1, ok).await;
     let gw = TestGateway::over(&[a.url()], "").await;
     a.set_health(503);
-    gw.wait_until(|g| g.pools[0].backends()[0].health() == Health::Loading)
+    gw.wait_until(|g| g.pools()[0].backends()[0].health() == Health::Loading)
         .await;
     let url = gw.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { post_json(&url, &chat(0, false)).await });
-    gw.wait_until(|g| g.pools[0].queue_len() == 1).await;
+    gw.wait_until(|g| g.pools()[0].queue_len() == 1).await;
     a.set_health(200);
     let got = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
@@ -160,7 +160,7 @@ async fn with_every_backend_down_requests_fail_fast_with_503() {
     let mut a = FakeBackend::start("a", 1, ok).await;
     let gw = TestGateway::over(&[a.url()], "").await;
     a.stop();
-    gw.wait_until(|g| g.pools[0].backends()[0].health() == Health::Down)
+    gw.wait_until(|g| g.pools()[0].backends()[0].health() == Health::Down)
         .await;
     let got = post_json(&gw.url("/v1/chat/completions"), &chat(0, false)).await;
     got.assert_openai_error(503, "no_backend_available");
@@ -183,15 +183,15 @@ async fn a_busy_backend_with_slow_health_is_not_marked_down_but_an_idle_one_is()
     .await;
     let url = gw.url("/v1/chat/completions");
     let running = tokio::spawn(async move { post_json(&url, &chat(0, false)).await });
-    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 1)
+    gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 1)
         .await;
     busy.set_health_delay(Duration::from_secs(5));
     idle.set_health_delay(Duration::from_secs(5));
     // Many probe periods later: the idle slow one is down, the busy slow one is still up.
-    gw.wait_until(|g| g.pools[0].backends()[1].health() == Health::Down)
+    gw.wait_until(|g| g.pools()[0].backends()[1].health() == Health::Down)
         .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(gw.gw.pools[0].backends()[0].health(), Health::Up);
+    assert_eq!(gw.gw.pools()[0].backends()[0].health(), Health::Up);
     busy.release(1);
     assert_eq!(running.await.unwrap().status, 200);
 }

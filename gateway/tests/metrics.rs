@@ -167,7 +167,7 @@ async fn disconnects_rejections_and_retries_are_counted() {
     tokio::time::timeout(Duration::from_secs(2), stream.closed())
         .await
         .unwrap();
-    gw.wait_until(|g| g.pools[0].backends()[1].inflight() == 0)
+    gw.wait_until(|g| g.pools()[0].backends()[1].inflight() == 0)
         .await;
 
     let text = get(&gw.url("/metrics")).await.text();

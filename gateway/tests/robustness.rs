@@ -200,7 +200,7 @@ async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
     let text = got.text();
     assert!(text.starts_with("data: {\"n\":1}\n\n"), "{text}");
     assert!(text.contains("upstream_stream_broken"), "{text}");
-    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+    gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 0)
         .await;
     drop(stream);
 }
@@ -354,6 +354,6 @@ async fn ten_thousand_malformed_requests_leave_the_gateway_serving_with_flat_mem
         after < warm + 32 * 1024,
         "memory grew from {warm} KiB to {after} KiB"
     );
-    gw.wait_until(|g| g.pools[0].backends()[0].inflight() == 0)
+    gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 0)
         .await;
 }

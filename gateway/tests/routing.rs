@@ -185,6 +185,6 @@ async fn the_default_queue_cap_is_sized_from_the_slot_counts() {
     let a = FakeBackend::start("a", 2, held()).await;
     let b = FakeBackend::start("b", 3, held()).await;
     let gw = TestGateway::over(&[a.url(), b.url()], "[queue]\nper_slot = 2").await;
-    gw.wait_until(|g| g.pools[0].total_slots() == 5).await;
-    assert_eq!(gw.gw.pools[0].max_queue(), 10);
+    gw.wait_until(|g| g.pools()[0].total_slots() == 5).await;
+    assert_eq!(gw.gw.pools()[0].max_queue(), 10);
 }

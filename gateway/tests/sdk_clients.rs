@@ -141,6 +141,6 @@ async fn official_node_sdk_streams_through_the_gateway() {
     };
     run_script("node", "openai_stream.mjs", &gw.url("/v1")).await;
     // The call reached a backend through the gateway, and its slot was given back.
-    gw.wait_until(|g| g.pools[0].backends().iter().all(|b| b.inflight() == 0))
+    gw.wait_until(|g| g.pools()[0].backends().iter().all(|b| b.inflight() == 0))
         .await;
 }

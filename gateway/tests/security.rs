@@ -410,10 +410,7 @@ async fn the_binary_serves_https_and_reloads_its_certificate_on_sighup() {
     std::fs::copy(&k2, &key).unwrap();
     child.signal(Signal::SIGHUP).unwrap();
     assert!(child
-        .wait_for_line(
-            |l| l.contains("certificate reloaded"),
-            Duration::from_secs(5)
-        )
+        .wait_for_line(|l| l.contains("config reloaded"), Duration::from_secs(5))
         .is_some());
     assert_eq!(served_cn(&pki.ca_path(), &addr).await, "second-cert");
 }

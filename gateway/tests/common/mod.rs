@@ -66,7 +66,7 @@ impl TestGateway {
             task: Some(task),
         };
         tg.wait_until(|gw| {
-            gw.pools.iter().all(|p| {
+            gw.pools().iter().all(|p| {
                 p.backends()
                     .iter()
                     .all(|b| b.health() == gateway::backend::Health::Up)
@@ -98,11 +98,11 @@ impl TestGateway {
     }
 
     pub fn queue_len(&self) -> usize {
-        self.gw.pools[0].queue_len()
+        self.gw.pools()[0].queue_len()
     }
 
     pub fn inflight(&self, backend: usize) -> u32 {
-        self.gw.pools[0].backends()[backend].inflight()
+        self.gw.pools()[0].backends()[backend].inflight()
     }
 
     /// Trigger graceful shutdown and wait for `serve` to return.
