@@ -97,6 +97,12 @@ pub async fn check(
     let Some(n_ctx) = pool.backends().iter().filter_map(|b| b.n_ctx()).min() else {
         return Ok(());
     };
+    // The estimate below is at most the body's length (a message takes more than 30 bytes
+    // of JSON, its 8 template tokens less than that, and text is at least 1 byte a char), so
+    // a body shorter than half the context cannot be near the limit: skip the parse.
+    if (body.len() as u64) < u64::from(n_ctx) / 2 {
+        return Ok(());
+    }
     let Some((text, messages)) = prompt_text(body) else {
         return Ok(());
     };

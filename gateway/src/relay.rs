@@ -74,10 +74,13 @@ pub struct RelayBody {
     first_content: Option<Instant>,
     bytes: u64,
     recorded: bool,
-    /// Fires when the backend has been silent too long: until the first data, the
-    /// first-byte timeout (prompt evaluation on a CPU can take minutes); after it, `idle`.
+    /// Fires when the backend may have been silent too long: until the first data, after
+    /// the first-byte timeout (prompt evaluation on a CPU can take minutes); after it,
+    /// `idle` past the last data. Not re-armed per chunk (that would touch the timer wheel
+    /// for every token): when it fires, it checks `last_data` and re-arms if data came.
     idle_timer: Pin<Box<tokio::time::Sleep>>,
     idle: Duration,
+    last_data: Option<Instant>,
 }
 
 /// The backend went silent mid-response for longer than the idle timeout.
@@ -113,6 +116,7 @@ impl RelayBody {
             recorded: false,
             idle_timer: Box::pin(tokio::time::sleep(first)),
             idle,
+            last_data: None,
         }
     }
 
@@ -133,13 +137,34 @@ impl RelayBody {
 
     /// Account for data about to be sent.
     fn observe(&mut self, data: &[u8]) {
-        self.idle_timer.as_mut().reset(Instant::now() + self.idle);
+        let now = Instant::now();
+        if self.last_data.is_none() {
+            // From the first data on, silence is measured against `idle`.
+            self.idle_timer.as_mut().reset(now + self.idle);
+        }
+        self.last_data = Some(now);
         self.bytes += data.len() as u64;
         if self.scanner.feed(data) && self.first_content.is_none() {
             self.first_content = Some(Instant::now());
         }
         if let Some(g) = self.guard.as_ref() {
             g.backend().touch_progress();
+        }
+    }
+
+    /// Whether the backend has been silent past its deadline; re-arms the timer when data
+    /// arrived since it was set.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.idle_timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            match self.last_data {
+                Some(at) if at + self.idle > Instant::now() => {
+                    self.idle_timer.as_mut().reset(at + self.idle);
+                }
+                _ => return true,
+            }
         }
     }
 
@@ -307,7 +332,7 @@ impl Body for RelayBody {
             let polled = match Pin::new(upstream).poll_frame(cx) {
                 // Only a backend with nothing to give is idle: a slow client that makes us
                 // poll late finds data waiting and never trips the timer.
-                Poll::Pending if this.idle_timer.as_mut().poll(cx).is_ready() => {
+                Poll::Pending if this.idle_expired(cx) => {
                     Poll::Ready(Some(Err(Box::new(UpstreamIdle(this.idle)) as BoxError)))
                 }
                 Poll::Pending => return Poll::Pending,

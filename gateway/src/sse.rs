@@ -110,7 +110,7 @@ impl Scanner {
             return false;
         }
         let before = self.tally.content_events;
-        while let Some(nl) = chunk.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', chunk) {
             let (head, rest) = chunk.split_at(nl);
             chunk = &rest[1..];
             if self.line.is_empty() {
@@ -235,7 +235,7 @@ impl Scanner {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(hay, needle).is_some()
 }
 
 /// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
@@ -243,7 +243,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn has_content(data: &[u8]) -> bool {
     for key in [&b"\"content\":\""[..], b"\"text\":\""] {
         let mut rest = data;
-        while let Some(i) = rest.windows(key.len()).position(|w| w == key) {
+        while let Some(i) = memchr::memmem::find(rest, key) {
             let after = &rest[i + key.len()..];
             if after.first().is_some_and(|&b| b != b'"') {
                 return true;
