@@ -55,6 +55,14 @@ ensure_binaries() {
         log "building release binaries"
         (cd "$ROOT" && cargo build --release -p gateway -p loadtest)
     fi
+    # Run from a private copy: a build in the same checkout during the benchmark would
+    # otherwise swap binaries between two runs that are meant to be compared.
+    BUILT_AT=$(date -u -r "$BIN/bitnet-gateway" '+%Y-%m-%d %H:%M UTC')
+    mkdir -p "$WORK/bin"
+    for b in bitnet-gateway llama-sim bitnet-loadtest; do
+        cp "$BIN/$b" "$WORK/bin/$b"
+    done
+    BIN="$WORK/bin"
 }
 
 # start_server NAME CMD... : starts CMD in the background with its stdout in $WORK/NAME.out
@@ -144,8 +152,9 @@ machine_markdown() {
     printf -- '- Date: %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
     printf -- '- Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s\n' \
         "$(nproc)" "${model:-unknown CPU}" "$mem" "$(uname -r)"
-    printf -- '- Commit: %s%s\n' "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-        "$(git -C "$ROOT" diff --quiet HEAD -- gateway loadtest 2>/dev/null || echo ' (with uncommitted changes in gateway/ or loadtest/)')"
+    printf -- '- Code: release binaries built %s; the checkout was at commit %s%s when this section was written\n' \
+        "${BUILT_AT:-at an unknown time}" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+        "$(git -C "$ROOT" diff --quiet HEAD -- gateway loadtest 2>/dev/null || echo ', with uncommitted changes in gateway/ or loadtest/')"
 }
 
 # write_section NAME FILE : puts FILE between the NAME markers of BENCHMARKS.md, replacing

@@ -45,7 +45,13 @@ SIM_PID=$SERVER_PID
 wait_ready "$SIM_URL/health"
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tgw_cpu_s\tgw_hwm_mib\tsim_cpu_s\tgen_cpu_s\n' >"$RAW"
+printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tgw_cpu_s\tgw_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\n' >"$RAW"
+
+# A machine-wide TCP counter from /proc/net/netstat. A burst of connects that overflows a
+# listen backlog costs the dropped ones a 1 s SYN retransmission, which shows in TTFT.
+tcp_counter() {
+    awk -v k="$1" '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) h[i] = $i; n = 1 } else { for (i = 2; i <= NF; i++) if (h[i] == k) print $i } }' /proc/net/netstat
+}
 
 # run_one REPEAT SCENARIO PATH : one bitnet-loadtest run, one line of $RAW.
 run_one() {
@@ -66,7 +72,9 @@ run_one() {
     local gw_before=0 gw_after=0 sim_before sim_after
     [ -n "$gw_pid" ] && gw_before=$(cpu_seconds "$gw_pid")
     sim_before=$(cpu_seconds "$SIM_PID")
-    local t0 t1
+    local t0 t1 ovf_before syn_before
+    ovf_before=$(tcp_counter ListenOverflows)
+    syn_before=$(tcp_counter TCPSynRetrans)
     t0=$(date +%s.%N)
     /usr/bin/time -f '%U %S' -o "$json.time" \
         "$BIN/bitnet-loadtest" --url "$url" --model "$MODEL" --seed "$repeat" --stream \
@@ -85,8 +93,10 @@ run_one() {
         --arg hwm "$hwm" --arg wall "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" \
         --arg scpu "$(awk -v a="$sim_before" -v b="$sim_after" 'BEGIN { printf "%.2f", b - a }')" \
         --arg lcpu "$(awk '{ printf "%.2f", $1 + $2 }' "$json.time")" \
+        --arg ovf "$(($(tcp_counter ListenOverflows) - ovf_before))" \
+        --arg syn "$(($(tcp_counter TCPSynRetrans) - syn_before))" \
         '.summary | [$r, $s, $p, .ttft_us.p50, .ttft_us.p99, .itl_us.p50, .itl_us.p99, .itl_us.max,
-          .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu] | @tsv' \
+          .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu, $ovf, $syn] | @tsv' \
         "$json" >>"$RAW"
     log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
 }
@@ -152,8 +162,11 @@ def paired(scenario, key):
 
 print(f"Medians of {len(reps)} repeats; latency in ms. *Added* is the median over repeats of (gateway − direct) in the same repeat.")
 print()
-print("| arrivals | path | streams done | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | ITL max | added ITL p50 | added ITL p99 |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("*Listen overflows* and *SYN retransmits* are the machine's TCP counters (/proc/net/netstat) over the run, summed over")
+print("the repeats: connections dropped by a full listen backlog and retried after 1 s, which shows in TTFT p99.")
+print()
+print("| arrivals | path | streams done | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | ITL max | added ITL p50 | added ITL p99 | listen overflows | SYN retransmits |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
     for p in ["direct", "gateway"]:
         if not col(s, p, "itl_p50"):
@@ -164,7 +177,7 @@ for s in scenarios:
             f"| {s} | {p} | {med(col(s, p, 'streams_done')):.0f} | {sum(col(s, p, 'failed')):.0f} "
             f"| {med(col(s, p, 'ttft_p50')) / 1000:.1f} | {med(col(s, p, 'ttft_p99')) / 1000:.1f} "
             f"| {med(col(s, p, 'itl_p50')) / 1000:.2f} | {med(col(s, p, 'itl_p99')) / 1000:.2f} | {med(col(s, p, 'itl_max')) / 1000:.1f} "
-            f"| {a50} | {a99} |"
+            f"| {a50} | {a99} | {sum(col(s, p, 'listen_overflows')):.0f} | {sum(col(s, p, 'syn_retrans')):.0f} |"
         )
 print()
 print("CPU time is user + system seconds, and wall time is seconds, over the whole run: arrivals plus the streams still running after them.")

@@ -6,7 +6,13 @@
 # multiplied by TIME_SCALE, so that a minute of wall time stands for 1/TIME_SCALE minutes of
 # the real fleet. For each workload and each offered load (a fraction of the fleet's capacity)
 # every policy in POLICIES runs once per repeat against a fresh gateway, policies in rotating
-# order. round-robin, which ignores load, is the baseline.
+# order. round-robin is the baseline.
+#
+# A policy entry is a gateway policy name, optionally followed by ":slots=N" to tell the
+# gateway each backend has N slots instead of its true 1. The gateway's round-robin skips
+# backends whose slots are all taken, which on 1-slot backends makes it pick the same free
+# backends least-loaded would; "round-robin:slots=64" hides the slot limit, so requests are
+# dealt out blindly and wait in the backends' own queues, as behind a plain reverse proxy.
 #
 # The fleet's capacity is estimated first: a zero-latency simulator in the same dialect
 # answers a calibration sample of each workload at once, and the token counts it reports
@@ -17,19 +23,21 @@
 # is the request rate divided by TURNS.
 #
 # Usage: loadtest/bench/routing.sh
-# Knobs (environment): POLICIES ("round-robin least-loaded"), WORKLOADS ("agent short-chat"),
-# LOADS in percent of capacity ("70 90"), BACKENDS (8), TIME_SCALE (0.05), DURATION seconds of
-# arrivals per run (60), REPEATS (3).
+# Knobs (environment): POLICIES ("round-robin least-loaded round-robin:slots=64"), WORKLOADS
+# ("agent short-chat"), LOADS in percent of capacity ("70 90"), BACKENDS (8), TIME_SCALE (0.05),
+# DURATION seconds of arrivals per run (60), AGENT_DURATION for the agent workload, whose
+# sessions take a while to build up (90), REPEATS (3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Adding a policy to the comparison is adding its name here.
-read -r -a POLICIES <<<"${POLICIES:-round-robin least-loaded}"
+read -r -a POLICIES <<<"${POLICIES:-round-robin least-loaded round-robin:slots=64}"
 read -r -a WORKLOADS <<<"${WORKLOADS:-agent short-chat}"
 read -r -a LOADS <<<"${LOADS:-70 90}"
 BACKENDS=${BACKENDS:-8}
 TIME_SCALE=${TIME_SCALE:-0.05}
 DURATION=${DURATION:-60}
+AGENT_DURATION=${AGENT_DURATION:-90}
 REPEATS=${REPEATS:-3}
 PREFILL_RATE=60
 DECODE_RATE=18
@@ -113,28 +121,29 @@ busy_seconds() {
 RAW="$WORK/raw.tsv"
 printf 'repeat\tworkload\tload\tpolicy\trate\trequests\tsucceeded\trejected\tfailed\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\twall_s\tutilization\n' >"$RAW"
 
-backend_flags=()
-for url in "${SIM_URLS[@]}"; do
-    backend_flags+=(--backend "$url#slots=1")
-done
-
 run_one() {
     local repeat=$1 workload=$2 load=$3 policy=$4
-    local rate json="$WORK/r$repeat-$workload-$load-$policy.json"
+    local name=${policy%%:*} slots=1 duration=$DURATION
+    [[ $policy == *:slots=* ]] && slots=${policy##*:slots=}
+    [ "$workload" = agent ] && duration=$AGENT_DURATION
+    local rate json="$WORK/r$repeat-$workload-$load-${policy//[:=]/-}.json" backend_flags=() url
+    for url in "${SIM_URLS[@]}"; do
+        backend_flags+=(--backend "$url#slots=$slots")
+    done
     rate=$(arrival_rate "$workload" "$load")
     wait_fleet_idle
-    start_server "gateway-$repeat-$workload-$load-$policy" "$BIN/bitnet-gateway" \
-        --listen 127.0.0.1:0 --model "$MODEL" --policy "$policy" "${backend_flags[@]}"
+    start_server "gateway-$repeat-$workload-$load-${policy//[:=]/-}" "$BIN/bitnet-gateway" \
+        --listen 127.0.0.1:0 --model "$MODEL" --policy "$name" "${backend_flags[@]}"
     local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after
     wait_ready "$gw_url/health"
     busy_before=$(busy_seconds)
     "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
-        --rate "$rate" --duration "$DURATION" --drain 120 --seed "$repeat" \
+        --rate "$rate" --duration "$duration" --drain 120 --seed "$repeat" \
         --turns "$TURNS" --think-time "$THINK_TIME" --json "$json" -q >"$json.txt" 2>&1
     busy_after=$(busy_seconds)
     stop_server "$gw_pid"
     jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
-        --arg util "$(awk -v a="$busy_before" -v b="$busy_after" -v n="$BACKENDS" -v d="$DURATION" \
+        --arg util "$(awk -v a="$busy_before" -v b="$busy_after" -v n="$BACKENDS" -v d="$duration" \
             'BEGIN { printf "%.3f", (b - a) / (n * d) }')" '
         .summary | [$r, $w, $l, $p, $rate, .requests, .succeeded,
           ((.statuses["429"] // 0) + (.statuses["503"] // 0) + .dropped_arrivals),
@@ -165,12 +174,13 @@ SECTION="$WORK/section.md"
     machine_markdown
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo "- $BACKENDS llama-sim backends, \`--dialect bitnet\` (1 slot, no prompt cache since requests do not ask for one), $PREFILL_RATE tokens/s prompt evaluation, $DECODE_RATE tokens/s generation, **\`--time-scale $TIME_SCALE\`: every delay is multiplied by $TIME_SCALE**, so one wall-clock second stands for $(awk -v s="$TIME_SCALE" 'BEGIN { print 1 / s }') s of the real fleet. The gateway is told each backend has 1 slot; a fresh gateway serves each run."
-    echo "- Streamed requests, Poisson arrivals for $DURATION s per run, then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns."
+    echo "- Policies: \`round-robin\` and \`least-loaded\` are the gateway's; both skip a backend whose slots are all taken, so with 1-slot backends they choose among the same free backends. \`round-robin:slots=64\` is round-robin with the gateway told each backend has 64 slots: it deals requests out without regard to load and they queue inside the backends, as behind a plain reverse proxy."
+    echo "- Streamed requests, Poisson arrivals for $DURATION s per run ($AGENT_DURATION s for agent, whose sessions take a while to build up), then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "POLICIES=\"${POLICIES[*]}\" WORKLOADS=\"${WORKLOADS[*]}\" LOADS=\"${LOADS[*]}\" TIME_SCALE=$TIME_SCALE DURATION=$DURATION REPEATS=$REPEATS loadtest/bench/routing.sh"
+    echo "POLICIES=\"${POLICIES[*]}\" WORKLOADS=\"${WORKLOADS[*]}\" LOADS=\"${LOADS[*]}\" TIME_SCALE=$TIME_SCALE DURATION=$DURATION AGENT_DURATION=$AGENT_DURATION REPEATS=$REPEATS loadtest/bench/routing.sh"
     echo '```'
     echo
     python3 - "$RAW" "$CAPACITY" "$TIME_SCALE" "$BACKENDS" "$PREFILL_RATE" "$DECODE_RATE" <<'PY'
