@@ -26,7 +26,9 @@
 # Knobs (environment): POLICIES ("round-robin least-loaded round-robin:slots=64"), WORKLOADS
 # ("agent short-chat"), LOADS in percent of capacity ("70 90"), BACKENDS (8), TIME_SCALE (0.05),
 # DURATION seconds of arrivals per run (60), AGENT_DURATION for the agent workload, whose
-# sessions take a while to build up (90), REPEATS (3).
+# sessions take a while to build up (90), SYSTEM_PROMPT_CHARS of the agent workload (8000, so
+# that a whole 5-turn conversation fits the fork's 4,096-token context, which the gateway
+# enforces), REPEATS (3).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -38,6 +40,7 @@ BACKENDS=${BACKENDS:-8}
 TIME_SCALE=${TIME_SCALE:-0.05}
 DURATION=${DURATION:-60}
 AGENT_DURATION=${AGENT_DURATION:-90}
+SYSTEM_PROMPT_CHARS=${SYSTEM_PROMPT_CHARS:-8000}
 REPEATS=${REPEATS:-3}
 PREFILL_RATE=60
 DECODE_RATE=18
@@ -59,6 +62,7 @@ printf 'workload\trequests\tprompt_mean\tcached_mean\tcompletion_mean\tservice_s
 for workload in "${WORKLOADS[@]}"; do
     "$BIN/bitnet-loadtest" --url "$CALIB_URL" --model "$MODEL" --workload "$workload" \
         --concurrency 1 --requests 50 --think-time 0 --turns "$TURNS" --seed 1000 \
+        --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
         --json "$WORK/calib-$workload.json" -q >/dev/null 2>&1
     session_requests=1
     [ "$workload" = agent ] && session_requests=$TURNS
@@ -139,7 +143,8 @@ run_one() {
     busy_before=$(busy_seconds)
     "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
         --rate "$rate" --duration "$duration" --drain 120 --seed "$repeat" \
-        --turns "$TURNS" --think-time "$THINK_TIME" --json "$json" -q >"$json.txt" 2>&1
+        --turns "$TURNS" --think-time "$THINK_TIME" --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
+        --json "$json" -q >"$json.txt" 2>&1
     busy_after=$(busy_seconds)
     stop_server "$gw_pid"
     jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
@@ -175,12 +180,12 @@ SECTION="$WORK/section.md"
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo "- $BACKENDS llama-sim backends, \`--dialect bitnet\` (1 slot, no prompt cache since requests do not ask for one), $PREFILL_RATE tokens/s prompt evaluation, $DECODE_RATE tokens/s generation, **\`--time-scale $TIME_SCALE\`: every delay is multiplied by $TIME_SCALE**, so one wall-clock second stands for $(awk -v s="$TIME_SCALE" 'BEGIN { print 1 / s }') s of the real fleet. The gateway is told each backend has 1 slot; a fresh gateway serves each run."
     echo "- Policies: \`round-robin\` and \`least-loaded\` are the gateway's; both skip a backend whose slots are all taken, so with 1-slot backends they choose among the same free backends. \`round-robin:slots=64\` is round-robin with the gateway told each backend has 64 slots: it deals requests out without regard to load and they queue inside the backends, as behind a plain reverse proxy."
-    echo "- Streamed requests, Poisson arrivals for $DURATION s per run ($AGENT_DURATION s for agent, whose sessions take a while to build up), then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns."
+    echo "- Streamed requests, Poisson arrivals for $DURATION s per run ($AGENT_DURATION s for agent, whose sessions take a while to build up), then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns and a $SYSTEM_PROMPT_CHARS-character system prompt, so that a whole conversation fits the 4,096-token context (the gateway refuses longer prompts with 400 rather than let the fork truncate them)."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "POLICIES=\"${POLICIES[*]}\" WORKLOADS=\"${WORKLOADS[*]}\" LOADS=\"${LOADS[*]}\" TIME_SCALE=$TIME_SCALE DURATION=$DURATION AGENT_DURATION=$AGENT_DURATION REPEATS=$REPEATS loadtest/bench/routing.sh"
+    echo "POLICIES=\"${POLICIES[*]}\" WORKLOADS=\"${WORKLOADS[*]}\" LOADS=\"${LOADS[*]}\" TIME_SCALE=$TIME_SCALE DURATION=$DURATION AGENT_DURATION=$AGENT_DURATION SYSTEM_PROMPT_CHARS=$SYSTEM_PROMPT_CHARS REPEATS=$REPEATS loadtest/bench/routing.sh"
     echo '```'
     echo
     python3 - "$RAW" "$CAPACITY" "$TIME_SCALE" "$BACKENDS" "$PREFILL_RATE" "$DECODE_RATE" <<'PY'
@@ -221,8 +226,7 @@ print()
 print(f"A zero-latency simulator in the bitnet dialect answered a calibration sample of each workload; from the")
 print(f"token counts it reported, each request keeps a real backend's only slot busy for")
 print(f"S = (prompt tokens − cached tokens) / {prefill} + completion tokens / {decode} seconds. With {backends} backends the fleet")
-print(f"completes at most {backends} / S requests per second. The bitnet dialect truncates prompts longer than the")
-print(f"4,096-token context (keeping the end), which is why the agent's prompts stay under 4,096 tokens.")
+print(f"completes at most {backends} / S requests per second.")
 print()
 print("| workload | sample | mean prompt tokens | mean cached | mean completion tokens | S (s, real) | fleet capacity (req/s, real) | requests per session | sessions/s at 70 % (compressed clock) | at 90 % |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
