@@ -11,17 +11,6 @@ use http_body_util::BodyExt;
 use testkit::fake_backend::{FakeBackend, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn wait_for(cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// SSE with the awkward parts: multi-byte UTF-8 split across chunks, CRLF, comments,
 /// multi-line data, and a chunk boundary in the middle of an event.
 fn awkward_sse() -> Vec<Bytes> {

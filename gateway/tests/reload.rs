@@ -2,10 +2,14 @@
 //! and streams in flight are not dropped. An invalid file is refused and the old config
 //! stays in force.
 
+mod common;
+
 use std::process::Command;
+
+use common::spawn_gateway;
 use std::time::Duration;
 
-use testkit::child::{ChildGuard, Signal};
+use testkit::child::Signal;
 use testkit::fake_backend::{FakeBackend, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -104,17 +108,8 @@ async fn sighup_applies_a_new_config_without_dropping_streams_and_refuses_a_bad_
 
     let mut cmd = Command::new(BIN);
     cmd.arg("--config").arg(&file);
-    let mut child = ChildGuard::spawn(cmd).unwrap();
-    let line = child
-        .wait_for_line(
-            |l| l.starts_with("bitnet-gateway listening on "),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|| panic!("{}", child.output_so_far()));
-    let addr = line
-        .trim_start_matches("bitnet-gateway listening on http://")
-        .trim()
-        .to_string();
+    let (mut child, base) = spawn_gateway(cmd);
+    let addr = base.trim_start_matches("http://").to_string();
     eventually(&addr, &body("m", false), None, |s, be| {
         s == 200 && be == "a"
     })

@@ -12,17 +12,6 @@ fn held() -> impl Fn(&testkit::fake_backend::Seen) -> Reply + Send + Sync {
     |_| Reply::Held(Box::new(Reply::Json(200, completion_json("ok"))))
 }
 
-async fn wait_for(cond: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !cond() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not reached within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 #[tokio::test]
 async fn requests_go_to_the_backend_with_most_free_slots_and_never_exceed_slots() {
     let a = FakeBackend::start("a", 3, held()).await;

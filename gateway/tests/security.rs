@@ -12,7 +12,7 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use testkit::child::{ChildGuard, Signal};
+use testkit::child::Signal;
 use testkit::fake_backend::{FakeBackend, Reply};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bitnet-gateway");
@@ -202,17 +202,7 @@ fn keys_from_a_file_and_the_environment_work_with_the_binary() {
     ])
     .arg(&file)
     .env("BITNET_GATEWAY_API_KEYS", "env-key-1,env-key-2");
-    let child = ChildGuard::spawn(cmd).unwrap();
-    let line = child
-        .wait_for_line(
-            |l| l.starts_with("bitnet-gateway listening on "),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|| panic!("{}", child.output_so_far()));
-    let base = line
-        .trim_start_matches("bitnet-gateway listening on ")
-        .trim()
-        .to_string();
+    let (_child, base) = spawn_gateway(cmd);
     rt.block_on(async {
         for (key, want) in [("file-key-1", 200), ("env-key-2", 200), ("nope", 401)] {
             let mut got = 0;
@@ -355,17 +345,7 @@ async fn the_binary_serves_https_and_reloads_its_certificate_on_sighup() {
     .arg(&cert)
     .arg("--tls-key")
     .arg(&key);
-    let mut child = ChildGuard::spawn(cmd).unwrap();
-    let line = child
-        .wait_for_line(
-            |l| l.starts_with("bitnet-gateway listening on "),
-            Duration::from_secs(10),
-        )
-        .unwrap_or_else(|| panic!("{}", child.output_so_far()));
-    let base = line
-        .trim_start_matches("bitnet-gateway listening on ")
-        .trim()
-        .to_string();
+    let (mut child, base) = spawn_gateway(cmd);
     assert!(base.starts_with("https://"), "{base}");
     let addr = base.trim_start_matches("https://").to_string();
     let mut health = Err(String::new());

@@ -213,3 +213,33 @@ pub fn completion_json(text: &str) -> String {
     })
     .to_string()
 }
+
+/// Start the real `bitnet-gateway` from `cmd` (its arguments already set) and wait for its
+/// "listening on" line. Returns the process, killed on drop, and its base URL
+/// (`http://ADDR` or `https://ADDR`).
+pub fn spawn_gateway(cmd: std::process::Command) -> (testkit::child::ChildGuard, String) {
+    let child = testkit::child::ChildGuard::spawn(cmd).expect("spawn bitnet-gateway");
+    let line = child
+        .wait_for_line(
+            |l| l.starts_with("bitnet-gateway listening on "),
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the gateway did not start:\n{}", child.output_so_far()));
+    let base = line
+        .trim_start_matches("bitnet-gateway listening on ")
+        .trim()
+        .to_string();
+    (child, base)
+}
+
+/// Wait (up to 5 s) until `cond` holds.
+pub async fn wait_for(cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
