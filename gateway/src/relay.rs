@@ -152,6 +152,18 @@ impl RelayBody {
         }
     }
 
+    /// A body of known length is over when its last byte is handed on: hyper writes it
+    /// and may drop the body without polling again, which must not count as a client
+    /// that went away. Record the end now, and release the slot with it.
+    fn complete_if_ended(&mut self) {
+        let upstream_done = self.upstream.as_ref().is_none_or(|u| u.is_end_stream());
+        if upstream_done && self.prefix.is_none() && self.fixer.is_none() {
+            self.done = true;
+            self.finish(Ending::Complete);
+            self.guard.take();
+        }
+    }
+
     /// Whether the backend has been silent past its deadline; re-arms the timer when data
     /// arrived since it was set.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
@@ -309,6 +321,7 @@ impl Body for RelayBody {
                 let p = this.fix(p);
                 if !p.is_empty() {
                     this.observe(&p);
+                    this.complete_if_ended();
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
                 continue;
@@ -349,6 +362,7 @@ impl Body for RelayBody {
                             continue;
                         }
                         this.observe(&data);
+                        this.complete_if_ended();
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Err(other) => return Poll::Ready(Some(Ok(other))),

@@ -61,10 +61,19 @@ pub async fn handle(
     if let Ok(Some(key)) = &authorized {
         gw.metrics.requests.by_key.with_label_values(&[key]).inc();
     }
+    // If the client goes away before an answer exists, hyper drops this future: the guard
+    // still leaves a trace (status 499, as nginx logs it).
+    let mut unanswered = Unanswered {
+        gw: &gw,
+        id: &id,
+        endpoint,
+        armed: true,
+    };
     let routed = match authorized {
         Ok(_) => route(&gw, req, &id, endpoint, arrived).await,
         Err(e) => Err(e),
     };
+    unanswered.armed = false;
     let mut resp = match routed {
         Ok(resp) => resp,
         Err(err) => {
@@ -82,6 +91,28 @@ pub async fn handle(
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     resp
+}
+
+/// Records a request whose client left before it was answered.
+struct Unanswered<'a> {
+    gw: &'a Gateway,
+    id: &'a str,
+    endpoint: &'static str,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            tracing::info!(target: "access", request_id = %self.id, endpoint = self.endpoint, status = 499u16, "client went away before the response");
+            self.gw
+                .metrics
+                .requests
+                .requests
+                .with_label_values(&["", "", self.endpoint, "499"])
+                .inc();
+        }
+    }
 }
 
 /// Check the request's key for what it asks. Returns the key's name (for logs and

@@ -138,6 +138,12 @@ async fn per_backend_series_carry_the_tokens_and_statuses_of_the_traffic() {
         4.0
     );
     assert!(value(&text, "process_resident_memory_bytes") > 0.0);
+    // Every answer was read to its end: none may count as abandoned, including the
+    // non-streamed one, whose body hyper may drop right after its last byte.
+    assert!(
+        !text.contains("bitnet_gateway_client_disconnects_total{"),
+        "{text}"
+    );
     assert!(value(&text, "process_open_fds") > 0.0);
 }
 

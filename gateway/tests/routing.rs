@@ -159,6 +159,13 @@ async fn a_client_that_disconnects_while_queued_leaves_the_queue_at_once() {
     assert_eq!(be.count(), 1);
     wait_for(|| gw.inflight(0) == 0).await;
 
+    // The departed request left a trace.
+    let metrics = get(&gw.url("/metrics")).await.text();
+    assert!(
+        metrics.contains("endpoint=\"/v1/chat/completions\",model=\"\",status=\"499\"} 1"),
+        "{metrics}"
+    );
+
     // And the gateway still serves.
     let mut sock = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     sock.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")

@@ -427,4 +427,14 @@ impl Body for FakeBody {
     fn is_end_stream(&self) -> bool {
         self.full.is_none() && self.rx.is_none()
     }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        // A complete body has a length, so it goes out with Content-Length like
+        // llama-server's JSON answers; streams are chunked.
+        match (&self.full, &self.rx) {
+            (Some(b), _) => hyper::body::SizeHint::with_exact(b.len() as u64),
+            (None, None) => hyper::body::SizeHint::with_exact(0),
+            (None, Some(_)) => hyper::body::SizeHint::default(),
+        }
+    }
 }
