@@ -5,8 +5,9 @@
 //! A request's path, top to bottom, one file per step:
 //!
 //! 1. [`server`]: accept connections, serve HTTP/1.1 and HTTP/2, drain on shutdown.
-//! 2. [`routes`]: match method and path, read the body within its limit, [`inspect`] it
-//!    for `model` and `stream`, answer `/health` and `/v1/models`.
+//! 2. [`routes`]: check the key, match method and path, read the body within its limit,
+//!    [`inspect`] it for `model` and `stream`; answer `/health`, `/metrics`, `/v1/models`
+//!    and `/admin/...` here.
 //! 3. [`admit`]: claim a slot in the model's [`pool`], or wait in its FIFO queue.
 //! 4. [`balance`]: the routing [`Policy`](balance::Policy) that picks a backend, one file
 //!    per policy.
@@ -17,14 +18,16 @@
 //! 7. Release: dropping the [`SlotGuard`](pool::SlotGuard) frees the slot and hands it to
 //!    the oldest waiter, once.
 //!
-//! Around it: [`config`] and [`cli`] (TOML plus flags), [`state`] (the shared
-//! [`Gateway`](state::Gateway)), [`backend`] (per-backend atomics and health state),
-//! [`health`] (background probes and each backend's own load), [`discovery`] (backends
-//! from a bitnet-runner or DNS), [`dialect`] (rewrites for the older BitNet server),
-//! [`context`] (the context-length guard), [`reload`] (applying a new config on SIGHUP), [`error`] (the one mapping from errors to HTTP) and
-//! [`body`] (the response body type), [`sse`] (token accounting from the relayed bytes)
-//! [`metrics`] (Prometheus, one struct per component), [`auth`] (API and admin keys,
-//! checked in constant time) and [`tls`] (rustls termination with reload, https backends).
+//! Around it:
+//! - configuration: [`config`] and [`cli`] (TOML plus flags), [`reload`] (SIGHUP);
+//! - shared state: [`state`] (the [`Gateway`](state::Gateway)), [`backend`] (per-backend
+//!   atomics and health), [`health`] (probes and each backend's own load), [`discovery`]
+//!   (backends from a bitnet-runner or DNS);
+//! - the request's content: [`dialect`] (rewrites for the older BitNet server), [`context`]
+//!   (the context-length guard), [`sse`] (token accounting from the relayed bytes);
+//! - the edges: [`auth`] (API and admin keys, constant time), [`tls`] (rustls termination
+//!   with reload, https backends), [`error`] (the one mapping from errors to HTTP), [`body`]
+//!   (the response body type), [`metrics`] (Prometheus, one struct per component).
 
 pub mod admit;
 pub mod auth;
