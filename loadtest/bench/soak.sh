@@ -321,7 +321,7 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "DURATION=$DURATION INSTANCES=$INSTANCES SLOTS=$SLOTS TIME_SCALE=$TIME_SCALE STREAM_RATE=$STREAM_RATE PLAIN_RATE=$PLAIN_RATE CRASH_AT=$CRASH_AT loadtest/bench/soak.sh"
+    echo "DURATION=$DURATION INSTANCES=$INSTANCES SLOTS=$SLOTS TIME_SCALE=$TIME_SCALE STREAM_RATE=$STREAM_RATE PLAIN_RATE=$PLAIN_RATE CRASH_AT=$CRASH_AT WARMUP=$WARMUP loadtest/bench/soak.sh"
     echo '```'
     echo
     python3 - "$WORK" "$WARMUP" "$DURATION" "$LOAD_SECS" "$IDLE_FDS_BEFORE" "$IDLE_FDS_AFTER" \
@@ -506,7 +506,7 @@ unlogged = requests_total - sum(endings.values())
 left_early = dis["stream_before_answer"]["sent"] + dis["plain_before_answer"]["sent"]
 print(f"- Access log: {sum(endings.values())} requests logged, by ending: " + ", ".join(f"{k}: {v}" for k, v in sorted(endings.items()))
       + f". Not logged: {unlogged}"
-      + (f", within the {left_early} the disconnecting client abandoned before any answer (a request left before its response head leaves no log line and no `requests_total` count)."
+      + (f", within the {left_early} the disconnecting client abandoned before any answer (a request whose client left before its response head is logged as \"client went away before the response\" and counted with status 499, not with an ending)."
          if 0 <= unlogged <= left_early else f", **more than the {left_early} the disconnecting client abandoned before any answer**."))
 print(f"- `bitnet_gateway_upstream_errors_total` by kind: {labelled('bitnet_gateway_upstream_errors_total', 'kind')}; "
       f"on the killed backend: {by_label[('bitnet_gateway_upstream_errors_total', 'victim', '')]:.0f}")
