@@ -76,8 +76,10 @@ pub struct Backend {
     /// before a planned restart, or restarting): takes no new work, keeps its running work.
     held: AtomicBool,
     /// Requests the backend itself reports as processing or deferred (its own count,
-    /// which includes other gateways' requests), and when that was read.
+    /// which includes other gateways' requests), this gateway's in-flight count when that
+    /// was read, and when.
     reported_busy: AtomicU32,
+    own_at_report: AtomicU32,
     reported_at_ms: AtomicU64,
     /// Milliseconds since `epoch` at which the last response byte from this backend arrived.
     /// A backend that is still streaming is alive even when its `/health` is slow.
@@ -112,6 +114,7 @@ impl Backend {
             retired: AtomicBool::new(false),
             held: AtomicBool::new(false),
             reported_busy: AtomicU32::new(0),
+            own_at_report: AtomicU32::new(0),
             reported_at_ms: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -163,15 +166,21 @@ impl Backend {
         self.inflight.load(Ordering::Acquire)
     }
 
-    /// Busy slots: our own in-flight requests, or what the backend last reported if that
-    /// is more (other gateways share it) and recent enough to trust.
+    /// Busy slots: our own in-flight requests, live, plus the others' share of what the
+    /// backend last reported (its count minus ours at that moment), while recent enough to
+    /// trust. Our own part is never taken from the stale report: a request of ours that
+    /// ends frees its slot at once instead of at the next poll.
     pub fn busy(&self) -> u32 {
         let own = self.inflight();
         let at = self.reported_at_ms.load(Ordering::Acquire);
         if at == 0 || self.now_ms().saturating_sub(at) > REPORT_TTL_MS {
             return own;
         }
-        own.max(self.reported_busy.load(Ordering::Acquire))
+        let others = self
+            .reported_busy
+            .load(Ordering::Acquire)
+            .saturating_sub(self.own_at_report.load(Ordering::Acquire));
+        own + others
     }
 
     /// Free slots, never negative: slots can shrink under requests already running.
@@ -189,6 +198,7 @@ impl Backend {
 
     /// Record the load the backend reports about itself (`/metrics` or `/slots`).
     pub fn set_reported_busy(&self, n: u32) {
+        self.own_at_report.store(self.inflight(), Ordering::Release);
         self.reported_busy.store(n, Ordering::Release);
         self.reported_at_ms
             .store(self.now_ms().max(1), Ordering::Release);
@@ -282,6 +292,26 @@ mod tests {
         let d = Backend::new("d".into(), "http://h:1".parse().unwrap(), None);
         d.set_discovered_slots(8);
         assert_eq!(d.slots(), 8);
+    }
+
+    #[test]
+    fn reported_load_adds_only_other_gateways_requests() {
+        let b = Backend::new("b".into(), "http://h:1".parse().unwrap(), Some(2));
+        b.set_health(Health::Up);
+        // One request of ours is running; the backend reports two: one is someone else's.
+        b.add_inflight();
+        b.set_reported_busy(2);
+        assert_eq!(b.busy(), 2);
+        assert!(!b.is_routable());
+        // Ours ends: its slot is free now, not at the next poll.
+        b.sub_inflight();
+        assert_eq!(b.busy(), 1);
+        assert!(b.is_routable());
+        // Nothing of ours, one reported: the other gateway's request still counts.
+        let c = Backend::new("c".into(), "http://h:1".parse().unwrap(), Some(1));
+        c.set_health(Health::Up);
+        c.set_reported_busy(1);
+        assert!(!c.is_routable());
     }
 
     #[test]
