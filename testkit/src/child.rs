@@ -237,3 +237,50 @@ impl Output {
         self.changed.notify_all();
     }
 }
+
+/// Start a server process that binds an OS-assigned port and logs it, then poll it until
+/// `ready(port)` holds. `name` and the program's path appear in every error, together with
+/// everything the process logged, so a failing test says why.
+pub fn start_server(
+    cmd: Command,
+    name: &str,
+    deadline: Instant,
+    parse_port: impl Fn(&str) -> Option<u16>,
+    ready: impl Fn(u16) -> bool,
+) -> io::Result<(ChildGuard, u16)> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = ChildGuard::spawn(cmd)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
+    let fail = |child: &ChildGuard, what: &str| {
+        io::Error::other(format!(
+            "{name} {program} {what}; its log:\n{}",
+            child.output_so_far()
+        ))
+    };
+    let port = child
+        .wait_for_line(
+            |line| parse_port(line).is_some(),
+            deadline.saturating_duration_since(Instant::now()),
+        )
+        .and_then(|line| parse_port(&line))
+        .ok_or_else(|| fail(&child, "never logged the port it listens on"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Err(fail(&child, &format!("exited during startup: {status}")));
+        }
+        // Connection errors are expected while the server's listener starts.
+        if ready(port) {
+            return Ok((child, port));
+        }
+        if Instant::now() >= deadline {
+            return Err(fail(
+                &child,
+                &format!("was not ready in time on port {port}"),
+            ));
+        }
+        thread::sleep(READY_POLL_INTERVAL);
+    }
+}
+
+/// How often [`start_server`] polls for readiness.
+const READY_POLL_INTERVAL: Duration = Duration::from_millis(20);

@@ -19,13 +19,11 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::child::ChildGuard;
+use crate::child::{start_server, ChildGuard};
 use crate::gguf::tiny_model;
 
 /// How long a blocking request of [`LlamaServer::get`] / [`LlamaServer::post_json`] may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Pause between `/health` probes while the server starts.
-const HEALTH_POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Locates a `llama-server` binary, in order of preference:
 /// 1. `$LLAMA_SERVER`, used as given even if it does not exist, so a wrong setting fails loudly;
@@ -163,48 +161,9 @@ impl LlamaServer {
             .args(["-t", &opts.threads.to_string()])
             .args(&opts.extra_args);
 
-        let child = ChildGuard::spawn(cmd).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot run {}: {e}", binary.display()))
-        })?;
-        let fail = |child: &ChildGuard, what: &str| {
-            io::Error::other(format!(
-                "llama-server {} {what}; its log:\n{}",
-                binary.display(),
-                child.output_so_far()
-            ))
-        };
-
-        let port = child
-            .wait_for_line(
-                |line| parse_listen_port(line).is_some(),
-                deadline.saturating_duration_since(Instant::now()),
-            )
-            .and_then(|line| parse_listen_port(&line))
-            .ok_or_else(|| fail(&child, "never logged the port it listens on"))?;
-        let mut server = LlamaServer { child, port };
-
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                return Err(fail(
-                    &server.child,
-                    &format!("exited during startup: {status}"),
-                ));
-            }
-            // Connection errors are expected while the listener thread starts.
-            if server.get("/health").is_ok_and(|r| r.status == 200) {
-                return Ok(server);
-            }
-            if Instant::now() >= deadline {
-                return Err(fail(
-                    &server.child,
-                    &format!(
-                        "was not healthy within {:?} on port {port}",
-                        opts.startup_timeout
-                    ),
-                ));
-            }
-            std::thread::sleep(HEALTH_POLL_INTERVAL);
-        }
+        let ready = |port| request(port, "GET", "/health", None).is_ok_and(|r| r.status == 200);
+        let (child, port) = start_server(cmd, "llama-server", deadline, parse_listen_port, ready)?;
+        Ok(LlamaServer { child, port })
     }
 
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:40123`.

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::child::ChildGuard;
+use crate::child::{start_server, ChildGuard};
 use crate::llama_server::Reply;
 
 /// One element of an instant vector: the series' labels (including `__name__` when the
@@ -45,8 +45,6 @@ pub type Sample = (BTreeMap<String, String>, f64);
 
 /// How long [`Prometheus::start`] waits for the port to be logged and `/-/ready` to answer 200.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Pause between `/-/ready` probes while the server starts.
-const READY_POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Pause between queries in [`Prometheus::wait_for`].
 const QUERY_POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long one blocking request to Prometheus may take.
@@ -185,45 +183,12 @@ impl Prometheus {
             .arg("--web.listen-address=127.0.0.1:0")
             .arg("--log.format=logfmt")
             .arg("--log.level=info");
-        let child = ChildGuard::spawn(cmd).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot run {}: {e}", binary.display()))
-        })?;
-        let fail = |child: &ChildGuard, what: &str| {
-            io::Error::other(format!(
-                "prometheus {} {what}; its log:\n{}",
-                binary.display(),
-                child.output_so_far()
-            ))
+        let ready = |port| {
+            http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/-/ready")
+                .is_ok_and(|r| r.status == 200)
         };
-
-        let port = child
-            .wait_for_line(
-                |line| parse_listen_port(line).is_some(),
-                deadline.saturating_duration_since(Instant::now()),
-            )
-            .and_then(|line| parse_listen_port(&line))
-            .ok_or_else(|| fail(&child, "never logged the port it listens on"))?;
-        let mut server = Prometheus { child, dir, port };
-
-        loop {
-            if let Some(status) = server.child.try_wait()? {
-                return Err(fail(
-                    &server.child,
-                    &format!("exited during startup: {status}"),
-                ));
-            }
-            // Connection errors are expected while the web handler starts.
-            if server.get("/-/ready").is_ok_and(|r| r.status == 200) {
-                return Ok(server);
-            }
-            if Instant::now() >= deadline {
-                return Err(fail(
-                    &server.child,
-                    &format!("was not ready within {STARTUP_TIMEOUT:?} on port {port}"),
-                ));
-            }
-            thread::sleep(READY_POLL_INTERVAL);
-        }
+        let (child, port) = start_server(cmd, "prometheus", deadline, parse_listen_port, ready)?;
+        Ok(Prometheus { child, dir, port })
     }
 
     /// Base URL without a trailing slash, e.g. `http://127.0.0.1:40123`.
