@@ -1,14 +1,16 @@
-//! Admission: get a slot now, or wait in the model's FIFO queue for one.
+//! Admission: get a slot now, or wait in the model's queue for one.
 //!
 //! A client that disconnects while queued makes hyper drop the request future, and with
 //! it the [`QueueTicket`] below, whose `Drop` takes the request out of the queue at once.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use crate::job::Job;
 use crate::pool::{ModelPool, SlotGuard, TryClaim};
 
 /// How a request's wait for a slot ended. Not errors: each is an ordinary outcome that the
@@ -19,16 +21,19 @@ pub enum Admission {
     Admitted { guard: SlotGuard, waited: Duration },
     /// The queue was full on arrival.
     QueueFull { queued: usize },
+    /// The predicted wait exceeded the queue timeout on arrival.
+    WontStart { eta: Duration },
     /// No slot freed up within the queue timeout.
     TimedOut { waited: Duration },
     /// Every backend of the model is down.
     NoBackend,
 }
 
-/// Claim a slot in `pool`, waiting up to its queue timeout.
-pub async fn admit(pool: &Arc<ModelPool>) -> Admission {
+/// Claim a slot in `pool` for `job`, waiting up to its queue timeout. While it waits,
+/// `place` (if given) holds its queue id plus one, for [`ModelPool::queue_status`].
+pub async fn admit(pool: &Arc<ModelPool>, job: Arc<Job>, place: Option<&AtomicU64>) -> Admission {
     let start = Instant::now();
-    let (id, rx) = match pool.try_claim() {
+    let (id, rx) = match pool.try_claim(job) {
         TryClaim::Claimed(guard) => {
             return Admission::Admitted {
                 guard,
@@ -36,9 +41,13 @@ pub async fn admit(pool: &Arc<ModelPool>) -> Admission {
             }
         }
         TryClaim::QueueFull { queued } => return Admission::QueueFull { queued },
+        TryClaim::WontStart { eta, .. } => return Admission::WontStart { eta },
         TryClaim::NoBackend => return Admission::NoBackend,
         TryClaim::Queued { id, rx } => (id, rx),
     };
+    if let Some(p) = place {
+        p.store(id + 1, Ordering::Release);
+    }
     let mut ticket = QueueTicket {
         pool,
         id,
@@ -102,6 +111,7 @@ mod tests {
                 max: Some(4),
                 per_slot: 4,
                 timeout: Duration::from_millis(timeout_ms),
+                aging: Duration::from_secs(30),
             },
         ))
     }
@@ -109,11 +119,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waiting_request_times_out_and_leaves_the_queue() {
         let p = pool(500);
-        let _busy = match admit(&p).await {
+        let _busy = match admit(&p, Arc::new(Job::default()), None).await {
             Admission::Admitted { guard, .. } => guard,
             other => panic!("{other:?}"),
         };
-        match admit(&p).await {
+        match admit(&p, Arc::new(Job::default()), None).await {
             Admission::TimedOut { waited } => assert!(waited >= Duration::from_millis(500)),
             other => panic!("{other:?}"),
         }
@@ -123,12 +133,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn dropped_waiter_leaves_the_queue_and_loses_no_slot() {
         let p = pool(60_000);
-        let busy = match admit(&p).await {
+        let busy = match admit(&p, Arc::new(Job::default()), None).await {
             Admission::Admitted { guard, .. } => guard,
             other => panic!("{other:?}"),
         };
         let p2 = p.clone();
-        let waiter = tokio::spawn(async move { admit(&p2).await });
+        let waiter = tokio::spawn(async move { admit(&p2, Arc::new(Job::default()), None).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(p.queue_len(), 1);
         waiter.abort();
@@ -141,12 +151,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn released_slot_admits_the_waiter() {
         let p = pool(60_000);
-        let busy = match admit(&p).await {
+        let busy = match admit(&p, Arc::new(Job::default()), None).await {
             Admission::Admitted { guard, .. } => guard,
             other => panic!("{other:?}"),
         };
         let p2 = p.clone();
-        let waiter = tokio::spawn(async move { admit(&p2).await });
+        let waiter = tokio::spawn(async move { admit(&p2, Arc::new(Job::default()), None).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop(busy);
         match waiter.await.unwrap() {

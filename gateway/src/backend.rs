@@ -5,11 +5,13 @@
 //! routing decision never waits on I/O.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use http::Uri;
 
 use crate::dialect::{DialectCell, DialectSetting};
+use crate::ledger::Ledger;
 
 /// How long a backend's self-reported load is trusted: a few probe periods.
 const REPORT_TTL_MS: u64 = 5_000;
@@ -68,6 +70,12 @@ pub struct Backend {
     /// Context size per slot in tokens, from `/props`; 0 while unknown.
     n_ctx: AtomicU32,
     slots: AtomicU32,
+    /// Slot count the backend itself reported in `/props`; 0 while unknown. Only slot ids
+    /// below it are ever sent: the older BitNet server defers a request for a slot it does
+    /// not have forever.
+    props_slots: AtomicU32,
+    /// What predicted-TTFT routing knows of its slots and speed.
+    ledger: Mutex<Ledger>,
     inflight: AtomicU32,
     health: AtomicU8,
     /// Taken out of its pool (discovery lost it, or a reload removed it): its prober stops.
@@ -109,6 +117,8 @@ impl Backend {
             dialect_setting: dialect,
             n_ctx: AtomicU32::new(0),
             slots: AtomicU32::new(configured_slots.unwrap_or(1)),
+            props_slots: AtomicU32::new(0),
+            ledger: Mutex::new(Ledger::default()),
             inflight: AtomicU32::new(0),
             health: AtomicU8::new(Health::Unknown as u8),
             retired: AtomicBool::new(false),
@@ -138,9 +148,25 @@ impl Backend {
 
     /// Record a discovered slot count; ignored when the count is fixed by config.
     pub fn set_discovered_slots(&self, n: u32) {
+        self.props_slots.store(n, Ordering::Release);
         if self.configured_slots.is_none() {
             self.slots.store(n.max(1), Ordering::Release);
         }
+    }
+
+    /// Whether `id_slot = slot` names a slot the backend said it has.
+    pub fn has_slot(&self, slot: u32) -> bool {
+        slot < self.props_slots.load(Ordering::Acquire)
+    }
+
+    /// The routing ledger. Held only for short, non-blocking bookkeeping.
+    pub fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it may be given new work at all, full or not: up, not held, not retired.
+    pub fn is_available(&self) -> bool {
+        self.health() == Health::Up && !self.is_held() && !self.is_retired()
     }
 
     /// The dialect as configured (`Auto` when detected).
@@ -190,10 +216,7 @@ impl Backend {
 
     /// Whether a policy may send a new request here.
     pub fn is_routable(&self) -> bool {
-        self.health() == Health::Up
-            && !self.is_held()
-            && !self.is_retired()
-            && self.free_slots() > 0
+        self.is_available() && self.free_slots() > 0
     }
 
     /// Record the load the backend reports about itself (`/metrics` or `/slots`).

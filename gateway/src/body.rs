@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 
 use crate::relay::RelayBody;
+use crate::waiting::WaitingBody;
 
 /// Errors that abort a response mid-body (the client sees a truncated message).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -24,6 +25,9 @@ pin_project_lite::pin_project! {
         Full { #[pin] inner: Full<Bytes> },
         /// A backend's body, relayed frame by frame.
         Relay { #[pin] inner: RelayBody },
+        /// A stream that waits in the queue, sending `: queued` comments until its backend
+        /// answers.
+        Waiting { inner: Box<WaitingBody> },
     }
 }
 
@@ -49,6 +53,7 @@ impl Body for GatewayBody {
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(|never| match never {}))),
             GatewayBodyProj::Relay { inner } => inner.poll_frame(cx),
+            GatewayBodyProj::Waiting { inner } => Pin::new(&mut **inner).poll_frame(cx),
         }
     }
 
@@ -56,6 +61,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full { inner } => inner.is_end_stream(),
             GatewayBody::Relay { inner } => inner.is_end_stream(),
+            GatewayBody::Waiting { inner } => inner.is_end_stream(),
         }
     }
 
@@ -63,6 +69,7 @@ impl Body for GatewayBody {
         match self {
             GatewayBody::Full { inner } => inner.size_hint(),
             GatewayBody::Relay { inner } => inner.size_hint(),
+            GatewayBody::Waiting { .. } => SizeHint::default(),
         }
     }
 }

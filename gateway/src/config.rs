@@ -4,11 +4,19 @@
 //! ```toml
 //! listen = "127.0.0.1:8090"
 //! default_model = "falcon3-10b"   # optional: where unknown or missing `model`s go
-//! policy = "least-loaded"          # or "round-robin"
+//! policy = "least-loaded"          # or "predicted-ttft", "round-robin"
 //!
 //! [queue]
 //! timeout_secs = 180
 //! per_slot = 32                    # queue cap = per_slot × total slots, unless `max` is set
+//! priority_header = "x-priority"   # optional: trust a per-request priority (-10..=10)
+//! key_priority = { batch = -2 }    # optional: priority by API key name
+//! priority_aging_secs = 30         # a wait this long is worth one priority level
+//! sse_comments_secs = 5            # optional: ": queued position=.. eta=.." to waiting streams
+//!
+//! [routing]                        # predicted-ttft: starting points until measured
+//! prefill_rate = 60                # prompt tokens/s per backend
+//! decode_rate = 18                 # generated tokens/s per request
 //!
 //! [[models]]
 //! id = "falcon3-10b"
@@ -19,7 +27,7 @@
 //! ]
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,7 +36,7 @@ use http::Uri;
 use serde::Deserialize;
 
 use crate::auth::{KeySet, PublicEndpoints, RawApiKey};
-use crate::balance::PolicyKind;
+use crate::balance::{PolicyKind, RoutingDefaults};
 use crate::dialect::{DialectSetting, ToolsMode};
 
 /// Default listen address: the port OpenClaw configurations already point at.
@@ -74,6 +82,8 @@ pub struct RawConfig {
     pub drain_timeout_secs: Option<f64>,
     #[serde(default)]
     pub queue: RawQueue,
+    #[serde(default)]
+    pub routing: RawRouting,
     #[serde(default)]
     pub health: RawHealth,
     #[serde(default)]
@@ -124,6 +134,22 @@ pub struct RawQueue {
     pub max: Option<usize>,
     pub per_slot: Option<usize>,
     pub timeout_secs: Option<f64>,
+    pub priority_header: Option<String>,
+    #[serde(default)]
+    pub key_priority: HashMap<String, i32>,
+    pub priority_aging_secs: Option<f64>,
+    pub sse_comments_secs: Option<f64>,
+}
+
+/// `[routing]`: predicted-TTFT routing's starting points.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouting {
+    pub prefill_rate: Option<f64>,
+    pub decode_rate: Option<f64>,
+    pub bytes_per_token: Option<f64>,
+    pub answer_tokens: Option<u32>,
+    pub max_depth: Option<usize>,
 }
 
 /// `[health]`
@@ -248,6 +274,40 @@ impl RawBackend {
     }
 }
 
+/// Check `[routing]` and fill in its defaults.
+fn routing_defaults(r: &RawRouting) -> Result<RoutingDefaults, ConfigError> {
+    let d = RoutingDefaults::default();
+    let rate = |key: &str, v: Option<f64>, default: f64| match v {
+        None => Ok(default),
+        Some(x) if x.is_finite() && x > 0.0 && x <= 1e6 => Ok(x),
+        Some(x) => Err(invalid(key, format!("{x} is not a rate in (0, 1e6]"))),
+    };
+    Ok(RoutingDefaults {
+        prefill_rate: rate("routing.prefill_rate", r.prefill_rate, d.prefill_rate)?,
+        decode_rate: rate("routing.decode_rate", r.decode_rate, d.decode_rate)?,
+        bytes_per_token: match r.bytes_per_token {
+            None => d.bytes_per_token,
+            Some(x) if (0.5..=16.0).contains(&x) => x,
+            Some(x) => {
+                return Err(invalid(
+                    "routing.bytes_per_token",
+                    format!("{x} is not within 0.5..=16"),
+                ))
+            }
+        },
+        answer_tokens: match r.answer_tokens {
+            None => d.answer_tokens,
+            Some(0) => return Err(invalid("routing.answer_tokens", "must be at least 1")),
+            Some(n) => n,
+        },
+        max_depth: match r.max_depth {
+            None => d.max_depth,
+            Some(0) => return Err(invalid("routing.max_depth", "must be at least 1")),
+            Some(n) => n,
+        },
+    })
+}
+
 // === validated ===
 
 /// The configuration in force.
@@ -269,6 +329,16 @@ pub struct Config {
     pub queue_per_slot: usize,
     /// Longest wait for a slot.
     pub queue_timeout: Duration,
+    /// How long a wait is worth one priority level.
+    pub queue_aging: Duration,
+    /// The request header that carries a priority, when clients are trusted to set one.
+    pub priority_header: Option<http::HeaderName>,
+    /// Priority by API key name.
+    pub key_priority: HashMap<String, i32>,
+    /// Interval of `: queued` comments to streams waiting in the queue; `None`: none sent.
+    pub queue_comments: Option<Duration>,
+    /// Predicted-TTFT routing's starting points.
+    pub routing: RoutingDefaults,
     /// Health probe period.
     pub health_interval: Duration,
     /// Health probe timeout.
@@ -473,6 +543,40 @@ impl RawConfig {
             queue_max: self.queue.max,
             queue_per_slot: per_slot,
             queue_timeout: secs("queue.timeout_secs", self.queue.timeout_secs, 180.0)?,
+            queue_aging: secs(
+                "queue.priority_aging_secs",
+                self.queue.priority_aging_secs,
+                30.0,
+            )?,
+            priority_header: match &self.queue.priority_header {
+                None => None,
+                Some(h) => Some(h.parse().map_err(|_| {
+                    invalid(
+                        "queue.priority_header",
+                        format!("'{h}' is not a header name"),
+                    )
+                })?),
+            },
+            key_priority: {
+                for (name, p) in &self.queue.key_priority {
+                    if p.abs() > crate::job::MAX_PRIORITY {
+                        return Err(invalid(
+                            format!("queue.key_priority.{name}"),
+                            "must be within -10..=10",
+                        ));
+                    }
+                }
+                self.queue.key_priority
+            },
+            queue_comments: match self.queue.sse_comments_secs {
+                None => None,
+                Some(_) => Some(secs(
+                    "queue.sse_comments_secs",
+                    self.queue.sse_comments_secs,
+                    5.0,
+                )?),
+            },
+            routing: routing_defaults(&self.routing)?,
             health_interval: secs("health.interval_secs", self.health.interval_secs, 5.0)?,
             health_timeout: secs("health.timeout_secs", self.health.timeout_secs, 3.0)?,
             health_failure_threshold: self.health.failure_threshold.unwrap_or(3).max(1),

@@ -45,6 +45,14 @@ pub enum GatewayError {
         queued: usize,
         retry_after: Duration,
     },
+    /// The request is predicted to wait longer than the queue timeout: refused on arrival.
+    #[error("model '{model}' is predicted to start this request in {}s, beyond the queue timeout of {}s; retry later", eta.as_secs(), timeout.as_secs())]
+    QueueWait {
+        model: String,
+        eta: Duration,
+        timeout: Duration,
+        retry_after: Duration,
+    },
     /// The request waited in the queue for the whole queue timeout.
     #[error("no slot of model '{model}' became free within {waited:?}; retry later")]
     QueueTimeout {
@@ -114,6 +122,11 @@ impl GatewayError {
                 "rate_limit_error",
                 "queue_full",
             ),
+            QueueWait { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_wait_too_long",
+            ),
             QueueTimeout { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable_error",
@@ -168,9 +181,16 @@ impl GatewayError {
         self.classify().0
     }
 
+    /// The OpenAI error body, for sending inside a stream that has already begun.
+    pub fn body(&self) -> Bytes {
+        let (_, kind, code) = self.classify();
+        error_body(&self.to_string(), kind, code)
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             GatewayError::QueueFull { retry_after, .. }
+            | GatewayError::QueueWait { retry_after, .. }
             | GatewayError::QueueTimeout { retry_after, .. } => Some(*retry_after),
             GatewayError::NoBackend(_) | GatewayError::ShuttingDown => Some(Duration::from_secs(5)),
             _ => None,

@@ -6,6 +6,7 @@
 //! answers therefore mark the backend unhealthy, release the slot, and admit again (the
 //! unhealthy backend is no longer routable, so the retry lands elsewhere or waits).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::dialect::bitnet::{self, SseFixer};
 use crate::dialect::Dialect;
 use crate::error::json_response;
 use crate::error::GatewayError;
+use crate::job::Job;
 use crate::pool::ModelPool;
 use crate::pool::SlotGuard;
 use crate::relay::{Exchange, RelayBody};
@@ -70,6 +72,10 @@ pub struct Outbound {
     pub headers: HeaderMap,
     /// The whole body, already read (and cheap to clone).
     pub body: Bytes,
+    /// What routing knows about the request.
+    pub job: Arc<Job>,
+    /// Set to the request's queue id (plus one) while it waits, for `: queued` comments.
+    pub place: Option<Arc<AtomicU64>>,
 }
 
 /// Headers that describe one connection, not the message, and so never cross the proxy.
@@ -134,10 +140,11 @@ pub async fn forward(
         if gw.is_shutting_down() {
             return Err(GatewayError::ShuttingDown);
         }
-        let admission = admit(pool).await;
+        let admission = admit(pool, out.job.clone(), out.place.as_deref()).await;
         let reason = match &admission {
             Admission::Admitted { .. } => None,
             Admission::QueueFull { .. } => Some("full"),
+            Admission::WontStart { .. } => Some("predicted_wait"),
             Admission::TimedOut { .. } => Some("timeout"),
             Admission::NoBackend => Some("no_backend"),
         };
@@ -163,6 +170,17 @@ pub async fn forward(
                     retry_after: retry_hint(pool),
                 })
             }
+            Admission::WontStart { eta } => {
+                let timeout = pool.limits().timeout;
+                return Err(GatewayError::QueueWait {
+                    model: pool.id.clone(),
+                    eta,
+                    timeout,
+                    // When enough of the queue ahead should have drained for a retry to
+                    // start within the timeout.
+                    retry_after: eta.saturating_sub(timeout).max(Duration::from_secs(1)),
+                });
+            }
             Admission::TimedOut { waited } => {
                 return Err(GatewayError::QueueTimeout {
                     model: pool.id.clone(),
@@ -176,9 +194,15 @@ pub async fn forward(
             }
         };
         let backend = guard.backend().clone();
+        if let Some(a) = guard.plan().and_then(|p| p.affinity) {
+            m.routing
+                .affinity
+                .with_label_values(&[&pool.id, a.as_str()])
+                .inc();
+        }
         let bitnet = backend.dialect.get() == Dialect::Bitnet;
         let mut dropped_tools = false;
-        let body = if bitnet && out.is_openai_generation() {
+        let mut body = if bitnet && out.is_openai_generation() {
             let r = bitnet::rewrite_request(&out.body, &pool.id, gw.config().tools)
                 .map_err(|e| GatewayError::ToolsUnsupported(e.to_string()))?;
             dropped_tools = r.dropped_tools;
@@ -186,6 +210,9 @@ pub async fn forward(
         } else {
             out.body.clone()
         };
+        if let Some(slot) = guard.pin_slot() {
+            body = pin_to_slot(&body, slot);
+        }
         let req = out.to_request(backend.uri_for(&out.path_and_query), body);
         let last = attempt >= max_attempts;
         let sent =
@@ -389,6 +416,31 @@ async fn respond(
     Ok(Response::from_parts(parts, body))
 }
 
+/// The body with `"id_slot":N,"cache_prompt":true` added at the front of its top-level
+/// object, so that the backend runs it on the slot that holds its prefix and reuses it.
+/// Members the client wrote itself come later and so win (`id_slot` is never added over
+/// the client's own, see [`Job::can_pin`]). A body that is not an object is left alone.
+pub fn pin_to_slot(body: &Bytes, slot: u32) -> Bytes {
+    let start = body.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(i) = start.filter(|&i| body[i] == b'{') else {
+        return body.clone();
+    };
+    let rest = &body[i + 1..];
+    let empty = rest
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'}');
+    let member = format!(
+        "\"id_slot\":{slot},\"cache_prompt\":true{}",
+        if empty { "" } else { "," }
+    );
+    let mut out = BytesMut::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..=i]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(rest);
+    out.freeze()
+}
+
 /// Read frames until the first whole SSE event (or the end). Returns the bytes read and
 /// whether the body ended.
 async fn first_event(body: &mut Incoming) -> Result<(Bytes, bool), hyper::Error> {
@@ -471,6 +523,23 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinning_adds_the_slot_before_the_clients_own_members() {
+        let pinned = pin_to_slot(
+            &Bytes::from_static(b"  {\"model\":\"m\",\"cache_prompt\":false}"),
+            3,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&pinned).unwrap();
+        assert_eq!(v["id_slot"], 3);
+        assert_eq!(v["model"], "m");
+        // serde_json keeps the last of duplicate keys, as llama-server's parser does.
+        assert_eq!(v["cache_prompt"], false);
+        let v: serde_json::Value =
+            serde_json::from_slice(&pin_to_slot(&Bytes::from_static(b"{ }"), 0)).unwrap();
+        assert_eq!(v, serde_json::json!({"id_slot": 0, "cache_prompt": true}));
+        assert_eq!(&pin_to_slot(&Bytes::from_static(b"[1]"), 1)[..], b"[1]");
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_by_connection_are_removed() {

@@ -6,11 +6,15 @@
 //!
 //! 1. [`server`]: accept connections, serve HTTP/1.1 and HTTP/2, drain on shutdown.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,
-//!    [`inspect`] it for `model` and `stream`; answer `/health`, `/metrics`, `/v1/models`
+//!    [`inspect`] it for `model` and `stream` and read it as a [`job`] (prompt size, prefix
+//!    chain, answer length, session, priority); answer `/health`, `/metrics`, `/v1/models`
 //!    and `/admin/...` here.
-//! 3. [`admit`]: claim a slot in the model's [`pool`], or wait in its FIFO queue.
-//! 4. [`balance`]: the routing [`Policy`](balance::Policy) that picks a backend, one file
-//!    per policy.
+//! 3. [`admit`]: claim a slot in the model's [`pool`], or wait in its queue (refused at once
+//!    when the predicted wait exceeds the queue timeout); a waiting stream can be sent
+//!    `: queued` comments ([`waiting`]).
+//! 4. [`balance`]: the routing [`Policy`](balance::Policy) that picks a backend (and, for
+//!    predicted-TTFT routing, the slot), one file per policy; [`ledger`] is each backend's
+//!    book of slot caches, assigned work and measured rates.
 //! 5. [`forward`]: send to the backend over a pooled connection; fail over before the
 //!    first byte.
 //! 6. [`relay`]: pass the backend's body through untouched, holding the slot guard;
@@ -43,6 +47,8 @@ pub mod error;
 pub mod forward;
 pub mod health;
 pub mod inspect;
+pub mod job;
+pub mod ledger;
 pub mod metrics;
 pub mod pool;
 pub mod relay;
@@ -52,6 +58,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod tls;
+pub mod waiting;
 
 pub use server::serve;
 pub use state::Gateway;

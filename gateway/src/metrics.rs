@@ -142,6 +142,31 @@ impl BackendMetrics {
     }
 }
 
+/// Signed error buckets: predicted time to first token subtracted from the actual one.
+const ERROR_BUCKETS: &[f64] = &[
+    -60.0, -30.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// What predicted-TTFT routing decided and how well it predicted.
+#[derive(Debug, Clone)]
+pub struct RoutingMetrics {
+    pub affinity: IntCounterVec,
+    pub ttft_error: HistogramVec,
+    pub predicted_cached: IntCounterVec,
+}
+
+impl RoutingMetrics {
+    /// Register on `r`.
+    pub fn register(r: &Registry) -> RoutingMetrics {
+        RoutingMetrics {
+            affinity: counter(r, "bitnet_gateway_affinity_decisions_total", "Routing decisions where some backend held more of the prompt in cache than another: taken (sent to a backend holding the longest prefix) or overridden (a colder, idler backend was predicted to answer sooner).", &["model", "decision"]),
+            ttft_error: histogram(r, "bitnet_gateway_ttft_prediction_error_seconds", "Actual minus predicted time to first token, from the slot being claimed (predicted-ttft policy only). Positive: slower than predicted.", &["backend"], ERROR_BUCKETS),
+            predicted_cached: counter(r, "bitnet_gateway_predicted_cached_tokens_total", "Prompt tokens the routing predicted the backend would take from its cache; compare with bitnet_gateway_prompt_tokens_cached_total, which the backend reports.", &["backend"]),
+        }
+    }
+}
+
 /// All of the gateway's metrics and the registry they live on.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -149,6 +174,7 @@ pub struct Metrics {
     pub requests: RequestMetrics,
     pub queue: QueueMetrics,
     pub backends: BackendMetrics,
+    pub routing: RoutingMetrics,
 }
 
 impl Metrics {
@@ -165,6 +191,7 @@ impl Metrics {
             requests: RequestMetrics::register(&registry),
             queue: QueueMetrics::register(&registry),
             backends: BackendMetrics::register(&registry),
+            routing: RoutingMetrics::register(&registry),
             registry,
         }
     }

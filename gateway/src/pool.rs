@@ -1,4 +1,5 @@
-//! A model's pool: its backends, its routing policy and its FIFO queue of waiting requests.
+//! A model's pool: its backends, its routing policy and its queue of waiting requests
+//! (first come, first served, unless priorities are in use; see [`QueueLimits::aging`]).
 //!
 //! The backend set can change at run time (runner or DNS discovery, reload): it is an
 //! immutable list swapped as a whole, so a reader takes a cheap snapshot and never sees a
@@ -13,9 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::backend::{Backend, Health};
-use crate::balance::Policy;
+use crate::balance::{Outcome, Plan, Policy};
+use crate::job::Job;
 
 /// Queue limits for one model.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +29,9 @@ pub struct QueueLimits {
     pub per_slot: usize,
     /// How long a request may wait for a slot.
     pub timeout: Duration,
+    /// How long a wait is worth one priority level: a request that has waited this long
+    /// goes ahead of one a level above it that just arrived, so nothing starves.
+    pub aging: Duration,
 }
 
 /// The backends that serve one model, and the requests waiting for them.
@@ -51,6 +57,8 @@ struct Queue {
     policy: Box<dyn Policy>,
     backends: Backends,
     waiters: VecDeque<Waiter>,
+    /// Waiters whose priority is not 0; while there are none the queue is plain FIFO.
+    prioritized: usize,
     next_id: u64,
 }
 
@@ -58,6 +66,8 @@ struct Queue {
 struct Waiter {
     id: u64,
     tx: oneshot::Sender<SlotGuard>,
+    job: Arc<Job>,
+    since: Instant,
 }
 
 /// A claimed slot on one backend. Dropping it frees the slot and hands it to the oldest
@@ -66,6 +76,15 @@ struct Waiter {
 pub struct SlotGuard {
     pool: Arc<ModelPool>,
     backend: Arc<Backend>,
+    job: Arc<Job>,
+    /// The slot plan and its entry in the backend's ledger, under slot-planning policies.
+    booked: Option<Booked>,
+}
+
+#[derive(Debug)]
+struct Booked {
+    plan: Plan,
+    work_id: u64,
 }
 
 /// Result of trying to claim a slot without waiting.
@@ -80,6 +99,8 @@ pub enum TryClaim {
     },
     /// The queue is at its limit.
     QueueFull { queued: usize },
+    /// The request is predicted to wait longer than the queue timeout: refused at once.
+    WontStart { eta: Duration, queued: usize },
     /// Every backend is down; waiting would not help.
     NoBackend,
 }
@@ -100,6 +121,7 @@ impl ModelPool {
                 policy,
                 backends: backends.into(),
                 waiters: VecDeque::new(),
+                prioritized: 0,
                 next_id: 0,
             }),
             removed: AtomicBool::new(false),
@@ -185,11 +207,11 @@ impl ModelPool {
 
     /// Claim a slot now if the policy finds one and nobody is waiting ahead of us;
     /// otherwise join the queue (or learn why not).
-    pub fn try_claim(self: &Arc<Self>) -> TryClaim {
+    pub fn try_claim(self: &Arc<Self>, job: Arc<Job>) -> TryClaim {
         let mut q = self.lock();
-        // FIFO fairness: a newcomer never overtakes requests already waiting.
+        // Fairness: a newcomer never overtakes requests already waiting.
         if q.waiters.is_empty() {
-            if let Some(guard) = self.claim_locked(&q) {
+            if let Some(guard) = self.claim_locked(&q, &job) {
                 return TryClaim::Claimed(guard);
             }
         }
@@ -200,16 +222,51 @@ impl ModelPool {
             return TryClaim::NoBackend;
         }
         let max = cap(&q.limits, &q.backends);
-        if q.waiters.len() >= max {
-            return TryClaim::QueueFull {
-                queued: q.waiters.len(),
-            };
+        let queued = q.waiters.len();
+        if queued >= max {
+            return TryClaim::QueueFull { queued };
         }
+        // Honest admission: if the policy predicts that this request could not start within
+        // the queue timeout, say so now instead of after the timeout.
+        let now = Instant::now();
+        let ahead = q.ahead_of(None, job.priority, now);
+        if let Some(eta) = q.policy.start_eta(&q.backends, &ahead, &job) {
+            if eta > q.limits.timeout {
+                return TryClaim::WontStart { eta, queued };
+            }
+        }
+        drop(ahead);
         let (tx, rx) = oneshot::channel();
         let id = q.next_id;
         q.next_id += 1;
-        q.waiters.push_back(Waiter { id, tx });
+        if job.priority != 0 {
+            q.prioritized += 1;
+        }
+        q.waiters.push_back(Waiter {
+            id,
+            tx,
+            job,
+            since: now,
+        });
         TryClaim::Queued { id, rx }
+    }
+
+    /// A waiter's place in the queue (1 = next) and when it is predicted to start.
+    pub fn queue_status(&self, id: u64) -> Option<(usize, Option<Duration>)> {
+        let q = self.lock();
+        let w = q.waiters.iter().find(|w| w.id == id)?;
+        let now = Instant::now();
+        let ahead = q.ahead_of(Some(w), w.job.priority, now);
+        let eta = q.policy.start_eta(&q.backends, &ahead, &w.job);
+        Some((ahead.len() + 1, eta))
+    }
+
+    /// Learn from a finished request (rates, answer lengths) for the policy that routed it.
+    pub fn observe(&self, guard: &SlotGuard, outcome: &Outcome) {
+        let q = self.lock();
+        if guard.booked.is_some() {
+            q.policy.observe(&guard.backend, &guard.job, outcome);
+        }
     }
 
     /// Remove a waiter that gave up (timed out or its client went away).
@@ -220,7 +277,11 @@ impl ModelPool {
         let mut q = self.lock();
         match q.waiters.iter().position(|w| w.id == id) {
             Some(pos) => {
-                q.waiters.remove(pos);
+                if let Some(w) = q.waiters.remove(pos) {
+                    if w.job.priority != 0 {
+                        q.prioritized -= 1;
+                    }
+                }
                 true
             }
             None => false,
@@ -236,13 +297,19 @@ impl ModelPool {
 
     fn dispatch_locked(self: &Arc<Self>, q: &mut Queue) {
         while !q.waiters.is_empty() {
-            let Some(guard) = self.claim_locked(q) else {
+            let next = q.next_waiter(Instant::now());
+            let job = q.waiters[next].job.clone();
+            let Some(guard) = self.claim_locked(q, &job) else {
                 return;
             };
-            let waiter = q.waiters.pop_front().expect("checked non-empty");
+            let waiter = q.waiters.remove(next).expect("index from next_waiter");
+            if waiter.job.priority != 0 {
+                q.prioritized -= 1;
+            }
             if let Err(guard) = waiter.tx.send(guard) {
                 // The waiter's future was dropped between leaving and being removed.
                 // Undo the claim by hand: dropping the guard here would re-enter this lock.
+                guard.unbook();
                 guard.backend.sub_inflight();
                 std::mem::forget(guard);
             }
@@ -250,21 +317,76 @@ impl ModelPool {
     }
 
     /// Pick a backend and claim a slot on it. Must be called with the queue lock held so
-    /// that pick-then-increment is atomic with respect to other claims.
-    fn claim_locked(self: &Arc<Self>, q: &Queue) -> Option<SlotGuard> {
-        let i = q.policy.pick(&q.backends)?;
-        let backend = q.backends[i].clone();
+    /// that pick-then-increment (and the ledger entry) is atomic with respect to other
+    /// claims.
+    fn claim_locked(self: &Arc<Self>, q: &Queue, job: &Arc<Job>) -> Option<SlotGuard> {
+        let pick = q.policy.pick(&q.backends, job)?;
+        let backend = q.backends[pick.index].clone();
         backend.add_inflight();
+        let booked = pick.plan.map(|plan| {
+            let work_id = backend.ledger().assign(plan.slot, job, plan.work_secs);
+            Booked { plan, work_id }
+        });
         Some(SlotGuard {
             pool: self.clone(),
             backend,
+            job: job.clone(),
+            booked,
         })
     }
 
-    fn release(self: &Arc<Self>, backend: &Backend) {
+    fn release(self: &Arc<Self>, guard: &SlotGuard) {
         let mut q = self.lock();
-        backend.sub_inflight();
+        guard.unbook();
+        guard.backend.sub_inflight();
         self.dispatch_locked(&mut q);
+    }
+}
+
+impl Queue {
+    /// The waiter to serve next: the oldest, or with priorities in use the highest
+    /// priority after aging (each `aging` waited counts as one level), oldest first among
+    /// equals.
+    fn next_waiter(&self, now: Instant) -> usize {
+        if self.prioritized == 0 {
+            return 0;
+        }
+        let mut best = (0, f64::NEG_INFINITY);
+        for (i, w) in self.waiters.iter().enumerate() {
+            let s = self.score(w.job.priority, w.since, now);
+            if s > best.1 {
+                best = (i, s);
+            }
+        }
+        best.0
+    }
+
+    fn score(&self, priority: i32, since: Instant, now: Instant) -> f64 {
+        let aging = self.limits.aging.as_secs_f64().max(1e-3);
+        f64::from(priority) + now.saturating_duration_since(since).as_secs_f64() / aging
+    }
+
+    /// The jobs of the waiters that will be served before `me` (an existing waiter, or a
+    /// newcomer of `priority` when `None`), in their order.
+    fn ahead_of(&self, me: Option<&Waiter>, priority: i32, now: Instant) -> Vec<&Job> {
+        let my_id = me.map_or(u64::MAX, |w| w.id);
+        if self.prioritized == 0 && priority == 0 {
+            return self
+                .waiters
+                .iter()
+                .take_while(|w| w.id < my_id)
+                .map(|w| &*w.job)
+                .collect();
+        }
+        let mine = self.score(priority, me.map_or(now, |w| w.since), now);
+        let mut ahead: Vec<(f64, &Waiter)> = self
+            .waiters
+            .iter()
+            .map(|w| (self.score(w.job.priority, w.since, now), w))
+            .filter(|(s, w)| w.id != my_id && (*s > mine || (*s == mine && w.id < my_id)))
+            .collect();
+        ahead.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
+        ahead.into_iter().map(|(_, w)| &*w.job).collect()
     }
 }
 
@@ -286,11 +408,37 @@ impl SlotGuard {
     pub fn pool(&self) -> &Arc<ModelPool> {
         &self.pool
     }
+
+    /// The request this slot serves.
+    pub fn job(&self) -> &Arc<Job> {
+        &self.job
+    }
+
+    /// The slot plan, under a slot-planning policy.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.booked.as_ref().map(|b| &b.plan)
+    }
+
+    /// The slot id to send as `id_slot`: only a planned slot, only one the backend itself
+    /// reported having (the older BitNet server defers a request for a missing slot
+    /// forever), only with more than one slot to choose from, and never over the client's
+    /// own choice.
+    pub fn pin_slot(&self) -> Option<u32> {
+        let slot = u32::try_from(self.plan()?.slot).ok()?;
+        (self.job.can_pin && self.backend.has_slot(1) && self.backend.has_slot(slot))
+            .then_some(slot)
+    }
+
+    fn unbook(&self) {
+        if let Some(b) = &self.booked {
+            self.backend.ledger().finish(b.plan.slot, b.work_id);
+        }
+    }
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.pool.release(&self.backend);
+        self.pool.clone().release(self);
     }
 }
 
@@ -317,8 +465,13 @@ mod tests {
                 max: max_queue,
                 per_slot: 4,
                 timeout: Duration::from_secs(1),
+                aging: Duration::from_secs(30),
             },
         ))
+    }
+
+    fn job() -> Arc<Job> {
+        Arc::new(Job::default())
     }
 
     fn claimed(t: TryClaim) -> SlotGuard {
@@ -331,8 +484,8 @@ mod tests {
     #[test]
     fn dropping_a_guard_frees_its_slot_exactly_once() {
         let p = pool(&[2], None);
-        let g1 = claimed(p.try_claim());
-        let g2 = claimed(p.try_claim());
+        let g1 = claimed(p.try_claim(job()));
+        let g2 = claimed(p.try_claim(job()));
         assert_eq!(p.backends()[0].inflight(), 2);
         drop(g1);
         assert_eq!(p.backends()[0].inflight(), 1);
@@ -343,11 +496,11 @@ mod tests {
     #[test]
     fn freed_slot_goes_to_the_oldest_waiter() {
         let p = pool(&[1], None);
-        let g = claimed(p.try_claim());
-        let TryClaim::Queued { rx: mut rx1, .. } = p.try_claim() else {
+        let g = claimed(p.try_claim(job()));
+        let TryClaim::Queued { rx: mut rx1, .. } = p.try_claim(job()) else {
             panic!()
         };
-        let TryClaim::Queued { rx: mut rx2, .. } = p.try_claim() else {
+        let TryClaim::Queued { rx: mut rx2, .. } = p.try_claim(job()) else {
             panic!()
         };
         drop(g);
@@ -362,22 +515,25 @@ mod tests {
     #[test]
     fn a_newcomer_does_not_overtake_the_queue() {
         let p = pool(&[1, 1], None);
-        let _a = claimed(p.try_claim());
-        let _b = claimed(p.try_claim());
-        let TryClaim::Queued { rx, .. } = p.try_claim() else {
+        let _a = claimed(p.try_claim(job()));
+        let _b = claimed(p.try_claim(job()));
+        let TryClaim::Queued { rx, .. } = p.try_claim(job()) else {
             panic!()
         };
         // A backend grows a slot but nobody dispatches yet: the next request must still queue.
-        assert!(matches!(p.try_claim(), TryClaim::Queued { .. }));
+        assert!(matches!(p.try_claim(job()), TryClaim::Queued { .. }));
         drop(rx);
     }
 
     #[test]
     fn queue_full_when_limit_reached() {
         let p = pool(&[1], Some(1));
-        let _g = claimed(p.try_claim());
-        let _q = p.try_claim();
-        assert!(matches!(p.try_claim(), TryClaim::QueueFull { queued: 1 }));
+        let _g = claimed(p.try_claim(job()));
+        let _q = p.try_claim(job());
+        assert!(matches!(
+            p.try_claim(job()),
+            TryClaim::QueueFull { queued: 1 }
+        ));
     }
 
     #[test]
@@ -389,8 +545,8 @@ mod tests {
     #[test]
     fn a_slot_sent_to_a_vanished_waiter_is_not_leaked() {
         let p = pool(&[1], None);
-        let g = claimed(p.try_claim());
-        let TryClaim::Queued { rx, .. } = p.try_claim() else {
+        let g = claimed(p.try_claim(job()));
+        let TryClaim::Queued { rx, .. } = p.try_claim(job()) else {
             panic!()
         };
         drop(rx); // the waiter's future is gone but it was never removed
@@ -402,8 +558,8 @@ mod tests {
     #[test]
     fn leaving_the_queue_removes_the_waiter_at_once() {
         let p = pool(&[1], None);
-        let _g = claimed(p.try_claim());
-        let TryClaim::Queued { id, .. } = p.try_claim() else {
+        let _g = claimed(p.try_claim(job()));
+        let TryClaim::Queued { id, .. } = p.try_claim(job()) else {
             panic!()
         };
         assert_eq!(p.queue_len(), 1);
@@ -418,6 +574,6 @@ mod tests {
         for b in p.backends().iter() {
             b.set_health(Health::Down);
         }
-        assert!(matches!(p.try_claim(), TryClaim::NoBackend));
+        assert!(matches!(p.try_claim(job()), TryClaim::NoBackend));
     }
 }

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::backend::Health;
+use crate::balance::Outcome;
 use crate::body::BoxError;
 use crate::dialect::bitnet::SseFixer;
 use crate::error::error_body;
@@ -272,6 +273,32 @@ fn record(
             .tokens_per_second
             .with_label_values(&bm)
             .observe(r);
+    }
+    if let Some(plan) = guard.plan() {
+        // Time to first token from the moment the slot was claimed, which is where the
+        // prediction starts.
+        let since_claim = ttft.map(|t| t.saturating_sub(ex.queue_wait));
+        if let Some(actual) = since_claim {
+            m.routing
+                .ttft_error
+                .with_label_values(&[backend])
+                .observe(actual.as_secs_f64() - plan.ttft_secs);
+        }
+        m.routing
+            .predicted_cached
+            .with_label_values(&[backend])
+            .inc_by(plan.cached_tokens as u64);
+        let outcome = Outcome {
+            prompt_tokens: tally.prompt_tokens,
+            cached_tokens: tally.cached_tokens,
+            evaluated_tokens: tally.evaluated_tokens,
+            prompt_per_second: tally.prompt_per_second,
+            predicted_per_second: tps,
+            completion_tokens: completion,
+            complete: ending == Ending::Complete && ex.status < 400,
+            ttft: since_claim,
+        };
+        guard.pool().observe(guard, &outcome);
     }
     match ending {
         Ending::Complete => {}

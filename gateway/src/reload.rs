@@ -74,6 +74,7 @@ impl Gateway {
             max: new.queue_max,
             per_slot: new.queue_per_slot,
             timeout: new.queue_timeout,
+            aging: new.queue_aging,
         };
         let old_pools = self.pools();
         let mut pools = Vec::with_capacity(new.models.len());
@@ -109,7 +110,7 @@ impl Gateway {
             }
             let pool = match existing {
                 Some(pool) => {
-                    pool.reconfigure(limits, new.policy.build());
+                    pool.reconfigure(limits, new.policy.build(new.routing));
                     pool
                 }
                 None => {
@@ -117,7 +118,7 @@ impl Gateway {
                     Arc::new(ModelPool::new(
                         m.id.clone(),
                         Vec::new(),
-                        new.policy.build(),
+                        new.policy.build(new.routing),
                         limits,
                     ))
                 }

@@ -19,7 +19,9 @@ use crate::context;
 use crate::error::{json_response, GatewayError};
 use crate::forward::{forward, strip_hop_by_hop, Outbound};
 use crate::inspect::inspect;
+use crate::job::{Job, MAX_PRIORITY};
 use crate::state::Gateway;
+use crate::waiting::forward_streaming;
 
 /// Endpoints proxied to a backend: the OpenAI ones and llama-server's native ones, so that
 /// llama.cpp-native clients work unchanged through the gateway.
@@ -38,6 +40,9 @@ const PROXIED: &[&str] = &[
 
 /// The `X-Request-Id` header, taken from the client or generated.
 static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A client's conversation id, which helps prompt-cache routing when prefixes are ambiguous.
+static SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
 
 /// Endpoints whose prompt the context guard checks.
 const GENERATION: &[&str] = &["/v1/chat/completions", "/v1/completions", "/completion"];
@@ -70,7 +75,7 @@ pub async fn handle(
         armed: true,
     };
     let routed = match authorized {
-        Ok(_) => route(&gw, req, &id, endpoint, arrived).await,
+        Ok(key) => route(&gw, req, &id, endpoint, arrived, key.as_deref()).await,
         Err(e) => Err(e),
     };
     unanswered.armed = false;
@@ -203,6 +208,7 @@ async fn route(
     id: &str,
     endpoint: &'static str,
     arrived: tokio::time::Instant,
+    key: Option<&str>,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let path = req.uri().path();
     let method = req.method();
@@ -211,7 +217,7 @@ async fn route(
     }
     let allow = if PROXIED.contains(&path) {
         if method == Method::POST {
-            return proxy(gw, req, id, endpoint, arrived).await;
+            return proxy(gw, req, id, endpoint, arrived, key).await;
         }
         "POST"
     } else if OWN.contains(&path) {
@@ -239,6 +245,7 @@ async fn proxy(
     id: &str,
     endpoint: &'static str,
     arrived: tokio::time::Instant,
+    key: Option<&str>,
 ) -> Result<Response<GatewayBody>, GatewayError> {
     let limit = gw.config().max_body_bytes;
     let (parts, body) = req.into_parts();
@@ -265,6 +272,16 @@ async fn proxy(
     if gw.config().context_guard && GENERATION.contains(&endpoint) {
         context::check(gw, &pool, &body).await?;
     }
+    let generation = GENERATION.contains(&endpoint);
+    let job = if generation {
+        let session = parts.headers.get(&SESSION_ID).and_then(|v| v.to_str().ok());
+        Job::from_body(&body, session, priority(gw, &parts.headers, key))
+    } else {
+        Job {
+            priority: priority(gw, &parts.headers, key),
+            ..Job::default()
+        }
+    };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     let out = Outbound {
@@ -279,8 +296,31 @@ async fn proxy(
             .unwrap_or_else(|| "/".into()),
         headers,
         body,
+        job: Arc::new(job),
+        place: None,
     };
-    forward(gw, &pool, out).await
+    match gw.config().queue_comments {
+        Some(every) if seen.stream && generation => {
+            forward_streaming(gw.clone(), pool, out, every).await
+        }
+        _ => forward(gw, &pool, out).await,
+    }
+}
+
+/// The request's queue priority: from the trusted header if one is configured and sent,
+/// else from its API key's configured priority, else 0.
+fn priority(gw: &Gateway, headers: &http::HeaderMap, key: Option<&str>) -> i32 {
+    let cfg = gw.config();
+    let from_header = cfg
+        .priority_header
+        .as_ref()
+        .and_then(|h| headers.get(h))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i32>().ok());
+    from_header
+        .or_else(|| key.and_then(|k| cfg.key_priority.get(k).copied()))
+        .unwrap_or(0)
+        .clamp(-MAX_PRIORITY, MAX_PRIORITY)
 }
 
 /// `GET /health`: 200 when any backend can take work, 503 otherwise, with each backend's

@@ -27,6 +27,10 @@ pub struct Tally {
     pub content_events: u64,
     /// Decode rate llama-server reported.
     pub predicted_per_second: Option<f64>,
+    /// Prompt tokens llama-server evaluated (`timings.prompt_n`, cached ones excluded).
+    pub evaluated_tokens: Option<u64>,
+    /// Prompt evaluation rate llama-server reported.
+    pub prompt_per_second: Option<f64>,
     /// An `error` object arrived in the body.
     pub saw_error: bool,
 }
@@ -84,6 +88,8 @@ struct Timings {
     predicted_n: Option<u64>,
     #[serde(default)]
     predicted_per_second: Option<f64>,
+    #[serde(default)]
+    prompt_per_second: Option<f64>,
 }
 
 impl Scanner {
@@ -196,6 +202,10 @@ impl Scanner {
         if let Some(t) = p.timings {
             if let (Some(n), c) = (t.prompt_n, t.cache_n) {
                 self.tally.prompt_tokens.get_or_insert(n + c.unwrap_or(0));
+                self.tally.evaluated_tokens = Some(n);
+            }
+            if t.prompt_per_second.is_some() {
+                self.tally.prompt_per_second = t.prompt_per_second;
             }
             if let Some(c) = t.cache_n {
                 self.tally.cached_tokens.get_or_insert(c);
@@ -275,6 +285,8 @@ mod tests {
             completion_tokens: Some(2),
             content_events: 2,
             predicted_per_second: Some(18.5),
+            evaluated_tokens: Some(7),
+            prompt_per_second: None,
             saw_error: false,
         }
     }

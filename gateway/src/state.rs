@@ -52,6 +52,7 @@ impl Gateway {
             max: config.queue_max,
             per_slot: config.queue_per_slot,
             timeout: config.queue_timeout,
+            aging: config.queue_aging,
         };
         let mut pools = Vec::with_capacity(config.models.len());
         for m in &config.models {
@@ -70,7 +71,7 @@ impl Gateway {
             let pool = Arc::new(ModelPool::new(
                 m.id.clone(),
                 backends,
-                config.policy.build(),
+                config.policy.build(config.routing),
                 limits,
             ));
             for name in std::iter::once(&m.id).chain(&m.aliases) {

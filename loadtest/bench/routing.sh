@@ -8,6 +8,9 @@
 # every policy in POLICIES runs once per repeat against a fresh gateway, policies in rotating
 # order. round-robin is the baseline.
 #
+# predicted-ttft is told the fleet's nominal rates (60 and 18 tokens/s) divided by TIME_SCALE, the
+# speed the compressed backends really run at; it calibrates them from the backends' timings anyway.
+#
 # A policy entry is a gateway policy name, optionally followed by ":slots=N" to tell the
 # gateway each backend has N slots instead of its true 1. The gateway's round-robin skips
 # backends whose slots are all taken, which on 1-slot backends makes it pick the same free
@@ -23,7 +26,7 @@
 # is the request rate divided by TURNS.
 #
 # Usage: loadtest/bench/routing.sh
-# Knobs (environment): POLICIES ("round-robin least-loaded round-robin:slots=64"), WORKLOADS
+# Knobs (environment): POLICIES ("round-robin least-loaded predicted-ttft round-robin:slots=64"), WORKLOADS
 # ("agent short-chat"), LOADS in percent of capacity ("70 90"), BACKENDS (8), TIME_SCALE (0.05),
 # DURATION seconds of arrivals per run (60), AGENT_DURATION for the agent workload, whose
 # sessions take a while to build up (90), SYSTEM_PROMPT_CHARS of the agent workload (8000, so
@@ -33,7 +36,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # Adding a policy to the comparison is adding its name here.
-read -r -a POLICIES <<<"${POLICIES:-round-robin least-loaded round-robin:slots=64}"
+read -r -a POLICIES <<<"${POLICIES:-round-robin least-loaded predicted-ttft round-robin:slots=64}"
 read -r -a WORKLOADS <<<"${WORKLOADS:-agent short-chat}"
 read -r -a LOADS <<<"${LOADS:-70 90}"
 BACKENDS=${BACKENDS:-8}
@@ -123,15 +126,17 @@ busy_seconds() {
 }
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tworkload\tload\tpolicy\trate\trequests\tsucceeded\trejected\tfailed\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\twall_s\tutilization\n' >"$RAW"
+printf 'repeat\tworkload\tload\tpolicy\trate\trequests\tsucceeded\trejected\tfailed\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\twall_s\tutilization\tttft_mean\tcached_share\n' >"$RAW"
 
 # The gateway polls each backend's own load report (its /metrics) once a second and, until the
 # next poll, counts the backend at least as busy as reported. That interval is part of the
 # system's timing, so it is compressed like the backends' delays; left at 1 s, it would stand
 # for 20 s of the real fleet and leave 1-slot backends idle behind stale reports.
 GATEWAY_CONFIG="$WORK/gateway.toml"
-printf '[health]\nload_interval_secs = %s\n' \
-    "$(awk -v s="$TIME_SCALE" 'BEGIN { print 1 * s }')" >"$GATEWAY_CONFIG"
+printf '[health]\nload_interval_secs = %s\n[routing]\nprefill_rate = %s\ndecode_rate = %s\n' \
+    "$(awk -v s="$TIME_SCALE" 'BEGIN { print 1 * s }')" \
+    "$(awk -v s="$TIME_SCALE" -v r="$PREFILL_RATE" 'BEGIN { print r / s }')" \
+    "$(awk -v s="$TIME_SCALE" -v r="$DECODE_RATE" 'BEGIN { print r / s }')" >"$GATEWAY_CONFIG"
 
 run_one() {
     local repeat=$1 workload=$2 load=$3 policy=$4
@@ -147,22 +152,28 @@ run_one() {
     start_server "gateway-$repeat-$workload-$load-${policy//[:=]/-}" "$BIN/bitnet-gateway" \
         --config "$GATEWAY_CONFIG" --listen 127.0.0.1:0 --model "$MODEL" --policy "$name" \
         "${backend_flags[@]}"
-    local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after
+    local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after cached_before evaluated_before
     wait_ready "$gw_url/health"
     busy_before=$(busy_seconds)
+    cached_before=$(fleet_counter prompt_tokens_cached_total)
+    evaluated_before=$(fleet_counter prompt_tokens_total)
     "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
         --rate "$rate" --duration "$duration" --drain 120 --seed "$repeat" \
         --turns "$TURNS" --think-time "$THINK_TIME" --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
         --json "$json" -q >"$json.txt" 2>&1
     busy_after=$(busy_seconds)
+    local cached evaluated
+    cached=$(awk -v a="$cached_before" -v b="$(fleet_counter prompt_tokens_cached_total)" 'BEGIN { print b - a }')
+    evaluated=$(awk -v a="$evaluated_before" -v b="$(fleet_counter prompt_tokens_total)" 'BEGIN { print b - a }')
     stop_server "$gw_pid"
     jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
         --arg util "$(awk -v a="$busy_before" -v b="$busy_after" -v n="$BACKENDS" -v d="$duration" \
-            'BEGIN { printf "%.3f", (b - a) / (n * d) }')" '
+            'BEGIN { printf "%.3f", (b - a) / (n * d) }')" \
+        --arg share "$(awk -v c="$cached" -v e="$evaluated" 'BEGIN { printf "%.3f", (c + e > 0) ? c / (c + e) : 0 }')" '
         .summary | [$r, $w, $l, $p, $rate, .requests, .succeeded,
           ((.statuses["429"] // 0) + (.statuses["503"] // 0) + .dropped_arrivals),
           .failed, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,
-          .requests_per_s, .wall_secs, $util] | @tsv' "$json" >>"$RAW"
+          .requests_per_s, .wall_secs, $util, .ttft_us.mean, $share] | @tsv' "$json" >>"$RAW"
     log "repeat $repeat $workload $load% $policy: $(tail -1 "$RAW" | cut -f5-)"
 }
 
@@ -188,7 +199,7 @@ SECTION="$WORK/section.md"
     machine_markdown
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo "- $BACKENDS llama-sim backends, \`--dialect bitnet\` (1 slot; a prompt cache only for requests that ask for one, as the gateway may do for BitNet backends), $PREFILL_RATE tokens/s prompt evaluation, $DECODE_RATE tokens/s generation, **\`--time-scale $TIME_SCALE\`: every delay is multiplied by $TIME_SCALE**, so one wall-clock second stands for $(awk -v s="$TIME_SCALE" 'BEGIN { print 1 / s }') s of the real fleet. The gateway is told each backend has 1 slot, and polls the backends' load reports every $(awk -v s="$TIME_SCALE" 'BEGIN { print 1 * s }') s (its 1 s default, compressed alike); a fresh gateway serves each run."
-    echo "- Policies: \`round-robin\` and \`least-loaded\` are the gateway's; both skip a backend whose slots are all taken, so with 1-slot backends they choose among the same free backends. \`round-robin:slots=64\` is round-robin with the gateway told each backend has 64 slots: it deals requests out without regard to load and they queue inside the backends, as behind a plain reverse proxy."
+    echo "- Policies: \`round-robin\` and \`least-loaded\` are the gateway's count-based policies; both skip a backend whose slots are all taken, so with 1-slot backends they choose among the same free backends. \`predicted-ttft\` routes each request to the backend and slot with the lowest predicted time to first token (the work queued on the slot plus the prompt it does not hold in cache, over the backend's prefill rate), told the fleet's rates compressed alike ($PREFILL_RATE and $DECODE_RATE tokens/s ÷ $TIME_SCALE) and calibrating them from the backends' timings. \`round-robin:slots=64\` is round-robin with the gateway told each backend has 64 slots: it deals requests out without regard to load and they queue inside the backends, as behind a plain reverse proxy."
     echo "- Streamed requests, Poisson arrivals for $DURATION s per run ($AGENT_DURATION s for agent, whose sessions take a while to build up), then up to 120 s for the last requests to finish. The agent workload runs sessions of $TURNS turns, re-sending the whole history, with $THINK_TIME s (2 s real) between turns and a $SYSTEM_PROMPT_CHARS-character system prompt, so that a whole conversation fits the 4,096-token context (the gateway refuses longer prompts with 400 rather than let the fork truncate them)."
     echo
     echo "Command:"
@@ -258,9 +269,12 @@ print(f"Medians of {len(reps)} repeats. TTFT and E2E are given in **real-time se
 print("completed requests per second on the compressed clock. *Utilization* is the fleet's measured busy time (prompt")
 print("evaluation + generation, from the backends' /metrics) over backends × arrival window: a check of the offered load.")
 print("*Rejected* counts 429 and 503 answers (queue full or queue timeout) summed over the repeats; *failed* counts all failures.")
+print("*Cached* is the share of prompt tokens the backends took from their slot caches (from their /metrics). The last")
+print("three columns compare with least-loaded in the same repeat (medians of the per-repeat ratios): how many times lower")
+print("the mean and the p99 TTFT are (above 1 is better), and the throughput ratio.")
 print()
-print("| workload | load | policy | requests | rejected | failed | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) | E2E p99 (s) | throughput (req/s) | utilization | TTFT p99 vs round-robin |")
-print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| workload | load | policy | requests | rejected | failed | TTFT mean (s) | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) | E2E p99 (s) | throughput (req/s) | utilization | cached | TTFT p99 vs round-robin | TTFT mean: least-loaded ÷ this | TTFT p99: least-loaded ÷ this | throughput ÷ least-loaded |")
+print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for w in workloads:
     for l in loads:
         for p in policies:
@@ -272,12 +286,23 @@ for w in workloads:
                 if a and b and float(b["ttft_p99"]) > 0:
                     rel.append(float(a["ttft_p99"]) / float(b["ttft_p99"]))
             rel_cell = f"{med(rel):.2f}" if rel else "—"
+
+            def vs_ll(key, invert):
+                out = []
+                for r in reps:
+                    a, b = cell.get((r, w, l, p)), cell.get((r, w, l, "least-loaded"))
+                    if a and b and float(a[key]) > 0 and float(b[key]) > 0:
+                        x, y = float(a[key]), float(b[key])
+                        out.append(y / x if invert else x / y)
+                return f"{med(out):.2f}" if out else "—"
+
             sec = lambda key: med(col(w, l, p, key)) / 1e6 / scale
             print(
                 f"| {w} | {l} % | {p} | {med(col(w, l, p, 'requests')):.0f} | {sum(col(w, l, p, 'rejected')):.0f} "
-                f"| {sum(col(w, l, p, 'failed')):.0f} | {sec('ttft_p50'):.1f} | {sec('ttft_p99'):.1f} "
+                f"| {sum(col(w, l, p, 'failed')):.0f} | {sec('ttft_mean'):.1f} | {sec('ttft_p50'):.1f} | {sec('ttft_p99'):.1f} "
                 f"| {sec('e2e_p50'):.1f} | {sec('e2e_p99'):.1f} | {med(col(w, l, p, 'rps')):.2f} "
-                f"| {med(col(w, l, p, 'utilization')) * 100:.0f} % | {rel_cell} |"
+                f"| {med(col(w, l, p, 'utilization')) * 100:.0f} % | {med(col(w, l, p, 'cached_share')) * 100:.0f} % | {rel_cell} "
+                f"| {vs_ll('ttft_mean', True)} | {vs_ll('ttft_p99', True)} | {vs_ll('rps', False)} |"
             )
 PY
 } >"$SECTION"

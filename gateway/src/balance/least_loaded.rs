@@ -3,8 +3,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::Policy;
+use super::{Pick, Policy};
 use crate::backend::Backend;
+use crate::job::Job;
 
 /// Picks the routable backend with the most free slots.
 ///
@@ -17,7 +18,7 @@ pub struct LeastLoaded {
 }
 
 impl Policy for LeastLoaded {
-    fn pick(&self, backends: &[Arc<Backend>]) -> Option<usize> {
+    fn pick(&self, backends: &[Arc<Backend>], _job: &Job) -> Option<Pick> {
         let n = backends.len();
         if n == 0 {
             return None;
@@ -36,7 +37,7 @@ impl Policy for LeastLoaded {
                 best = Some((i, free));
             }
         }
-        best.map(|(i, _)| i)
+        best.map(|(i, _)| Pick::backend(i))
     }
 }
 
@@ -54,12 +55,16 @@ mod tests {
         Arc::new(b)
     }
 
+    fn pick(p: &dyn Policy, bs: &[Arc<Backend>]) -> Option<usize> {
+        p.pick(bs, &Job::default()).map(|p| p.index)
+    }
+
     #[test]
     fn picks_the_backend_with_most_free_slots() {
         let p = LeastLoaded::default();
         let bs = vec![backend("a", 4, 3), backend("b", 4, 1), backend("c", 2, 0)];
         for _ in 0..5 {
-            assert_eq!(p.pick(&bs), Some(1), "b has 3 free, c 2, a 1");
+            assert_eq!(pick(&p, &bs), Some(1), "b has 3 free, c 2, a 1");
         }
     }
 
@@ -67,7 +72,7 @@ mod tests {
     fn ties_rotate_between_equally_free_backends() {
         let p = LeastLoaded::default();
         let bs = vec![backend("a", 2, 0), backend("b", 2, 0), backend("c", 2, 0)];
-        let picks: Vec<_> = (0..6).map(|_| p.pick(&bs).unwrap()).collect();
+        let picks: Vec<_> = (0..6).map(|_| pick(&p, &bs).unwrap()).collect();
         for i in 0..3 {
             assert_eq!(picks.iter().filter(|&&x| x == i).count(), 2, "{picks:?}");
         }
@@ -79,9 +84,9 @@ mod tests {
         let down = backend("down", 8, 0);
         down.set_health(Health::Down);
         let bs = vec![down, backend("full", 1, 1), backend("ok", 1, 0)];
-        assert_eq!(p.pick(&bs), Some(2));
+        assert_eq!(pick(&p, &bs), Some(2));
         let bs = vec![backend("full", 1, 1)];
-        assert_eq!(p.pick(&bs), None);
-        assert_eq!(p.pick(&[]), None);
+        assert_eq!(pick(&p, &bs), None);
+        assert_eq!(pick(&p, &[]), None);
     }
 }

@@ -3,8 +3,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::Policy;
+use super::{Pick, Policy};
 use crate::backend::Backend;
+use crate::job::Job;
 
 /// Takes routable backends in turn. It still honours slots (a full backend is skipped),
 /// so it differs from least-loaded only in ignoring *how* free each backend is.
@@ -14,7 +15,7 @@ pub struct RoundRobin {
 }
 
 impl Policy for RoundRobin {
-    fn pick(&self, backends: &[Arc<Backend>]) -> Option<usize> {
+    fn pick(&self, backends: &[Arc<Backend>], _job: &Job) -> Option<Pick> {
         let n = backends.len();
         if n == 0 {
             return None;
@@ -23,6 +24,7 @@ impl Policy for RoundRobin {
         (0..n)
             .map(|k| (start + k) % n)
             .find(|&i| backends[i].is_routable())
+            .map(Pick::backend)
     }
 }
 
@@ -30,6 +32,10 @@ impl Policy for RoundRobin {
 mod tests {
     use super::*;
     use crate::backend::Health;
+
+    fn pick(p: &dyn Policy, bs: &[Arc<Backend>]) -> Option<usize> {
+        p.pick(bs, &Job::default()).map(|p| p.index)
+    }
 
     #[test]
     fn cycles_through_routable_backends_regardless_of_load() {
@@ -43,7 +49,7 @@ mod tests {
             .collect();
         bs[0].add_inflight();
         bs[0].add_inflight();
-        let picks: Vec<_> = (0..3).map(|_| p.pick(&bs).unwrap()).collect();
+        let picks: Vec<_> = (0..3).map(|_| pick(&p, &bs).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2]);
     }
 }

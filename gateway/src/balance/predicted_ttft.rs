@@ -1,0 +1,493 @@
+//! Predicted time to first token: route each request to the backend and slot that should
+//! start answering it soonest.
+//!
+//! On CPU backends a request's cost is its tokens, not its count: prompt evaluation runs at
+//! about 60 tokens/s, so a 2,000-token history costs half a minute on a slot that does not
+//! hold it and nearly nothing on the slot that does, and generation at about 18 tokens/s
+//! keeps a slot busy for as long as the answer is. So for every slot of every available
+//! backend this policy predicts
+//!
+//! ```text
+//! TTFT = wait for the slot + (prompt tokens − tokens the slot holds) / prefill rate
+//! ```
+//!
+//! from the backend's [`Ledger`](crate::ledger::Ledger) (the work assigned to each slot and
+//! the prefix its cache holds) and its measured rates, and takes the lowest. That makes a
+//! follow-up turn go back to the slot holding its conversation, unless that slot is so busy
+//! that evaluating the whole prompt on an idle backend is quicker; and a new session go to
+//! a slot that holds the shared system prompt but no conversation still in use.
+//!
+//! A request may be assigned to a full backend (the backend queues it) only when that beats
+//! every backend with a free slot; when nothing is free and no slot holds a clear
+//! advantage, it waits in the gateway's queue instead, so it can take whichever slot frees
+//! first.
+
+use std::cmp::{Ordering as CmpOrdering, Reverse};
+use std::collections::BinaryHeap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Affinity, Outcome, Pick, Plan, Policy, RoutingDefaults};
+use crate::backend::Backend;
+use crate::job::Job;
+use crate::ledger::Ewma;
+
+/// Waiting for a busy slot must beat the best free start by this factor when nothing is
+/// free; otherwise the request waits in the gateway's queue for whichever slot frees first.
+const CLEAR_WIN: f64 = 0.8;
+
+/// Buckets of answer-length history: none, then one per power of two of `max_tokens`.
+const ANSWER_BUCKETS: usize = 34;
+
+/// Fewest evaluated tokens for a prompt-rate sample: tiny evaluations are mostly overhead.
+const MIN_RATE_SAMPLE: u64 = 16;
+
+/// The predicted-TTFT policy.
+#[derive(Debug)]
+pub struct PredictedTtft {
+    defaults: RoutingDefaults,
+    learned: Mutex<Learned>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Learned {
+    bytes_per_token: Ewma,
+    answers: [Ewma; ANSWER_BUCKETS],
+}
+
+/// The best slot of one backend for a job.
+#[derive(Debug, Clone)]
+struct Candidate {
+    index: usize,
+    slot: usize,
+    wait: f64,
+    ttft: f64,
+    work: f64,
+    cached: f64,
+    /// Most prompt tokens any slot of the backend holds.
+    held: f64,
+    free: bool,
+    prefill: f64,
+}
+
+impl PredictedTtft {
+    /// A policy starting from `defaults`.
+    pub fn new(defaults: RoutingDefaults) -> PredictedTtft {
+        PredictedTtft {
+            defaults,
+            learned: Mutex::new(Learned {
+                bytes_per_token: Ewma::default(),
+                answers: [Ewma::default(); ANSWER_BUCKETS],
+            }),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn learned(&self) -> std::sync::MutexGuard<'_, Learned> {
+        self.learned.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes per prompt token, measured or default.
+    fn bytes_per_token(&self) -> f64 {
+        self.learned()
+            .bytes_per_token
+            .get()
+            .unwrap_or(self.defaults.bytes_per_token)
+    }
+
+    /// Tokens the job is expected to generate: the history of requests with a similar
+    /// `max_tokens`, capped by its own `max_tokens`.
+    fn answer_tokens(&self, job: &Job) -> f64 {
+        let seen = self.learned().answers[bucket(job.max_tokens)].get();
+        let default = f64::from(self.defaults.answer_tokens);
+        match (seen, job.max_tokens) {
+            (Some(s), Some(m)) => s.min(f64::from(m)),
+            (Some(s), None) => s,
+            (None, Some(m)) => default.min(f64::from(m)),
+            (None, None) => default,
+        }
+    }
+
+    /// The best slot of each available backend, scanning from a rotating start so that
+    /// equal candidates take turns.
+    fn candidates(&self, backends: &[Arc<Backend>], job: &Job) -> Vec<Candidate> {
+        let now = Instant::now();
+        let bpt = self.bytes_per_token();
+        let prompt = f64::from(job.prompt_bytes) / bpt;
+        let answer = self.answer_tokens(job);
+        let n = backends.len();
+        let start = match n {
+            0 => 0,
+            n => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
+        let mut out = Vec::with_capacity(n);
+        for k in 0..n {
+            let index = (start + k) % n;
+            let b = &backends[index];
+            if !b.is_available() {
+                continue;
+            }
+            let free = b.free_slots() > 0;
+            let mut ledger = b.ledger();
+            let prefill = ledger.prefill.get().unwrap_or(self.defaults.prefill_rate);
+            let decode = ledger.decode.get().unwrap_or(self.defaults.decode_rate);
+            let books = ledger.slots(b.slots() as usize);
+            let mut best: Option<(Candidate, (u64, bool))> = None;
+            let mut held: f64 = 0.0;
+            for (slot, book) in books.iter().enumerate() {
+                let cached =
+                    (f64::from(job.cached_bytes(&book.chain, book.tail_reply)) / bpt).min(prompt);
+                held = held.max(cached);
+                if book.depth() >= self.defaults.max_depth {
+                    continue;
+                }
+                let wait = book.wait_secs(now);
+                let uncached = prompt - cached;
+                let c = Candidate {
+                    index,
+                    slot,
+                    wait,
+                    ttft: wait + uncached / prefill,
+                    work: uncached / prefill + answer / decode,
+                    cached,
+                    held: 0.0,
+                    free,
+                    prefill,
+                };
+                // Among equals: more cached, then the same session, then the coldest slot
+                // (its cache is least likely to be wanted by a conversation still going).
+                let same_session = job.session.is_some() && book.session == job.session;
+                let tie = (book.last_used, same_session);
+                let better = best.as_ref().is_none_or(|(b, btie)| {
+                    cmp_f64(c.ttft, b.ttft)
+                        .then(cmp_f64(b.cached, c.cached))
+                        .then(btie.1.cmp(&tie.1))
+                        .then(tie.0.cmp(&btie.0))
+                        == CmpOrdering::Less
+                });
+                if better {
+                    best = Some((c, tie));
+                }
+            }
+            let Some((mut c, _)) = best else {
+                continue;
+            };
+            c.held = held;
+            if !c.free && c.wait < 1e-3 {
+                // The backend reports every slot busy although none of our work is on this
+                // one: someone else's request is, for about an answer's time.
+                c.wait += answer / decode;
+                c.ttft += answer / decode;
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+impl Policy for PredictedTtft {
+    fn pick(&self, backends: &[Arc<Backend>], job: &Job) -> Option<Pick> {
+        let cands = self.candidates(backends, job);
+        let order = |a: &&Candidate, b: &&Candidate| {
+            cmp_f64(a.ttft, b.ttft)
+                .then(b.free.cmp(&a.free))
+                .then(cmp_f64(b.cached, a.cached))
+        };
+        let best = cands.iter().min_by(order)?;
+        let chosen = if best.free {
+            best
+        } else if let Some(free) = cands.iter().filter(|c| c.free).min_by(order) {
+            // `best` beat every free backend on predicted TTFT: its cache is worth the wait.
+            if best.ttft < free.ttft {
+                best
+            } else {
+                free
+            }
+        } else {
+            // Nothing free: waiting centrally takes the first slot to free up, cold.
+            let central = cands
+                .iter()
+                .map(|c| {
+                    c.wait + (f64::from(job.prompt_bytes) / self.bytes_per_token()) / c.prefill
+                })
+                .fold(f64::INFINITY, f64::min);
+            if best.ttft < CLEAR_WIN * central {
+                best
+            } else {
+                return None;
+            }
+        };
+        let most = cands.iter().map(|c| c.held).fold(0.0, f64::max);
+        let least = cands.iter().map(|c| c.held).fold(f64::INFINITY, f64::min);
+        // A decision about affinity exists only when some backend holds more of the prompt
+        // than another (a system prompt every backend holds decides nothing).
+        let affinity = (most - least >= 1.0).then_some(if chosen.held + 0.5 >= most {
+            Affinity::Taken
+        } else {
+            Affinity::Overridden
+        });
+        Some(Pick {
+            index: chosen.index,
+            plan: Some(Plan {
+                slot: chosen.slot,
+                ttft_secs: chosen.ttft,
+                work_secs: chosen.work,
+                cached_tokens: chosen.cached,
+                affinity,
+            }),
+        })
+    }
+
+    fn start_eta(&self, backends: &[Arc<Backend>], ahead: &[&Job], job: &Job) -> Option<Duration> {
+        let _ = job;
+        let now = Instant::now();
+        let bpt = self.bytes_per_token();
+        // When each slot of the fleet frees up, in microseconds from now.
+        let mut free_at: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
+        let mut rates = (0.0, 0.0, 0usize);
+        let mut books_seen = Vec::new();
+        for b in backends.iter().filter(|b| b.is_available()) {
+            let mut ledger = b.ledger();
+            let prefill = ledger.prefill.get().unwrap_or(self.defaults.prefill_rate);
+            let decode = ledger.decode.get().unwrap_or(self.defaults.decode_rate);
+            rates = (rates.0 + prefill, rates.1 + decode, rates.2 + 1);
+            for book in ledger.slots(b.slots() as usize) {
+                free_at.push(Reverse(micros(book.wait_secs(now))));
+                books_seen.push((book.chain.clone(), book.tail_reply));
+            }
+        }
+        if free_at.is_empty() {
+            return None;
+        }
+        let (prefill, decode) = (rates.0 / rates.2 as f64, rates.1 / rates.2 as f64);
+        for w in ahead {
+            let prompt = f64::from(w.prompt_bytes) / bpt;
+            let cached = books_seen
+                .iter()
+                .map(|(chain, tail)| f64::from(w.cached_bytes(chain, *tail)) / bpt)
+                .fold(0.0, f64::max)
+                .min(prompt);
+            let work = (prompt - cached) / prefill + self.answer_tokens(w) / decode;
+            let Reverse(t) = free_at.pop().expect("never empties: one push per pop");
+            free_at.push(Reverse(t + micros(work)));
+        }
+        free_at.pop().map(|Reverse(t)| Duration::from_micros(t))
+    }
+
+    fn observe(&self, backend: &Backend, job: &Job, o: &Outcome) {
+        {
+            let mut ledger = backend.ledger();
+            if let (Some(n), Some(rate)) = (o.evaluated_tokens, o.prompt_per_second) {
+                if n >= MIN_RATE_SAMPLE {
+                    ledger.prefill.add(rate);
+                }
+            }
+            if let Some(rate) = o.predicted_per_second {
+                ledger.decode.add(rate);
+            }
+        }
+        let mut learned = self.learned();
+        if let Some(p) = o.prompt_tokens.filter(|&p| p >= 32) {
+            if job.prompt_bytes > 0 {
+                let ratio = f64::from(job.prompt_bytes) / p as f64;
+                learned.bytes_per_token.add(ratio.clamp(0.5, 16.0));
+            }
+        }
+        if o.complete {
+            learned.answers[bucket(job.max_tokens)].add(o.completion_tokens.max(1) as f64);
+        }
+    }
+}
+
+fn bucket(max_tokens: Option<u32>) -> usize {
+    match max_tokens {
+        None => 0,
+        Some(m) => 1 + (32 - m.leading_zeros()) as usize,
+    }
+}
+
+fn micros(secs: f64) -> u64 {
+    (secs.clamp(0.0, 1e9) * 1e6) as u64
+}
+
+fn cmp_f64(a: f64, b: f64) -> CmpOrdering {
+    a.partial_cmp(&b).unwrap_or(CmpOrdering::Equal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Health;
+
+    fn fleet(n: usize, slots: u32) -> Vec<Arc<Backend>> {
+        (0..n)
+            .map(|i| {
+                let b = Backend::new(format!("b{i}"), "http://h:1".parse().unwrap(), Some(slots));
+                b.set_health(Health::Up);
+                Arc::new(b)
+            })
+            .collect()
+    }
+
+    fn chat(turns: &[&str]) -> Job {
+        let mut messages = vec![serde_json::json!({"role": "system", "content": "S".repeat(8000)})];
+        for (i, t) in turns.iter().enumerate() {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            messages.push(serde_json::json!({"role": role, "content": t.repeat(200)}));
+        }
+        let body = serde_json::to_vec(&serde_json::json!({"messages": messages})).unwrap();
+        Job::from_body(&body, None, 0)
+    }
+
+    /// Claim as the pool does: pick, then book the work and count the request.
+    fn claim(p: &PredictedTtft, bs: &[Arc<Backend>], job: &Job) -> Option<(usize, Plan)> {
+        claim_id(p, bs, job).map(|(i, plan, _)| (i, plan))
+    }
+
+    fn claim_id(p: &PredictedTtft, bs: &[Arc<Backend>], job: &Job) -> Option<(usize, Plan, u64)> {
+        let pick = p.pick(bs, job)?;
+        let plan = pick.plan.clone().expect("this policy plans slots");
+        let id = bs[pick.index]
+            .ledger()
+            .assign(plan.slot, job, plan.work_secs);
+        bs[pick.index].add_inflight();
+        Some((pick.index, plan, id))
+    }
+
+    /// The request on `slot` of backend `i` ended.
+    fn done(bs: &[Arc<Backend>], i: usize, slot: usize, id: u64) {
+        bs[i].ledger().finish(slot, id);
+        bs[i].sub_inflight();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follow_up_turn_returns_to_the_backend_holding_its_history() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(4, 1);
+        let (first, _) = claim(&p, &bs, &chat(&["a"])).unwrap();
+        bs[first].sub_inflight();
+        // Other sessions warm the remaining backends with the same system prompt.
+        for _ in 0..3 {
+            let (i, _) = claim(&p, &bs, &chat(&["other"])).unwrap();
+            assert_ne!(
+                i, first,
+                "idle cold-ish backends are preferred for new sessions"
+            );
+        }
+        for b in &bs {
+            if b.inflight() > 0 {
+                b.sub_inflight();
+            }
+        }
+        let (again, plan) = claim(&p, &bs, &chat(&["a", "reply", "b"])).unwrap();
+        assert_eq!(again, first);
+        assert_eq!(plan.affinity, Some(Affinity::Taken));
+        assert!(plan.cached_tokens > 2000.0, "{plan:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_holder_is_waited_for_only_while_that_beats_a_cold_start() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        for (busy_for, expect_home) in [(2.0, true), (600.0, false)] {
+            let bs = fleet(2, 1);
+            let (home, plan, id) = claim_id(&p, &bs, &chat(&["a"])).unwrap();
+            done(&bs, home, plan.slot, id);
+            // The holder is running the conversation's previous turn, for `busy_for` s.
+            bs[home]
+                .ledger()
+                .assign(0, &chat(&["a", "r", "b"]), busy_for);
+            bs[home].add_inflight();
+            let (i, plan) = claim(&p, &bs, &chat(&["a", "r", "b", "r", "c"])).unwrap();
+            if expect_home {
+                // Waiting 2 s beats evaluating ~2,500 tokens cold (about 40 s).
+                assert_eq!(i, home, "waited for its cache: {plan:?}");
+                assert_eq!(plan.affinity, Some(Affinity::Taken));
+                assert!(plan.ttft_secs < 10.0, "{plan:?}");
+            } else {
+                assert_ne!(i, home, "ten minutes is worse than a cold start: {plan:?}");
+                assert_eq!(plan.affinity, Some(Affinity::Overridden));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_nothing_free_and_no_cache_advantage_the_request_waits_centrally() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(2, 1);
+        let small = Job::from_body(br#"{"messages":[{"role":"user","content":"hi"}]}"#, None, 0);
+        assert!(claim(&p, &bs, &small).is_some());
+        assert!(claim(&p, &bs, &small).is_some());
+        assert!(p.pick(&bs, &small).is_none());
+        // Its predicted start is when the first slot frees.
+        let eta = p.start_eta(&bs, &[], &small).unwrap();
+        assert!(
+            eta > Duration::from_secs(5) && eta < Duration::from_secs(30),
+            "{eta:?}"
+        );
+        let later = p.start_eta(&bs, &[&small, &small], &small).unwrap();
+        assert!(later > eta, "two ahead: {later:?} vs {eta:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slots_are_planned_individually_on_a_multi_slot_backend() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(1, 2);
+        let (_, a) = claim(&p, &bs, &chat(&["a"])).unwrap();
+        let (_, b) = claim(&p, &bs, &chat(&["b"])).unwrap();
+        assert_ne!(a.slot, b.slot, "the second session takes the other slot");
+        bs[0].sub_inflight();
+        bs[0].sub_inflight();
+        let (_, again) = claim(&p, &bs, &chat(&["b", "r", "c"])).unwrap();
+        assert_eq!(again.slot, b.slot);
+    }
+
+    #[test]
+    fn measurements_replace_the_defaults() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(1, 1);
+        let job = Job::from_body(
+            format!(
+                r#"{{"messages":[{{"role":"user","content":"{}"}}],"max_tokens":500}}"#,
+                "x".repeat(4000)
+            )
+            .as_bytes(),
+            None,
+            0,
+        );
+        assert_eq!(p.answer_tokens(&job), 256.0);
+        for _ in 0..50 {
+            p.observe(
+                &bs[0],
+                &job,
+                &Outcome {
+                    prompt_tokens: Some(2000),
+                    evaluated_tokens: Some(2000),
+                    prompt_per_second: Some(120.0),
+                    predicted_per_second: Some(30.0),
+                    completion_tokens: 40,
+                    complete: true,
+                    ..Outcome::default()
+                },
+            );
+        }
+        assert!((p.answer_tokens(&job) - 40.0).abs() < 1.0);
+        assert!((p.bytes_per_token() - job.prompt_bytes as f64 / 2000.0).abs() < 0.1);
+        let l = bs[0].ledger();
+        assert!((l.prefill.get().unwrap() - 120.0).abs() < 1e-6);
+        assert!((l.decode.get().unwrap() - 30.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn unavailable_backends_are_never_picked() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(2, 1);
+        bs[0].set_health(Health::Down);
+        bs[1].set_held(true);
+        assert!(p.pick(&bs, &Job::default()).is_none());
+        assert!(p.start_eta(&bs, &[], &Job::default()).is_none());
+    }
+}
