@@ -168,6 +168,18 @@ impl Job {
     /// Prompt bytes that a cache holding `chain` (with `tail_reply` if it also holds the
     /// reply it generated after it) would not have to evaluate again.
     pub fn cached_bytes(&self, chain: &[Link], tail_reply: bool) -> u32 {
+        self.reuse(chain, tail_reply).0
+    }
+
+    /// Whether this request continues the conversation a cache holding `chain` was left by:
+    /// it shares all of that chain, beyond its first message (which other conversations may
+    /// share too, like a common system prompt).
+    pub fn continues(&self, chain: &[Link], tail_reply: bool) -> bool {
+        chain.len() >= 2 && self.reuse(chain, tail_reply).1 >= chain.len()
+    }
+
+    /// Cached bytes and links matched.
+    fn reuse(&self, chain: &[Link], tail_reply: bool) -> (u32, usize) {
         let n = self
             .links
             .iter()
@@ -182,8 +194,8 @@ impl Job {
             n += 1;
         }
         match n {
-            0 => 0,
-            n => self.links[n - 1].bytes,
+            0 => (0, 0),
+            n => (self.links[n - 1].bytes, n),
         }
     }
 }
@@ -228,6 +240,11 @@ mod tests {
         // The slot that served turn 1 also holds its reply.
         assert_eq!(t2.cached_bytes(&t1.links, true), t2.links[2].bytes);
         assert!(t2.cached_bytes(&t1.links, true) < t2.prompt_bytes);
+        assert!(t2.continues(&t1.links, true));
+        assert!(
+            !t1.continues(&t2.links, true),
+            "a shorter prompt continues nothing"
+        );
     }
 
     #[test]
@@ -235,6 +252,10 @@ mod tests {
         let a = Job::from_body(&chat(&[("system", "SYS"), ("user", "task a")]), None, 0);
         let b = Job::from_body(&chat(&[("system", "SYS"), ("user", "task b")]), None, 0);
         assert_eq!(b.cached_bytes(&a.links, true), a.links[0].bytes);
+        assert!(
+            !b.continues(&a.links, true),
+            "a shared system prompt is not a continuation"
+        );
         let c = Job::from_body(&chat(&[("system", "OTHER"), ("user", "task a")]), None, 0);
         assert_eq!(
             c.cached_bytes(&a.links, true),

@@ -48,8 +48,8 @@ pub struct SlotBook {
     pub tail_reply: bool,
     /// Session of the last request sent to the slot.
     pub session: Option<u64>,
-    /// Ledger clock when the slot was last assigned work: smaller is colder.
-    pub last_used: u64,
+    /// When the slot was last assigned work: earlier is colder.
+    pub last_used: Instant,
     /// Work assigned and not finished, oldest first: (id, estimated seconds).
     work: VecDeque<(u64, f64)>,
     /// When the oldest piece of work started: the slot has been busy since.
@@ -62,7 +62,7 @@ impl SlotBook {
             chain: Arc::from([]),
             tail_reply: false,
             session: None,
-            last_used: 0,
+            last_used: now,
             work: VecDeque::new(),
             busy_since: now,
         }
@@ -90,7 +90,6 @@ impl SlotBook {
 #[derive(Debug, Default)]
 pub struct Ledger {
     slots: Vec<SlotBook>,
-    clock: u64,
     next_id: u64,
     /// Prompt evaluation, tokens per second, as measured.
     pub prefill: Ewma,
@@ -121,9 +120,8 @@ impl Ledger {
     /// [`finish`]: Ledger::finish
     pub fn assign(&mut self, slot: usize, job: &Job, est_secs: f64) -> u64 {
         let now = Instant::now();
-        self.clock += 1;
         self.next_id += 1;
-        let (clock, id) = (self.clock, self.next_id);
+        let id = self.next_id;
         if slot >= self.slots.len() {
             self.slots.resize_with(slot + 1, || SlotBook::new(now));
         }
@@ -137,7 +135,7 @@ impl Ledger {
             book.tail_reply = true;
         }
         book.session = job.session;
-        book.last_used = clock;
+        book.last_used = now;
         id
     }
 
@@ -202,14 +200,16 @@ mod tests {
         l.finish(7, b);
     }
 
-    #[test]
-    fn an_assigned_slot_holds_the_jobs_prefix_and_session() {
+    #[tokio::test(start_paused = true)]
+    async fn an_assigned_slot_holds_the_jobs_prefix_and_session() {
         let mut l = Ledger::default();
         let job = Job::from_body(
             br#"{"messages":[{"role":"system","content":"s"}],"user":"u"}"#,
             None,
             0,
         );
+        l.slots(2);
+        tokio::time::advance(Duration::from_secs(1)).await;
         l.assign(1, &job, 1.0);
         let books = l.slots(2);
         assert_eq!(books[1].chain.len(), 1);

@@ -152,18 +152,18 @@ run_one() {
     start_server "gateway-$repeat-$workload-$load-${policy//[:=]/-}" "$BIN/bitnet-gateway" \
         --config "$GATEWAY_CONFIG" --listen 127.0.0.1:0 --model "$MODEL" --policy "$name" \
         "${backend_flags[@]}"
-    local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after cached_before evaluated_before
+    local gw_url=$SERVER_URL gw_pid=$SERVER_PID busy_before busy_after evaluated_before
     wait_ready "$gw_url/health"
     busy_before=$(busy_seconds)
-    cached_before=$(fleet_counter prompt_tokens_cached_total)
     evaluated_before=$(fleet_counter prompt_tokens_total)
     "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
         --rate "$rate" --duration "$duration" --drain 120 --seed "$repeat" \
         --turns "$TURNS" --think-time "$THINK_TIME" --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
         --json "$json" -q >"$json.txt" 2>&1
     busy_after=$(busy_seconds)
-    local cached evaluated
-    cached=$(awk -v a="$cached_before" -v b="$(fleet_counter prompt_tokens_cached_total)" 'BEGIN { print b - a }')
+    # The bitnet dialect reports no cached tokens, so the cached share is what the clients sent
+    # (usage.prompt_tokens) less what the fleet evaluated (its llamacpp:prompt_tokens_total).
+    local evaluated
     evaluated=$(awk -v a="$evaluated_before" -v b="$(fleet_counter prompt_tokens_total)" 'BEGIN { print b - a }')
     stop_server "$gw_pid"
     jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
@@ -173,7 +173,8 @@ run_one() {
         .summary | [$r, $w, $l, $p, $rate, .requests, .succeeded,
           ((.statuses["429"] // 0) + (.statuses["503"] // 0) + .dropped_arrivals),
           .failed, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,
-          .requests_per_s, .wall_secs, $util, .ttft_us.mean, $share] | @tsv' "$json" >>"$RAW"
+          .requests_per_s, .wall_secs, $util, .ttft_us.mean,
+          (if .prompt_tokens > 0 then 1 - $evaluated / .prompt_tokens else 0 end)] | @tsv' "$json" >>"$RAW"
     log "repeat $repeat $workload $load% $policy: $(tail -1 "$RAW" | cut -f5-)"
 }
 
@@ -269,7 +270,8 @@ print(f"Medians of {len(reps)} repeats. TTFT and E2E are given in **real-time se
 print("completed requests per second on the compressed clock. *Utilization* is the fleet's measured busy time (prompt")
 print("evaluation + generation, from the backends' /metrics) over backends × arrival window: a check of the offered load.")
 print("*Rejected* counts 429 and 503 answers (queue full or queue timeout) summed over the repeats; *failed* counts all failures.")
-print("*Cached* is the share of prompt tokens the backends took from their slot caches (from their /metrics). The last")
+print("*Cached* is the share of the prompt tokens sent (the clients' usage.prompt_tokens) that the backends did not have to")
+print("evaluate (their llamacpp:prompt_tokens_total counts only evaluated ones): what their slot caches saved. The last")
 print("three columns compare with least-loaded in the same repeat (medians of the per-repeat ratios): how many times lower")
 print("the mean and the p99 TTFT are (above 1 is better), and the throughput ratio.")
 print()

@@ -23,7 +23,7 @@
 //! first.
 
 use std::cmp::{Ordering as CmpOrdering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +42,17 @@ const CLEAR_WIN: f64 = 0.8;
 /// Buckets of answer-length history: none, then one per power of two of `max_tokens`.
 const ANSWER_BUCKETS: usize = 34;
 
+/// Requests that must have opened with the same first message before a slot this gateway
+/// has not used yet is assumed to hold it: a backend that has been serving such traffic
+/// (for another gateway, or before this one started) holds it like any other.
+const COMMON_OPENING: u32 = 3;
+
+/// Distinct first messages counted; the rarest is forgotten to make room.
+const MAX_OPENINGS: usize = 64;
+
+/// Gap between a conversation's turns assumed until one is measured, in seconds.
+const DEFAULT_TURN_GAP_SECS: f64 = 20.0;
+
 /// Fewest evaluated tokens for a prompt-rate sample: tiny evaluations are mostly overhead.
 const MIN_RATE_SAMPLE: u64 = 16;
 
@@ -57,6 +68,11 @@ pub struct PredictedTtft {
 struct Learned {
     bytes_per_token: Ewma,
     answers: [Ewma; ANSWER_BUCKETS],
+    /// Seconds from one turn of a conversation being routed to its next turn arriving.
+    turn_gap: Ewma,
+    /// How often recent requests opened with each first message (a system prompt), so
+    /// that a slot this gateway never used can be assumed to hold a common one.
+    openings: HashMap<u64, u32>,
 }
 
 /// The best slot of one backend for a job.
@@ -64,14 +80,20 @@ struct Learned {
 struct Candidate {
     index: usize,
     slot: usize,
-    wait: f64,
     ttft: f64,
+    /// Predicted TTFT plus what the choice costs the conversation whose cache it evicts.
+    score: f64,
+    /// The request continues the conversation this slot holds.
+    continues: bool,
+    /// Seconds since the slot was last given work.
+    gap: f64,
     work: f64,
     cached: f64,
     /// Most prompt tokens any slot of the backend holds.
     held: f64,
     free: bool,
-    prefill: f64,
+    same_session: bool,
+    last_used: Instant,
 }
 
 impl PredictedTtft {
@@ -82,6 +104,8 @@ impl PredictedTtft {
             learned: Mutex::new(Learned {
                 bytes_per_token: Ewma::default(),
                 answers: [Ewma::default(); ANSWER_BUCKETS],
+                turn_gap: Ewma::default(),
+                openings: HashMap::new(),
             }),
             next: AtomicUsize::new(0),
         }
@@ -112,19 +136,32 @@ impl PredictedTtft {
         }
     }
 
-    /// The best slot of each available backend, scanning from a rotating start so that
-    /// equal candidates take turns.
-    fn candidates(&self, backends: &[Arc<Backend>], job: &Job) -> Vec<Candidate> {
+    /// The best slot of each available backend (scanning from a rotating start, so that
+    /// equal candidates take turns), and when the fleet's first slot frees up.
+    fn candidates(&self, backends: &[Arc<Backend>], job: &Job) -> (Vec<Candidate>, f64) {
         let now = Instant::now();
         let bpt = self.bytes_per_token();
         let prompt = f64::from(job.prompt_bytes) / bpt;
         let answer = self.answer_tokens(job);
+        let (live_for, opening) = {
+            let mut learned = self.learned();
+            // A conversation counts as over after a few of its usual gaps between turns.
+            let live_for = 3.0 * learned.turn_gap.get().unwrap_or(DEFAULT_TURN_GAP_SECS);
+            // What an unused slot is assumed to hold: a first message common enough.
+            let opening = job.links.first().filter(|first| {
+                let seen = note_opening(&mut learned.openings, first.hash);
+                seen >= COMMON_OPENING && job.links.len() > 1
+            });
+            (live_for, opening.map_or(0.0, |l| f64::from(l.bytes) / bpt))
+        };
         let n = backends.len();
         let start = match n {
             0 => 0,
             n => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
         let mut out = Vec::with_capacity(n);
+        // Predicted TTFT of a cold start on the first slot to free up anywhere.
+        let mut first_free = f64::INFINITY;
         for k in 0..n {
             let index = (start + k) % n;
             let b = &backends[index];
@@ -135,91 +172,124 @@ impl PredictedTtft {
             let mut ledger = b.ledger();
             let prefill = ledger.prefill.get().unwrap_or(self.defaults.prefill_rate);
             let decode = ledger.decode.get().unwrap_or(self.defaults.decode_rate);
+            // The backend reports every slot busy although our ledger may not: someone
+            // else's requests are there, for about an answer's time each.
+            let foreign = if free { 0.0 } else { answer / decode };
             let books = ledger.slots(b.slots() as usize);
-            let mut best: Option<(Candidate, (u64, bool))> = None;
+            let mut best: Option<Candidate> = None;
             let mut held: f64 = 0.0;
             for (slot, book) in books.iter().enumerate() {
-                let cached =
-                    (f64::from(job.cached_bytes(&book.chain, book.tail_reply)) / bpt).min(prompt);
+                let cached = if book.chain.is_empty() && book.depth() == 0 {
+                    opening
+                } else {
+                    f64::from(job.cached_bytes(&book.chain, book.tail_reply)) / bpt
+                }
+                .min(prompt);
                 held = held.max(cached);
+                // A slot without work of ours on a full backend is someone else's.
+                let wait = match book.depth() {
+                    0 => foreign,
+                    _ => book.wait_secs(now),
+                };
+                first_free = first_free.min(wait + prompt / prefill);
                 if book.depth() >= self.defaults.max_depth {
                     continue;
                 }
-                let wait = book.wait_secs(now);
+                // Only a conversation's own next turn waits for a busy slot. Queueing other
+                // requests behind it for a prefix many share (a common system prompt) would
+                // pile a whole fleet's traffic onto the few backends warmed first, while
+                // the rest stay idle and cold.
+                if wait > 0.0 && !job.continues(&book.chain, book.tail_reply) {
+                    continue;
+                }
                 let uncached = prompt - cached;
+                let continues = job.continues(&book.chain, book.tail_reply);
+                // What taking this slot would cost the conversation whose cache it evicts:
+                // re-evaluating the part this request does not share, weighed by how likely
+                // that conversation is to come back (fading after a few turn gaps).
+                let reply = if book.tail_reply { answer } else { 0.0 };
+                let evicted = book
+                    .chain
+                    .last()
+                    .map_or(0.0, |l| f64::from(l.bytes) / bpt + reply - cached)
+                    .max(0.0);
+                let age = now.saturating_duration_since(book.last_used).as_secs_f64();
+                let evict = if continues {
+                    0.0
+                } else {
+                    evicted / prefill * (-age / live_for).exp()
+                };
                 let c = Candidate {
                     index,
                     slot,
-                    wait,
                     ttft: wait + uncached / prefill,
+                    score: wait + uncached / prefill + evict,
+                    continues,
+                    gap: age,
                     work: uncached / prefill + answer / decode,
                     cached,
                     held: 0.0,
-                    free,
-                    prefill,
+                    free: wait == 0.0,
+                    same_session: job.session.is_some() && book.session == job.session,
+                    last_used: book.last_used,
                 };
-                // Among equals: more cached, then the same session, then the coldest slot
-                // (its cache is least likely to be wanted by a conversation still going).
-                let same_session = job.session.is_some() && book.session == job.session;
-                let tie = (book.last_used, same_session);
-                let better = best.as_ref().is_none_or(|(b, btie)| {
-                    cmp_f64(c.ttft, b.ttft)
-                        .then(cmp_f64(b.cached, c.cached))
-                        .then(btie.1.cmp(&tie.1))
-                        .then(tie.0.cmp(&btie.0))
-                        == CmpOrdering::Less
-                });
-                if better {
-                    best = Some((c, tie));
+                if best
+                    .as_ref()
+                    .is_none_or(|b| prefer(&c, b) == CmpOrdering::Less)
+                {
+                    best = Some(c);
                 }
             }
-            let Some((mut c, _)) = best else {
-                continue;
-            };
-            c.held = held;
-            if !c.free && c.wait < 1e-3 {
-                // The backend reports every slot busy although none of our work is on this
-                // one: someone else's request is, for about an answer's time.
-                c.wait += answer / decode;
-                c.ttft += answer / decode;
+            if let Some(mut c) = best {
+                c.held = held;
+                out.push(c);
             }
-            out.push(c);
         }
-        out
+        (out, first_free)
     }
+}
+
+/// Which of two candidates is better: lower score (predicted TTFT plus eviction cost,
+/// within 2 %, which is noise in the estimate), then an idle slot, more of the prompt
+/// cached, the request's own session, and last the slot used least recently, whose cache
+/// is the least likely to be wanted by a conversation still going on.
+fn prefer(a: &Candidate, b: &Candidate) -> CmpOrdering {
+    let close = (a.score - b.score).abs() <= 0.02 * a.score.max(b.score) + 1e-6;
+    let ttft = if close {
+        CmpOrdering::Equal
+    } else {
+        cmp_f64(a.score, b.score)
+    };
+    ttft.then(b.free.cmp(&a.free))
+        .then(cmp_f64(b.cached, a.cached))
+        .then(b.same_session.cmp(&a.same_session))
+        .then(a.last_used.cmp(&b.last_used))
 }
 
 impl Policy for PredictedTtft {
     fn pick(&self, backends: &[Arc<Backend>], job: &Job) -> Option<Pick> {
-        let cands = self.candidates(backends, job);
-        let order = |a: &&Candidate, b: &&Candidate| {
-            cmp_f64(a.ttft, b.ttft)
-                .then(b.free.cmp(&a.free))
-                .then(cmp_f64(b.cached, a.cached))
-        };
-        let best = cands.iter().min_by(order)?;
+        let (cands, first_free) = self.candidates(backends, job);
+        let best = cands.iter().min_by(|a, b| prefer(a, b))?;
+        if best.continues {
+            self.learned().turn_gap.add(best.gap);
+        }
         let chosen = if best.free {
             best
-        } else if let Some(free) = cands.iter().filter(|c| c.free).min_by(order) {
-            // `best` beat every free backend on predicted TTFT: its cache is worth the wait.
-            if best.ttft < free.ttft {
+        } else if let Some(free) = cands.iter().filter(|c| c.free).min_by(|a, b| prefer(a, b)) {
+            // `best` is this conversation's own slot, busy, and waiting for it still beats
+            // starting on an idle backend.
+            if best.score < free.score {
                 best
             } else {
                 free
             }
+        } else if best.ttft < CLEAR_WIN * first_free {
+            // Nothing is idle; waiting for its own slot clearly beats a cold start on the
+            // first slot to free up.
+            best
         } else {
-            // Nothing free: waiting centrally takes the first slot to free up, cold.
-            let central = cands
-                .iter()
-                .map(|c| {
-                    c.wait + (f64::from(job.prompt_bytes) / self.bytes_per_token()) / c.prefill
-                })
-                .fold(f64::INFINITY, f64::min);
-            if best.ttft < CLEAR_WIN * central {
-                best
-            } else {
-                return None;
-            }
+            // Wait in the gateway's queue for whichever slot frees first.
+            return None;
         };
         let most = cands.iter().map(|c| c.held).fold(0.0, f64::max);
         let least = cands.iter().map(|c| c.held).fold(f64::INFINITY, f64::min);
@@ -303,6 +373,19 @@ impl Policy for PredictedTtft {
     }
 }
 
+/// Count one more request opening with `hash`; returns its count. The table stays small:
+/// when full, the rarest opening is forgotten.
+fn note_opening(openings: &mut HashMap<u64, u32>, hash: u64) -> u32 {
+    if !openings.contains_key(&hash) && openings.len() >= MAX_OPENINGS {
+        if let Some((&rare, _)) = openings.iter().min_by_key(|(_, &n)| n) {
+            openings.remove(&rare);
+        }
+    }
+    let n = openings.entry(hash).or_insert(0);
+    *n = n.saturating_add(1);
+    *n
+}
+
 fn bucket(max_tokens: Option<u32>) -> usize {
     match max_tokens {
         None => 0,
@@ -368,23 +451,41 @@ mod tests {
     async fn a_follow_up_turn_returns_to_the_backend_holding_its_history() {
         let p = PredictedTtft::new(RoutingDefaults::default());
         let bs = fleet(4, 1);
-        let (first, _) = claim(&p, &bs, &chat(&["a"])).unwrap();
-        bs[first].sub_inflight();
-        // Other sessions warm the remaining backends with the same system prompt.
-        for _ in 0..3 {
-            let (i, _) = claim(&p, &bs, &chat(&["other"])).unwrap();
-            assert_ne!(
-                i, first,
-                "idle cold-ish backends are preferred for new sessions"
-            );
+        // Four sessions at once: each starts on its own backend rather than queueing
+        // behind another for the system prompt they share.
+        let names = ["p", "q", "r", "s"];
+        let mut warm = Vec::new();
+        for k in names {
+            warm.push(claim_id(&p, &bs, &chat(&[k])).unwrap());
+            tokio::time::advance(Duration::from_secs(1)).await;
         }
-        for b in &bs {
-            if b.inflight() > 0 {
-                b.sub_inflight();
-            }
+        let mut used: Vec<_> = warm.iter().map(|w| w.0).collect();
+        used.sort();
+        used.dedup();
+        assert_eq!(used.len(), 4, "spread over the fleet: {used:?}");
+        for (i, plan, id) in &warm {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            done(&bs, *i, plan.slot, *id);
         }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // A new session takes the backend used least recently: every one holds the system
+        // prompt and a conversation of the same length, and that one's is the likeliest to
+        // be over.
+        let (a_home, plan, id) = claim_id(&p, &bs, &chat(&["a"])).unwrap();
+        assert_eq!(a_home, warm[0].0, "least recently used");
+        assert!(
+            plan.cached_tokens > 1900.0,
+            "the system prompt is cached: {plan:?}"
+        );
+        done(&bs, a_home, plan.slot, id);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // Another new session does not evict it.
+        let (n, plan, id) = claim_id(&p, &bs, &chat(&["n"])).unwrap();
+        assert_ne!(n, a_home);
+        done(&bs, n, plan.slot, id);
+        // The follow-up returns home, to the slot holding its history.
         let (again, plan) = claim(&p, &bs, &chat(&["a", "reply", "b"])).unwrap();
-        assert_eq!(again, first);
+        assert_eq!(again, a_home);
         assert_eq!(plan.affinity, Some(Affinity::Taken));
         assert!(plan.cached_tokens > 2000.0, "{plan:?}");
     }
