@@ -568,6 +568,101 @@ mod tests {
         assert!(!p.leave_queue(id));
     }
 
+    fn queued(t: TryClaim) -> oneshot::Receiver<SlotGuard> {
+        match t {
+            TryClaim::Queued { rx, .. } => rx,
+            other => panic!("expected to queue, got {other:?}"),
+        }
+    }
+
+    fn with_priority(p: i32) -> Arc<Job> {
+        Arc::new(Job {
+            priority: p,
+            ..Job::default()
+        })
+    }
+
+    #[test]
+    fn higher_priority_goes_first_and_a_long_wait_outranks_it() {
+        let p = pool(&[1], None);
+        let g = claimed(p.try_claim(job()));
+        let mut low = queued(p.try_claim(with_priority(0)));
+        let mut high = queued(p.try_claim(with_priority(3)));
+        assert_eq!(p.queue_status(1).map(|s| s.0), Some(1), "high is next");
+        assert_eq!(p.queue_status(0).map(|s| s.0), Some(2));
+        drop(g);
+        let g = high
+            .try_recv()
+            .expect("the higher priority was served first");
+        assert!(low.try_recv().is_err());
+        drop(g);
+        let _g = low.try_recv().expect("then the other");
+
+        // With aging at 10 ms per level, 50 ms of waiting outranks 3 levels.
+        let p = Arc::new(ModelPool::new(
+            "m".into(),
+            p.backends().to_vec(),
+            Box::new(LeastLoaded::default()),
+            QueueLimits {
+                max: None,
+                per_slot: 4,
+                timeout: Duration::from_secs(1),
+                aging: Duration::from_millis(10),
+            },
+        ));
+        drop(_g);
+        let g = claimed(p.try_claim(job()));
+        let mut old = queued(p.try_claim(with_priority(0)));
+        std::thread::sleep(Duration::from_millis(50));
+        let mut fresh = queued(p.try_claim(with_priority(3)));
+        drop(g);
+        let _served = old.try_recv().expect("aging lets the long waiter through");
+        assert!(fresh.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_predicting_policy_refuses_a_request_that_would_wait_past_the_timeout() {
+        let b = Backend::new("b".into(), "http://h:1".parse().unwrap(), Some(1));
+        b.set_health(Health::Up);
+        let p = Arc::new(ModelPool::new(
+            "m".into(),
+            vec![Arc::new(b)],
+            crate::balance::PolicyKind::PredictedTtft.build(Default::default()),
+            QueueLimits {
+                max: None,
+                per_slot: 4,
+                timeout: Duration::from_secs(30),
+                aging: Duration::from_secs(30),
+            },
+        ));
+        let answer = |n: u32| {
+            Arc::new(Job {
+                max_tokens: Some(n),
+                ..Job::default()
+            })
+        };
+        // 200 tokens at 18 tokens/s: about 11 s ahead of the next request.
+        let _running = claimed(p.try_claim(answer(200)));
+        let _first = queued(p.try_claim(answer(200)));
+        let (position, eta) = p.queue_status(0).unwrap();
+        assert_eq!(position, 1);
+        let eta = eta.expect("this policy predicts");
+        assert!(
+            eta > Duration::from_secs(9) && eta < Duration::from_secs(13),
+            "{eta:?}"
+        );
+        let _second = queued(p.try_claim(answer(200)));
+        // A third would start after about 33 s, past the 30 s timeout.
+        match p.try_claim(answer(200)) {
+            TryClaim::WontStart { eta, queued } => {
+                assert_eq!(queued, 2);
+                assert!(eta > Duration::from_secs(30), "{eta:?}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(p.queue_len(), 2);
+    }
+
     #[test]
     fn all_backends_down_is_reported_instead_of_queueing() {
         let p = pool(&[1, 1], None);

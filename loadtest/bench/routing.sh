@@ -169,7 +169,7 @@ run_one() {
     jq -r --arg r "$repeat" --arg w "$workload" --arg l "$load" --arg p "$policy" --arg rate "$rate" \
         --arg util "$(awk -v a="$busy_before" -v b="$busy_after" -v n="$BACKENDS" -v d="$duration" \
             'BEGIN { printf "%.3f", (b - a) / (n * d) }')" \
-        --arg share "$(awk -v c="$cached" -v e="$evaluated" 'BEGIN { printf "%.3f", (c + e > 0) ? c / (c + e) : 0 }')" '
+        --argjson evaluated "$evaluated" '
         .summary | [$r, $w, $l, $p, $rate, .requests, .succeeded,
           ((.statuses["429"] // 0) + (.statuses["503"] // 0) + .dropped_arrivals),
           .failed, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,

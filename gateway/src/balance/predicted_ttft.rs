@@ -45,7 +45,7 @@ const ANSWER_BUCKETS: usize = 34;
 /// Requests that must have opened with the same first message before a slot this gateway
 /// has not used yet is assumed to hold it: a backend that has been serving such traffic
 /// (for another gateway, or before this one started) holds it like any other.
-const COMMON_OPENING: u32 = 3;
+const COMMON_OPENING: u32 = 2;
 
 /// Distinct first messages counted; the rarest is forgotten to make room.
 const MAX_OPENINGS: usize = 64;
@@ -136,6 +136,34 @@ impl PredictedTtft {
         }
     }
 
+    /// Mean measured prefill and decode rates of the backends, or the configured ones.
+    fn fleet_rates(&self, backends: &[Arc<Backend>]) -> (f64, f64) {
+        let (mut p, mut pn, mut d, mut dn) = (0.0, 0, 0.0, 0);
+        for b in backends {
+            let l = b.ledger();
+            if let Some(x) = l.prefill.get() {
+                p += x;
+                pn += 1;
+            }
+            if let Some(x) = l.decode.get() {
+                d += x;
+                dn += 1;
+            }
+        }
+        (
+            if pn > 0 {
+                p / pn as f64
+            } else {
+                self.defaults.prefill_rate
+            },
+            if dn > 0 {
+                d / dn as f64
+            } else {
+                self.defaults.decode_rate
+            },
+        )
+    }
+
     /// The best slot of each available backend (scanning from a rotating start, so that
     /// equal candidates take turns), and when the fleet's first slot frees up.
     fn candidates(&self, backends: &[Arc<Backend>], job: &Job) -> (Vec<Candidate>, f64) {
@@ -160,6 +188,11 @@ impl PredictedTtft {
             n => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
         let mut out = Vec::with_capacity(n);
+        // A backend not measured yet is assumed as fast as the measured ones (the same
+        // model on the same kind of machine, as a rule), and only failing that as fast as
+        // configured: a default far from the truth would make every measured backend look
+        // much faster or slower than the unmeasured ones.
+        let (prefill_default, decode_default) = self.fleet_rates(backends);
         // Predicted TTFT of a cold start on the first slot to free up anywhere.
         let mut first_free = f64::INFINITY;
         for k in 0..n {
@@ -170,8 +203,8 @@ impl PredictedTtft {
             }
             let free = b.free_slots() > 0;
             let mut ledger = b.ledger();
-            let prefill = ledger.prefill.get().unwrap_or(self.defaults.prefill_rate);
-            let decode = ledger.decode.get().unwrap_or(self.defaults.decode_rate);
+            let prefill = ledger.prefill.get().unwrap_or(prefill_default);
+            let decode = ledger.decode.get().unwrap_or(decode_default);
             // The backend reports every slot busy although our ledger may not: someone
             // else's requests are there, for about an answer's time each.
             let foreign = if free { 0.0 } else { answer / decode };
@@ -320,10 +353,11 @@ impl Policy for PredictedTtft {
         let mut free_at: BinaryHeap<Reverse<u64>> = BinaryHeap::new();
         let mut rates = (0.0, 0.0, 0usize);
         let mut books_seen = Vec::new();
+        let (prefill_default, decode_default) = self.fleet_rates(backends);
         for b in backends.iter().filter(|b| b.is_available()) {
             let mut ledger = b.ledger();
-            let prefill = ledger.prefill.get().unwrap_or(self.defaults.prefill_rate);
-            let decode = ledger.decode.get().unwrap_or(self.defaults.decode_rate);
+            let prefill = ledger.prefill.get().unwrap_or(prefill_default);
+            let decode = ledger.decode.get().unwrap_or(decode_default);
             rates = (rates.0 + prefill, rates.1 + decode, rates.2 + 1);
             for book in ledger.slots(b.slots() as usize) {
                 free_at.push(Reverse(micros(book.wait_secs(now))));
