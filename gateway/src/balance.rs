@@ -40,8 +40,8 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Learn from a finished request that this policy routed to `backend`.
-    fn observe(&self, _backend: &Backend, _job: &Job, _outcome: &Outcome) {}
+    /// Learn from a finished request that this policy routed to `backend` with `plan`.
+    fn observe(&self, _backend: &Backend, _job: &Job, _plan: &Plan, _outcome: &Outcome) {}
 }
 
 /// A policy's choice.
@@ -67,6 +67,8 @@ pub struct Plan {
     pub slot: usize,
     /// Predicted time to first token from now, in seconds.
     pub ttft_secs: f64,
+    /// Of which waiting for the slot to free up.
+    pub wait_secs: f64,
     /// Predicted time the request keeps its slot busy (prompt evaluation and generation).
     pub work_secs: f64,
     /// Prompt tokens predicted to come from the slot's cache.

@@ -264,8 +264,9 @@ impl ModelPool {
     /// Learn from a finished request (rates, answer lengths) for the policy that routed it.
     pub fn observe(&self, guard: &SlotGuard, outcome: &Outcome) {
         let q = self.lock();
-        if guard.booked.is_some() {
-            q.policy.observe(&guard.backend, &guard.job, outcome);
+        if let Some(b) = &guard.booked {
+            q.policy
+                .observe(&guard.backend, &guard.job, &b.plan, outcome);
         }
     }
 

@@ -56,6 +56,10 @@ const DEFAULT_TURN_GAP_SECS: f64 = 20.0;
 /// Fewest evaluated tokens for a prompt-rate sample: tiny evaluations are mostly overhead.
 const MIN_RATE_SAMPLE: u64 = 16;
 
+/// Fewest uncached prompt tokens for a rate measured from the time to first token, which
+/// also holds a network round trip and the first generated token.
+const MIN_MEASURED_PROMPT: f64 = 64.0;
+
 /// The predicted-TTFT policy.
 #[derive(Debug)]
 pub struct PredictedTtft {
@@ -80,6 +84,7 @@ struct Learned {
 struct Candidate {
     index: usize,
     slot: usize,
+    wait: f64,
     ttft: f64,
     /// Predicted TTFT plus what the choice costs the conversation whose cache it evicts.
     score: f64,
@@ -255,6 +260,7 @@ impl PredictedTtft {
                 let c = Candidate {
                     index,
                     slot,
+                    wait,
                     ttft: wait + uncached / prefill,
                     score: wait + uncached / prefill + evict,
                     continues,
@@ -338,6 +344,7 @@ impl Policy for PredictedTtft {
             plan: Some(Plan {
                 slot: chosen.slot,
                 ttft_secs: chosen.ttft,
+                wait_secs: chosen.wait,
                 work_secs: chosen.work,
                 cached_tokens: chosen.cached,
                 affinity,
@@ -382,13 +389,21 @@ impl Policy for PredictedTtft {
         free_at.pop().map(|Reverse(t)| Duration::from_micros(t))
     }
 
-    fn observe(&self, backend: &Backend, job: &Job, o: &Outcome) {
+    fn observe(&self, backend: &Backend, job: &Job, plan: &Plan, o: &Outcome) {
         {
             let mut ledger = backend.ledger();
             if let (Some(n), Some(rate)) = (o.evaluated_tokens, o.prompt_per_second) {
                 if n >= MIN_RATE_SAMPLE {
                     ledger.prefill.add(rate);
                 }
+            } else if let Some(rate) = measured_prefill(plan, o) {
+                // No timings (the older BitNet server's streams): from usage and the time
+                // to first token, bounded so that one odd request cannot swing the average.
+                let rate = match ledger.prefill.get() {
+                    Some(now) => rate.clamp(now / 4.0, now * 4.0),
+                    None => rate,
+                };
+                ledger.prefill.add(rate);
             }
             if let Some(rate) = o.predicted_per_second {
                 ledger.decode.add(rate);
@@ -405,6 +420,21 @@ impl Policy for PredictedTtft {
             learned.answers[bucket(job.max_tokens)].add(o.completion_tokens.max(1) as f64);
         }
     }
+}
+
+/// Prompt evaluation rate from `usage` and the measured time to first token, when the
+/// request started at once on an idle slot (so the time is all evaluation) and evaluated
+/// enough tokens to measure. Cached tokens are the backend's count if it gives one, else
+/// the prediction.
+fn measured_prefill(plan: &Plan, o: &Outcome) -> Option<f64> {
+    if plan.wait_secs > 0.0 {
+        return None;
+    }
+    let prompt = o.prompt_tokens? as f64;
+    let cached = o.cached_tokens.map_or(plan.cached_tokens, |c| c as f64);
+    let secs = o.ttft?.as_secs_f64();
+    let uncached = prompt - cached;
+    (uncached >= MIN_MEASURED_PROMPT && secs > 0.0).then(|| uncached / secs)
 }
 
 /// Count one more request opening with `hash`; returns its count. The table stays small:
@@ -594,10 +624,12 @@ mod tests {
             0,
         );
         assert_eq!(p.answer_tokens(&job), 256.0);
+        let plan = p.pick(&bs, &job).unwrap().plan.unwrap();
         for _ in 0..50 {
             p.observe(
                 &bs[0],
                 &job,
+                &plan,
                 &Outcome {
                     prompt_tokens: Some(2000),
                     evaluated_tokens: Some(2000),
@@ -614,6 +646,34 @@ mod tests {
         let l = bs[0].ledger();
         assert!((l.prefill.get().unwrap() - 120.0).abs() < 1e-6);
         assert!((l.decode.get().unwrap() - 30.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn without_timings_the_prefill_rate_comes_from_usage_and_the_time_to_first_token() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(1, 1);
+        let job = Job::from_body(br#"{"messages":[{"role":"user","content":"q"}]}"#, None, 0);
+        let idle = p.pick(&bs, &job).unwrap().plan.unwrap();
+        assert_eq!(idle.wait_secs, 0.0);
+        let outcome = |secs: f64| Outcome {
+            prompt_tokens: Some(600),
+            cached_tokens: Some(0),
+            ttft: Some(Duration::from_secs_f64(secs)),
+            complete: true,
+            ..Outcome::default()
+        };
+        p.observe(&bs[0], &job, &idle, &outcome(20.0));
+        assert!((bs[0].ledger().prefill.get().unwrap() - 30.0).abs() < 1e-6);
+        // A request that queued on its slot says nothing about evaluation speed.
+        let queued = Plan {
+            wait_secs: 5.0,
+            ..idle.clone()
+        };
+        p.observe(&bs[0], &job, &queued, &outcome(1.0));
+        assert!((bs[0].ledger().prefill.get().unwrap() - 30.0).abs() < 1e-6);
+        // One odd sample moves the average by at most four times the current value.
+        p.observe(&bs[0], &job, &idle, &outcome(0.001));
+        assert!(bs[0].ledger().prefill.get().unwrap() <= 30.0 + 0.2 * 90.0 + 1e-6);
     }
 
     #[test]
