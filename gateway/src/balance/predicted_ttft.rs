@@ -580,6 +580,33 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_session_key_decides_between_slots_holding_the_same_prefix() {
+        let p = PredictedTtft::new(RoutingDefaults::default());
+        let bs = fleet(2, 1);
+        let body = |user: &str| {
+            format!(
+                r#"{{"user":"{user}","messages":[{{"role":"system","content":"S"}},{{"role":"user","content":"hi"}}]}}"#
+            )
+        };
+        let first = |user: &str| Job::from_body(body(user).as_bytes(), None, 0);
+        // Two users opened with the same words; alice's slot was used first.
+        let a = bs[0].ledger().assign(0, &first("alice"), 0.0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let b = bs[1].ledger().assign(0, &first("bob"), 0.0);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        bs[0].ledger().finish(0, a);
+        bs[1].ledger().finish(0, b);
+        let next = |user: &str| {
+            let body = format!(
+                r#"{{"user":"{user}","messages":[{{"role":"system","content":"S"}},{{"role":"user","content":"hi"}},{{"role":"assistant","content":"hello"}},{{"role":"user","content":"go on"}}]}}"#
+            );
+            Job::from_body(body.as_bytes(), None, 0)
+        };
+        assert_eq!(p.pick(&bs, &next("bob")).unwrap().index, 1);
+        assert_eq!(p.pick(&bs, &next("alice")).unwrap().index, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn with_nothing_free_and_no_cache_advantage_the_request_waits_centrally() {
         let p = PredictedTtft::new(RoutingDefaults::default());
         let bs = fleet(2, 1);
