@@ -142,7 +142,7 @@ done
 
 echo "== starting bitnet-gateway on $LISTEN (log: $gateway_log)"
 "$bin_dir/bitnet-gateway" --listen "$LISTEN" --model "$MODEL_ID" --alias bitnet \
-  --runner "$control" >"$gateway_log" 2>&1 &
+  --policy predicted-ttft --runner "$control" >"$gateway_log" 2>&1 &
 gateway_pid=$!
 
 # The gateway prints its bound address (LISTEN may ask for port 0); /health then answers 200
