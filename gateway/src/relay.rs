@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::backend::Health;
 use crate::body::BoxError;
 use crate::dialect::bitnet::SseFixer;
 use crate::error::error_body;
+use crate::forward::UpstreamBody;
 use crate::metrics::Metrics;
 use crate::pool::SlotGuard;
 use crate::sse::Scanner;
@@ -58,7 +58,7 @@ enum Ending {
 /// A backend's body on its way to the client, holding the slot it occupies.
 pub struct RelayBody {
     /// `None` once the upstream body has ended (or when it was read in full beforehand).
-    upstream: Option<Incoming>,
+    upstream: Option<UpstreamBody>,
     /// Bytes already read from the upstream (a peeked first event, or a whole body), sent
     /// before anything else.
     prefix: Option<Bytes>,
@@ -93,7 +93,7 @@ impl RelayBody {
     /// `guard` when it ends. `timeouts` are the longest silences before the first data and
     /// between later data.
     pub fn new(
-        upstream: Option<Incoming>,
+        upstream: Option<UpstreamBody>,
         prefix: Option<Bytes>,
         fixer: Option<SseFixer>,
         guard: SlotGuard,
