@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use clap::Parser;
 use gateway::cli::{Cli, LogFormat};
@@ -9,11 +10,14 @@ use gateway::{serve, Gateway};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Declared before the runtime so that it is dropped after it: the last lines are
+    // written before the process exits.
+    let _log = init_logging(cli.log_format);
     let check_only = cli.check_config;
     let config = match cli.into_config() {
         Ok(c) => c,
@@ -115,20 +119,166 @@ fn one_line(err: &dyn std::fmt::Display) -> String {
         .join(" | ")
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat) -> LogWriter {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours are for a person at a terminal. In a file or a journal they are noise, and
     // styling every field name was a quarter of the gateway's work per proxied request.
     let ansi = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let writer = LogWriter::start(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer.handle());
     match format {
         LogFormat::Text if !ansi => builder.fmt_fields(PlainFields).init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    writer
+}
+
+/// Writes log lines to stderr from a thread of its own, so that a request never waits for
+/// the write of its access line, and the lines of a millisecond go out in one write.
+/// Nothing is dropped: past [`LogWriter::MAX_PENDING`] unwritten
+/// bytes, loggers wait for the writer, as they waited for stderr before. Dropping the
+/// value [`LogWriter::start`] returns writes what is left and stops the thread.
+struct LogWriter {
+    shared: Arc<LogShared>,
+    /// Only the handle made by `start` stops and joins the thread when dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct LogShared {
+    state: Mutex<LogState>,
+    /// The writer waits here for lines.
+    lines: Condvar,
+    /// Loggers wait here for room.
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    pending: Vec<u8>,
+    writer_asleep: bool,
+    loggers_waiting: bool,
+    stopping: bool,
+}
+
+impl LogWriter {
+    const MAX_PENDING: usize = 1 << 20;
+    /// How long the writer waits for more lines before a write, unless it already has
+    /// `GATHER_BYTES`: a log line is never held back longer than this.
+    const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+    const GATHER_BYTES: usize = 64 * 1024;
+
+    fn start(sink: impl std::io::Write + Send + 'static) -> LogWriter {
+        let shared = Arc::new(LogShared {
+            state: Mutex::new(LogState::default()),
+            lines: Condvar::new(),
+            room: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || s.run(sink))
+            .expect("start the log writer thread");
+        LogWriter {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// A handle for the subscriber, which does not stop the thread.
+    fn handle(&self) -> LogWriter {
+        LogWriter {
+            shared: self.shared.clone(),
+            thread: None,
+        }
+    }
+}
+
+impl LogShared {
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        // A panic while holding the lock leaves at worst a partial line.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self, mut sink: impl std::io::Write) {
+        let mut batch = Vec::new();
+        loop {
+            let mut state = self.lock();
+            while state.pending.is_empty() && !state.stopping {
+                state.writer_asleep = true;
+                state = self.lines.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.writer_asleep = false;
+            }
+            if state.pending.is_empty() {
+                return;
+            }
+            if !state.stopping && state.pending.len() < LogWriter::GATHER_BYTES {
+                // Let the lines of the next moment join this one's: under load that makes
+                // one write of many lines, and while lines keep coming the writer never
+                // sleeps on the condition variable, so loggers never have to wake it.
+                drop(state);
+                std::thread::sleep(LogWriter::GATHER_TIME);
+                state = self.lock();
+            }
+            std::mem::swap(&mut batch, &mut state.pending);
+            if std::mem::take(&mut state.loggers_waiting) {
+                self.room.notify_all();
+            }
+            drop(state);
+            // Nowhere to report a failed log write; carry on, as eprintln would not.
+            let _ = sink.write_all(&batch);
+            batch.clear();
+        }
+    }
+}
+
+/// What the subscriber writes one event's line through.
+struct LogLine<'a>(&'a LogShared);
+
+impl std::io::Write for LogLine<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let shared = self.0;
+        let mut state = shared.lock();
+        while state.pending.len() >= LogWriter::MAX_PENDING && !state.stopping {
+            state.loggers_waiting = true;
+            state = shared.room.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.pending.extend_from_slice(line);
+        // A waking call costs a system call: make it only when the writer sleeps.
+        let wake = std::mem::take(&mut state.writer_asleep);
+        drop(state);
+        if wake {
+            shared.lines.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = LogLine<'a>;
+
+    fn make_writer(&'a self) -> LogLine<'a> {
+        LogLine(&self.shared)
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let Some(handle) = self.thread.take() else {
+            return;
+        };
+        self.shared.lock().stopping = true;
+        self.shared.lines.notify_one();
+        self.shared.room.notify_all();
+        let _ = handle.join();
     }
 }
 
@@ -286,6 +436,8 @@ async fn shutdown_signal() {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use std::io::Write as _;
+
     use tracing_subscriber::fmt::MakeWriter;
 
     use super::PlainFields;
@@ -354,6 +506,68 @@ mod tests {
         }
         let bytes = out.0.lock().unwrap().clone();
         String::from_utf8(bytes).unwrap()
+    }
+
+    /// A sink whose writes wait until the test opens it.
+    struct Gated {
+        out: Captured,
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl std::io::Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let _open = cv.wait_while(lock.lock().unwrap(), |open| !*open).unwrap();
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_log_writer_writes_every_line_whole_before_it_stops() {
+        let out = Captured::default();
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let writer = super::LogWriter::start(Gated {
+            out: out.clone(),
+            open: open.clone(),
+        });
+        // The writer takes the first line and stays stuck writing it while the rest pile
+        // up behind, and is told to stop before it can write them.
+        writer.make_writer().write_all(b"first\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let writer = &writer;
+                scope.spawn(move || {
+                    for i in 0..2000 {
+                        let line = format!("thread {t} line {i} {}\n", "x".repeat(i % 100));
+                        writer.make_writer().write_all(line.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            *open.0.lock().unwrap() = true;
+            open.1.notify_all();
+        });
+        drop(writer);
+        opener.join().unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("first"));
+        let mut next = [0usize; 4];
+        for line in lines {
+            let mut words = line.split(' ');
+            let t: usize = words.nth(1).unwrap().parse().unwrap();
+            let i: usize = words.nth(1).unwrap().parse().unwrap();
+            assert_eq!(i, next[t], "lines of thread {t} out of order or missing");
+            assert_eq!(words.next().unwrap().len(), i % 100, "a torn line");
+            next[t] += 1;
+        }
+        assert_eq!(next, [2000; 4]);
     }
 
     #[test]
