@@ -1,5 +1,6 @@
 //! The `bitnet-gateway` binary: parse flags, load config, bind, serve until a signal.
 
+use std::cell::Cell;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -10,6 +11,7 @@ use gateway::{serve, Gateway};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
@@ -129,6 +131,7 @@ fn init_logging(format: LogFormat) -> LogWriter {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
+        .with_timer(Clock)
         .with_writer(writer.handle());
     match format {
         LogFormat::Text if !ansi => builder.fmt_fields(PlainFields).init(),
@@ -136,6 +139,82 @@ fn init_logging(format: LogFormat) -> LogWriter {
         LogFormat::Json => builder.json().init(),
     }
     writer
+}
+
+/// Timestamps as tracing-subscriber's `SystemTime` writes them (RFC 3339, UTC, to the
+/// microsecond), with the date and time of day worked out once a second per thread rather
+/// than for every line.
+struct Clock;
+
+thread_local! {
+    /// The last second formatted on this thread, and its text up to the seconds.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// The first second of year 10000: four digits of year no longer suffice from there.
+const YEAR_10000: u64 = 253_402_300_800;
+
+impl FormatTime for Clock {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        let now = std::time::SystemTime::now();
+        let since = match now.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) if d.as_secs() < YEAR_10000 => d,
+            _ => return tracing_subscriber::fmt::time::SystemTime.format_time(w),
+        };
+        let secs = since.as_secs();
+        let text = SECOND.with(|cell| {
+            let (cached, text) = cell.get();
+            if cached == secs {
+                return text;
+            }
+            let text = date_and_time(secs);
+            cell.set((secs, text));
+            text
+        });
+        let mut frac = *b".000000Z";
+        let mut micros = since.subsec_micros();
+        for digit in frac[1..7].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        w.write_str(std::str::from_utf8(&text).expect("ASCII digits"))?;
+        w.write_str(std::str::from_utf8(&frac).expect("ASCII digits"))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for `secs` after the Unix epoch (before year 10000).
+fn date_and_time(secs: u64) -> [u8; 19] {
+    let (days, in_day) = (secs / 86_400, secs % 86_400);
+    // Count from 1 March 0000 so that the leap day ends each year, then split days into
+    // 400-year eras, years within the era, and months from March.
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for digit in out[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, in_day / 3_600);
+    put(14, 2, in_day / 60 % 60);
+    put(17, 2, in_day % 60);
+    out
 }
 
 /// Writes log lines to stderr from a thread of its own, so that a request never waits for
@@ -568,6 +647,45 @@ mod tests {
             next[t] += 1;
         }
         assert_eq!(next, [2000; 4]);
+    }
+
+    #[test]
+    fn timestamps_are_the_utc_date_and_time_of_the_second() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (951_868_799, "2000-02-29T23:59:59"),
+            (1_795_711_579, "2026-11-26T16:46:19"),
+            (4_107_542_400, "2100-03-01T00:00:00"),
+            (super::YEAR_10000 - 1, "9999-12-31T23:59:59"),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&super::date_and_time(secs)).unwrap(),
+                text
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_read_as_tracing_subscriber_writes_them() {
+        use tracing_subscriber::fmt::format::Writer;
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        // Both read the clock: compare to the second, retrying across a second boundary.
+        for _ in 0..5 {
+            let (mut ours, mut theirs) = (String::new(), String::new());
+            super::Clock
+                .format_time(&mut Writer::new(&mut ours))
+                .unwrap();
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{ours} vs {theirs}");
+            assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.', "{ours}");
+            if ours[..19] == theirs[..19] {
+                return;
+            }
+        }
+        panic!("the two clocks never agreed to the second");
     }
 
     #[test]
