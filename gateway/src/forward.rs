@@ -14,10 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::admit::{admit, Admission};
 use crate::backend::Health;
@@ -33,11 +30,9 @@ use crate::pool::SlotGuard;
 use crate::relay::{Exchange, RelayBody};
 use crate::state::Gateway;
 use crate::tls::{https_connector, TlsError};
-use hyper_rustls::HttpsConnector;
 
-/// The client used for every backend: HTTP/1.1 keep-alive, one idle pool per backend,
-/// plain or TLS by the backend URL's scheme.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+mod client;
+pub use client::{UpstreamBody, UpstreamClient, UpstreamError};
 
 /// Build the upstream client.
 pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {
@@ -47,12 +42,9 @@ pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {
     connector.set_connect_timeout(Some(cfg.connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(30)));
     let connector = https_connector(connector, cfg.upstream_ca_file.as_deref())?;
-    Ok(Client::builder(TokioExecutor::new())
-        // llama-server closes idle keep-alive connections after 5 s; dropping ours first
-        // avoids sending a request into a connection the server is closing.
-        .pool_idle_timeout(Duration::from_secs(4))
-        .pool_timer(hyper_util::rt::TokioTimer::new())
-        .build(connector))
+    // llama-server closes idle keep-alive connections after 5 s; dropping ours first
+    // avoids sending a request into a connection the server is closing.
+    Ok(UpstreamClient::new(connector, Duration::from_secs(4)))
 }
 
 /// What the gateway keeps of a client request to send it (again, on failover).
@@ -92,6 +84,11 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than hashing each of
+    // the eight for a removal that finds nothing.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -312,7 +309,7 @@ const MAX_BUFFERED: usize = 16 * 1024 * 1024;
 async fn respond(
     gw: &Arc<Gateway>,
     guard: SlotGuard,
-    resp: Response<Incoming>,
+    resp: Response<UpstreamBody>,
     out: &Outbound,
     ctx: RespondCtx,
 ) -> Result<Response<GatewayBody>, GatewayError> {
@@ -443,7 +440,7 @@ pub fn pin_to_slot(body: &Bytes, slot: u32) -> Bytes {
 
 /// Read frames until the first whole SSE event (or the end). Returns the bytes read and
 /// whether the body ended.
-async fn first_event(body: &mut Incoming) -> Result<(Bytes, bool), hyper::Error> {
+async fn first_event(body: &mut UpstreamBody) -> Result<(Bytes, bool), hyper::Error> {
     let mut buf = BytesMut::new();
     // A first event larger than this is not an error report; stop looking.
     const MAX_PEEK: usize = 64 * 1024;

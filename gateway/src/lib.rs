@@ -31,7 +31,8 @@
 //!   (the context-length guard), [`sse`] (token accounting from the relayed bytes);
 //! - the edges: [`auth`] (API and admin keys, constant time), [`tls`] (rustls termination
 //!   with reload, https backends), [`error`] (the one mapping from errors to HTTP), [`body`]
-//!   (the response body type), [`metrics`] (Prometheus, one struct per component).
+//!   (the response body type), [`metrics`] (Prometheus, one struct per component),
+//!   [`logging`] (the access log's formatter and writer thread).
 
 pub mod admit;
 pub mod auth;
@@ -49,6 +50,7 @@ pub mod health;
 pub mod inspect;
 pub mod job;
 pub mod ledger;
+pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod relay;

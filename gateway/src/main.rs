@@ -3,13 +3,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use gateway::cli::{Cli, LogFormat};
-use gateway::{serve, Gateway};
-use tracing_subscriber::EnvFilter;
+use gateway::cli::Cli;
+use gateway::{logging, serve, Gateway};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Declared before the runtime so that it is dropped after it: the last lines are
+    // written before the process exits.
+    let _log = logging::init(cli.log_format);
     let check_only = cli.check_config;
     let config = match cli.into_config() {
         Ok(c) => c,
@@ -47,6 +48,13 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        let shutdown = match shutdown_signal() {
+            Ok(s) => s,
+            Err(err) => {
+                eprintln!("bitnet-gateway: cannot install signal handlers: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(err) => {
@@ -59,7 +67,7 @@ fn main() -> ExitCode {
         // Tests and scripts start us on port 0 and read the real address from this line.
         println!("bitnet-gateway listening on {scheme}://{addr}");
         tokio::spawn(reload_on_sighup(gw.clone(), cli));
-        match serve(listener, gw, shutdown_signal()).await {
+        match serve(listener, gw, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("bitnet-gateway: {err}");
@@ -111,24 +119,17 @@ fn one_line(err: &dyn std::fmt::Display) -> String {
         .join(" | ")
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed here, at once, not when the
+/// future is first polled: a signal that arrives after the gateway says it is listening
+/// must stop it gracefully, never kill it.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

@@ -4,8 +4,12 @@
 //! Gauges that mirror live state (in-flight, slots, up, queue depth) are not updated on the
 //! hot path: they are read from the backends' atomics when Prometheus scrapes.
 
+use std::sync::{Arc, OnceLock};
+
+use dashmap::DashMap;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::backend::Health;
@@ -175,6 +179,100 @@ pub struct Metrics {
     pub queue: QueueMetrics,
     pub backends: BackendMetrics,
     pub routing: RoutingMetrics,
+    series: Arc<DashMap<SeriesKey, Arc<ExchangeSeries>>>,
+}
+
+/// The series one relayed exchange records into, for one backend, model and endpoint.
+///
+/// Finding a series by its label values hashes them every time, and an exchange records
+/// into up to nine; [`Metrics::series`] finds them once per combination and keeps them.
+/// Each is still created on first use, as before, so that `/metrics` lists the same series.
+#[derive(Debug)]
+pub struct ExchangeSeries {
+    backend: String,
+    model: String,
+    endpoint: &'static str,
+    ok: OnceLock<IntCounter>,
+    duration: OnceLock<Histogram>,
+    ttft: OnceLock<Histogram>,
+    prompt_tokens: OnceLock<IntCounter>,
+    cached_tokens: OnceLock<IntCounter>,
+    completion_tokens: OnceLock<IntCounter>,
+    tokens_per_second: OnceLock<Histogram>,
+    broken_streams: OnceLock<IntCounter>,
+    client_disconnects: OnceLock<IntCounter>,
+}
+
+/// Where an exchange's series are kept: by the addresses of its backend and model objects
+/// (and the endpoint label). A reload may free a backend and reuse its address, so a hit
+/// counts only if the names match as well.
+type SeriesKey = (usize, usize, &'static str);
+
+impl ExchangeSeries {
+    fn bm(&self) -> [&str; 2] {
+        [&self.backend, &self.model]
+    }
+
+    /// `bitnet_gateway_requests_total` with status 200, the status nearly all have.
+    pub fn ok(&self, m: &Metrics) -> &IntCounter {
+        self.ok.get_or_init(|| {
+            m.requests.requests.with_label_values(&[
+                &self.backend,
+                &self.model,
+                self.endpoint,
+                "200",
+            ])
+        })
+    }
+
+    pub fn duration(&self, m: &Metrics) -> &Histogram {
+        self.duration.get_or_init(|| {
+            m.requests
+                .duration
+                .with_label_values(&[&self.backend, &self.model, self.endpoint])
+        })
+    }
+
+    pub fn ttft(&self, m: &Metrics) -> &Histogram {
+        self.ttft
+            .get_or_init(|| m.requests.ttft.with_label_values(&self.bm()))
+    }
+
+    pub fn prompt_tokens(&self, m: &Metrics) -> &IntCounter {
+        self.prompt_tokens
+            .get_or_init(|| m.requests.prompt_tokens.with_label_values(&self.bm()))
+    }
+
+    pub fn cached_tokens(&self, m: &Metrics) -> &IntCounter {
+        self.cached_tokens
+            .get_or_init(|| m.requests.cached_tokens.with_label_values(&self.bm()))
+    }
+
+    pub fn completion_tokens(&self, m: &Metrics) -> &IntCounter {
+        self.completion_tokens
+            .get_or_init(|| m.requests.completion_tokens.with_label_values(&self.bm()))
+    }
+
+    pub fn tokens_per_second(&self, m: &Metrics) -> &Histogram {
+        self.tokens_per_second
+            .get_or_init(|| m.requests.tokens_per_second.with_label_values(&self.bm()))
+    }
+
+    pub fn broken_streams(&self, m: &Metrics) -> &IntCounter {
+        self.broken_streams.get_or_init(|| {
+            m.backends
+                .upstream_errors
+                .with_label_values(&[&self.backend, "broken_stream"])
+        })
+    }
+
+    pub fn client_disconnects(&self, m: &Metrics) -> &IntCounter {
+        self.client_disconnects.get_or_init(|| {
+            m.backends
+                .client_disconnects
+                .with_label_values(&[&self.backend])
+        })
+    }
 }
 
 impl Metrics {
@@ -193,7 +291,41 @@ impl Metrics {
             backends: BackendMetrics::register(&registry),
             routing: RoutingMetrics::register(&registry),
             registry,
+            series: Arc::default(),
         }
+    }
+
+    /// The series of `endpoint` on `backend` for `model`. `objects` are the addresses of
+    /// the backend and model objects, which identify them without hashing their names.
+    pub fn series(
+        &self,
+        objects: (usize, usize),
+        backend: &str,
+        model: &str,
+        endpoint: &'static str,
+    ) -> Arc<ExchangeSeries> {
+        let key = (objects.0, objects.1, endpoint);
+        if let Some(s) = self.series.get(&key) {
+            if s.backend == backend && s.model == model {
+                return s.clone();
+            }
+        }
+        let s = Arc::new(ExchangeSeries {
+            backend: backend.to_string(),
+            model: model.to_string(),
+            endpoint,
+            ok: OnceLock::new(),
+            duration: OnceLock::new(),
+            ttft: OnceLock::new(),
+            prompt_tokens: OnceLock::new(),
+            cached_tokens: OnceLock::new(),
+            completion_tokens: OnceLock::new(),
+            tokens_per_second: OnceLock::new(),
+            broken_streams: OnceLock::new(),
+            client_disconnects: OnceLock::new(),
+        });
+        self.series.insert(key, s.clone());
+        s
     }
 
     /// Prometheus text exposition, with live gauges read from the gateway's state.
@@ -230,5 +362,47 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(m: &Metrics) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&m.registry.gather(), &mut out)
+            .unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn kept_series_are_created_on_first_use_and_follow_renamed_objects() {
+        let m = Metrics::new();
+        let first = m.series((1, 2), "b1", "m", "/v1/completions");
+        first.ok(&m).inc();
+        assert!(Arc::ptr_eq(
+            &first,
+            &m.series((1, 2), "b1", "m", "/v1/completions")
+        ));
+        let text = exposition(&m);
+        assert!(text.contains(
+            r#"bitnet_gateway_requests_total{backend="b1",endpoint="/v1/completions",model="m",status="200"} 1"#
+        ));
+        // Nothing was recorded into these yet, so they are not listed.
+        assert!(!text.contains("bitnet_gateway_client_disconnects_total{"));
+        assert!(!text.contains("bitnet_gateway_time_to_first_token_seconds_count{"));
+
+        // The same addresses, reused by another backend after a reload.
+        let second = m.series((1, 2), "b2", "m", "/v1/completions");
+        second.ok(&m).inc();
+        second.client_disconnects(&m).inc();
+        let text = exposition(&m);
+        assert!(text.contains(
+            r#"bitnet_gateway_requests_total{backend="b2",endpoint="/v1/completions",model="m",status="200"} 1"#
+        ));
+        assert!(text.contains(r#"bitnet_gateway_client_disconnects_total{backend="b2"} 1"#));
+        assert!(!text.contains(r#"bitnet_gateway_client_disconnects_total{backend="b1"}"#));
     }
 }

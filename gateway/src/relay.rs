@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::backend::Health;
@@ -25,6 +24,7 @@ use crate::balance::Outcome;
 use crate::body::BoxError;
 use crate::dialect::bitnet::SseFixer;
 use crate::error::error_body;
+use crate::forward::UpstreamBody;
 use crate::metrics::Metrics;
 use crate::pool::SlotGuard;
 use crate::sse::Scanner;
@@ -59,7 +59,7 @@ enum Ending {
 /// A backend's body on its way to the client, holding the slot it occupies.
 pub struct RelayBody {
     /// `None` once the upstream body has ended (or when it was read in full beforehand).
-    upstream: Option<Incoming>,
+    upstream: Option<UpstreamBody>,
     /// Bytes already read from the upstream (a peeked first event, or a whole body), sent
     /// before anything else.
     prefix: Option<Bytes>,
@@ -94,7 +94,7 @@ impl RelayBody {
     /// `guard` when it ends. `timeouts` are the longest silences before the first data and
     /// between later data.
     pub fn new(
-        upstream: Option<Incoming>,
+        upstream: Option<UpstreamBody>,
         prefix: Option<Bytes>,
         fixer: Option<SseFixer>,
         guard: SlotGuard,
@@ -226,41 +226,43 @@ fn record(
     let backend = guard.backend().name.as_str();
     let model = guard.pool().id.as_str();
     let tally = scanner.finish();
-    let m = &ex.metrics;
-    let status = ex.status.to_string();
-    m.requests
-        .requests
-        .with_label_values(&[backend, model, ex.endpoint, &status])
-        .inc();
+    let m = &*ex.metrics;
+    let series = m.series(
+        (
+            Arc::as_ptr(guard.backend()) as usize,
+            Arc::as_ptr(guard.pool()) as usize,
+        ),
+        backend,
+        model,
+        ex.endpoint,
+    );
+    if ex.status == 200 {
+        series.ok(m).inc();
+    } else {
+        m.requests
+            .requests
+            .with_label_values(&[backend, model, ex.endpoint, &ex.status.to_string()])
+            .inc();
+    }
     let duration = now - ex.arrived;
-    m.requests
-        .duration
-        .with_label_values(&[backend, model, ex.endpoint])
-        .observe(duration.as_secs_f64());
+    series.duration(m).observe(duration.as_secs_f64());
     let ttft = if sse {
         first_content.map(|t| t - ex.arrived)
     } else {
         Some(ex.head_at - ex.arrived)
     };
-    let bm = [backend, model];
     if let Some(t) = ttft {
-        m.requests
-            .ttft
-            .with_label_values(&bm)
-            .observe(t.as_secs_f64());
+        series.ttft(m).observe(t.as_secs_f64());
     }
     if let Some(n) = tally.prompt_tokens {
-        m.requests.prompt_tokens.with_label_values(&bm).inc_by(n);
+        series.prompt_tokens(m).inc_by(n);
     }
     if let Some(n) = tally.cached_tokens {
-        m.requests.cached_tokens.with_label_values(&bm).inc_by(n);
+        series.cached_tokens(m).inc_by(n);
     }
     let completion = tally.completion();
     if completion > 0 {
-        m.requests
-            .completion_tokens
-            .with_label_values(&bm)
-            .inc_by(completion);
+        series.completion_tokens(m).inc_by(completion);
     }
     let tps = tally.predicted_per_second.or_else(|| {
         // Decode rate from our own clock: tokens after the first, over the time after it.
@@ -269,10 +271,7 @@ fn record(
         (completion > 1 && secs > 0.0).then(|| (completion - 1) as f64 / secs)
     });
     if let Some(r) = tps.filter(|r| r.is_finite() && *r > 0.0) {
-        m.requests
-            .tokens_per_second
-            .with_label_values(&bm)
-            .observe(r);
+        series.tokens_per_second(m).observe(r);
     }
     if let Some(plan) = guard.plan() {
         // Time to first token from the moment the slot was claimed, which is where the
@@ -302,16 +301,8 @@ fn record(
     }
     match ending {
         Ending::Complete => {}
-        Ending::UpstreamBroken => m
-            .backends
-            .upstream_errors
-            .with_label_values(&[backend, "broken_stream"])
-            .inc(),
-        Ending::ClientGone => m
-            .backends
-            .client_disconnects
-            .with_label_values(&[backend])
-            .inc(),
+        Ending::UpstreamBroken => series.broken_streams(m).inc(),
+        Ending::ClientGone => series.client_disconnects(m).inc(),
     }
     tracing::info!(
         target: "access",

@@ -58,8 +58,9 @@ pub async fn handle(
 ) -> Response<GatewayBody> {
     let arrived = tokio::time::Instant::now();
     let id = request_id(req.headers());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        req.headers_mut().insert(REQUEST_ID.clone(), v);
+    let id_header = HeaderValue::from_str(&id).ok();
+    if let Some(v) = &id_header {
+        req.headers_mut().insert(REQUEST_ID.clone(), v.clone());
     }
     let endpoint = endpoint_label(req.uri().path());
     let authorized = authorize(&gw, &req, peer);
@@ -92,7 +93,7 @@ pub async fn handle(
             err.into_response()
         }
     };
-    if let Ok(v) = HeaderValue::from_str(&id) {
+    if let Some(v) = id_header {
         resp.headers_mut().insert(REQUEST_ID.clone(), v);
     }
     resp
@@ -188,7 +189,29 @@ fn request_id(headers: &http::HeaderMap) -> String {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0)
     });
-    format!("{:016x}-{:08x}", seed, NEXT.fetch_add(1, Ordering::Relaxed))
+    generated_id(seed, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `format!("{seed:016x}-{n:08x}")`, without the formatting machinery on every request.
+fn generated_id(seed: u64, n: u64) -> String {
+    let mut id = String::with_capacity(25);
+    push_hex(&mut id, seed, 16);
+    id.push('-');
+    push_hex(&mut id, n, 8.max(hex_digits(n)));
+    id
+}
+
+/// Hexadecimal digits needed for `n` (at least one).
+fn hex_digits(n: u64) -> usize {
+    (16 - n.leading_zeros() as usize / 4).max(1)
+}
+
+/// Append the last `width` hexadecimal digits of `n`, lowercase, zero-padded.
+fn push_hex(out: &mut String, n: u64, width: usize) {
+    for i in (0..width).rev() {
+        let d = (n >> (4 * i)) & 0xf;
+        out.push(char::from_digit(d as u32, 16).expect("a hex digit"));
+    }
 }
 
 /// The endpoint as a metrics label: one of the known paths, or "other", so that clients
@@ -444,4 +467,22 @@ fn models(gw: &Gateway) -> Response<GatewayBody> {
     }
     let body = json!({ "object": "list", "data": data });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_request_ids_are_the_seed_and_counter_in_padded_hex() {
+        for (seed, n) in [
+            (0, 0),
+            (0x18eb_a6f9_19c4_db34, 0x6284),
+            (0xf, 0xffff_ffff),
+            (1, 0x1_0000_0000),
+            (u64::MAX, u64::MAX),
+        ] {
+            assert_eq!(generated_id(seed, n), format!("{seed:016x}-{n:08x}"));
+        }
+    }
 }

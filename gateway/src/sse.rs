@@ -7,6 +7,9 @@
 //! other events are only checked for non-empty content, which is the fallback count when a
 //! server reports no usage. A non-streaming body is kept (up to a cap) and read at the end.
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 /// Largest non-streaming body or single SSE event the scanner keeps for accounting.
@@ -187,9 +190,10 @@ impl Scanner {
             self.tally.content_events += 1;
         }
         // Only events that can carry accounting are parsed in full.
-        if !contains(data, b"\"usage\"")
-            && !contains(data, b"\"timings\"")
-            && !contains(data, b"\"error\"")
+        let n = &*NEEDLES;
+        if [&n.usage, &n.timings, &n.error]
+            .iter()
+            .all(|f| f.find(data).is_none())
         {
             return;
         }
@@ -244,17 +248,32 @@ impl Scanner {
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(hay, needle).is_some()
+/// The byte patterns the scanner looks for, built once: building a substring finder costs
+/// more than running it over one short SSE event, and a stream has one event per token.
+struct Needles {
+    usage: Finder<'static>,
+    timings: Finder<'static>,
+    error: Finder<'static>,
+    content: Finder<'static>,
+    text: Finder<'static>,
 }
+
+static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+    usage: Finder::new(b"\"usage\""),
+    timings: Finder::new(b"\"timings\""),
+    error: Finder::new(b"\"error\""),
+    content: Finder::new(b"\"content\":\""),
+    text: Finder::new(b"\"text\":\""),
+});
 
 /// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
 /// or `"text":"x` with at least one character. Cheap, and exact enough for a fallback count.
 fn has_content(data: &[u8]) -> bool {
-    for key in [&b"\"content\":\""[..], b"\"text\":\""] {
+    let n = &*NEEDLES;
+    for key in [&n.content, &n.text] {
         let mut rest = data;
-        while let Some(i) = memchr::memmem::find(rest, key) {
-            let after = &rest[i + key.len()..];
+        while let Some(i) = key.find(rest) {
+            let after = &rest[i + key.needle().len()..];
             if after.first().is_some_and(|&b| b != b'"') {
                 return true;
             }

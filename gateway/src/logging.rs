@@ -1,0 +1,586 @@
+//! Logging: the global subscriber, a plain field formatter and a writer thread.
+//!
+//! The access log writes a line per request, so its cost is part of every request's: the
+//! formatter here skips the styling layers, timestamps are worked out once a second, and
+//! lines are written by a thread of their own so that a slow stderr does not stall the
+//! runtime's workers.
+
+use std::cell::Cell;
+use std::io::IsTerminal;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::time::FormatTime;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::LogFormat;
+
+/// Install the global subscriber writing to stderr in `format`. Keep the returned writer
+/// alive until the end: dropping it writes out what is still buffered.
+pub fn init(format: LogFormat) -> LogWriter {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours are for a person at a terminal. In a file or a journal they are noise, and
+    // styling every field name was a quarter of the gateway's work per proxied request.
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let writer = LogWriter::start(std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_timer(Clock)
+        .with_writer(writer.handle());
+    match format {
+        LogFormat::Text if !ansi => builder.fmt_fields(PlainFields).init(),
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    writer
+}
+
+/// Timestamps as tracing-subscriber's `SystemTime` writes them (RFC 3339, UTC, to the
+/// microsecond), with the date and time of day worked out once a second per thread rather
+/// than for every line.
+struct Clock;
+
+thread_local! {
+    /// The last second formatted on this thread, and its text up to the seconds.
+    static SECOND: Cell<(u64, [u8; 19])> = const { Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// The first second of year 10000: four digits of year no longer suffice from there.
+const YEAR_10000: u64 = 253_402_300_800;
+
+impl FormatTime for Clock {
+    fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
+        let now = std::time::SystemTime::now();
+        let since = match now.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) if d.as_secs() < YEAR_10000 => d,
+            _ => return tracing_subscriber::fmt::time::SystemTime.format_time(w),
+        };
+        let secs = since.as_secs();
+        let text = SECOND.with(|cell| {
+            let (cached, text) = cell.get();
+            if cached == secs {
+                return text;
+            }
+            let text = date_and_time(secs);
+            cell.set((secs, text));
+            text
+        });
+        let mut frac = *b".000000Z";
+        let mut micros = since.subsec_micros();
+        for digit in frac[1..7].iter_mut().rev() {
+            *digit = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        w.write_str(std::str::from_utf8(&text).expect("ASCII digits"))?;
+        w.write_str(std::str::from_utf8(&frac).expect("ASCII digits"))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` for `secs` after the Unix epoch (before year 10000).
+fn date_and_time(secs: u64) -> [u8; 19] {
+    let (days, in_day) = (secs / 86_400, secs % 86_400);
+    // Count from 1 March 0000 so that the leap day ends each year, then split days into
+    // 400-year eras, years within the era, and months from March.
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = era * 400 + year_of_era + u64::from(month <= 2);
+    let mut out = *b"0000-00-00T00:00:00";
+    let mut put = |at: usize, width: usize, mut n: u64| {
+        for digit in out[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month);
+    put(8, 2, day);
+    put(11, 2, in_day / 3_600);
+    put(14, 2, in_day / 60 % 60);
+    put(17, 2, in_day % 60);
+    out
+}
+
+/// Writes log lines to stderr from a thread of its own, so that a request never waits for
+/// the write of its access line, and the lines of a millisecond go out in one write.
+/// Nothing is dropped: past [`LogWriter::MAX_PENDING`] unwritten
+/// bytes, loggers wait for the writer, as they waited for stderr before. Dropping the
+/// value [`LogWriter::start`] returns writes what is left and stops the thread.
+pub struct LogWriter {
+    shared: Arc<LogShared>,
+    /// Only the handle made by `start` stops and joins the thread when dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct LogShared {
+    state: Mutex<LogState>,
+    /// The writer waits here for lines.
+    lines: Condvar,
+    /// Loggers wait here for room.
+    room: Condvar,
+}
+
+#[derive(Default)]
+struct LogState {
+    pending: Vec<u8>,
+    writer_asleep: bool,
+    loggers_waiting: bool,
+    stopping: bool,
+}
+
+impl LogWriter {
+    const MAX_PENDING: usize = 1 << 20;
+    /// How long the writer waits for more lines before a write, unless it already has
+    /// `GATHER_BYTES`: a log line is never held back longer than this.
+    const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+    const GATHER_BYTES: usize = 64 * 1024;
+
+    fn start(sink: impl std::io::Write + Send + 'static) -> LogWriter {
+        let shared = Arc::new(LogShared {
+            state: Mutex::new(LogState::default()),
+            lines: Condvar::new(),
+            room: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || s.run(sink))
+            .expect("start the log writer thread");
+        LogWriter {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// A handle for the subscriber, which does not stop the thread.
+    fn handle(&self) -> LogWriter {
+        LogWriter {
+            shared: self.shared.clone(),
+            thread: None,
+        }
+    }
+}
+
+impl LogShared {
+    fn lock(&self) -> MutexGuard<'_, LogState> {
+        // A panic while holding the lock leaves at worst a partial line.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn run(&self, mut sink: impl std::io::Write) {
+        let mut batch = Vec::new();
+        loop {
+            let mut state = self.lock();
+            while state.pending.is_empty() && !state.stopping {
+                state.writer_asleep = true;
+                state = self.lines.wait(state).unwrap_or_else(|e| e.into_inner());
+                state.writer_asleep = false;
+            }
+            if state.pending.is_empty() {
+                return;
+            }
+            if !state.stopping && state.pending.len() < LogWriter::GATHER_BYTES {
+                // Let the lines of the next moment join this one's: under load that makes
+                // one write of many lines, and while lines keep coming the writer never
+                // sleeps on the condition variable, so loggers never have to wake it.
+                drop(state);
+                std::thread::sleep(LogWriter::GATHER_TIME);
+                state = self.lock();
+            }
+            std::mem::swap(&mut batch, &mut state.pending);
+            if std::mem::take(&mut state.loggers_waiting) {
+                self.room.notify_all();
+            }
+            drop(state);
+            // Nowhere to report a failed log write; carry on, as eprintln would not.
+            let _ = sink.write_all(&batch);
+            batch.clear();
+        }
+    }
+}
+
+/// What the subscriber writes one event's line through.
+pub struct LogLine<'a>(&'a LogShared);
+
+impl std::io::Write for LogLine<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let shared = self.0;
+        let mut state = shared.lock();
+        while state.pending.len() >= LogWriter::MAX_PENDING && !state.stopping {
+            state.loggers_waiting = true;
+            state = shared.room.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        state.pending.extend_from_slice(line);
+        // A waking call costs a system call: make it only when the writer sleeps.
+        let wake = std::mem::take(&mut state.writer_asleep);
+        drop(state);
+        if wake {
+            shared.lines.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = LogLine<'a>;
+
+    fn make_writer(&'a self) -> LogLine<'a> {
+        LogLine(&self.shared)
+    }
+}
+
+impl Drop for LogWriter {
+    fn drop(&mut self) {
+        let Some(handle) = self.thread.take() else {
+            return;
+        };
+        self.shared.lock().stopping = true;
+        self.shared.lines.notify_one();
+        self.shared.room.notify_all();
+        let _ = handle.join();
+    }
+}
+
+/// Formats an event's fields exactly as tracing-subscriber's default does without colours,
+/// at a fraction of the cost: the default styles every field name, even with styling off,
+/// through several layers of formatting machinery, and the access log writes a dozen fields
+/// per request. The message and error values, which the default sanitises, and anything
+/// unusual are handed to the default formatter itself.
+struct PlainFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for PlainFields {
+    type Visitor = PlainVisitor<'a>;
+
+    fn make_visitor(&self, writer: Writer<'a>) -> PlainVisitor<'a> {
+        PlainVisitor {
+            writer,
+            is_empty: true,
+            result: Ok(()),
+        }
+    }
+}
+
+/// Writes `name=value` pairs separated by spaces, the value in its `Debug` form.
+struct PlainVisitor<'a> {
+    writer: Writer<'a>,
+    is_empty: bool,
+    result: std::fmt::Result,
+}
+
+impl PlainVisitor<'_> {
+    /// Write one `name=value` pair, `value` writing itself.
+    fn pair(&mut self, field: &Field, value: impl FnOnce(&mut Writer<'_>) -> std::fmt::Result) {
+        if self.result.is_err() {
+            return;
+        }
+        let name = field.name();
+        let name = name.strip_prefix("r#").unwrap_or(name);
+        let w = &mut self.writer;
+        let pad = if std::mem::take(&mut self.is_empty) {
+            ""
+        } else {
+            " "
+        };
+        self.result = w
+            .write_str(pad)
+            .and_then(|()| w.write_str(name))
+            .and_then(|()| w.write_char('='))
+            .and_then(|()| value(w));
+    }
+
+    /// Let the default formatter write one field, for the cases that it sanitises.
+    fn default(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
+        if self.result.is_err() {
+            return;
+        }
+        let mut v = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        record(&mut v);
+        self.result = v.finish();
+        self.is_empty = false;
+    }
+
+    /// Fields the default formatter treats specially: the message, and (with tracing-log)
+    /// the metadata of bridged `log` records, which it skips.
+    fn is_special(field: &Field) -> bool {
+        field.name() == "message" || field.name().starts_with("log.")
+    }
+}
+
+impl Visit for PlainVisitor<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if Self::is_special(field) {
+            return self.default(|v| v.record_u64(field, value));
+        }
+        self.pair(field, |w| write_u64(w, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        if Self::is_special(field) {
+            return self.default(|v| v.record_i64(field, value));
+        }
+        self.pair(field, |w| {
+            if value < 0 {
+                w.write_char('-')?;
+            }
+            write_u64(w, value.unsigned_abs())
+        });
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        if Self::is_special(field) {
+            return self.default(|v| v.record_bool(field, value));
+        }
+        self.pair(field, |w| w.write_str(if value { "true" } else { "false" }));
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if Self::is_special(field) {
+            return self.default(|v| v.record_str(field, value));
+        }
+        self.pair(field, |w| write!(w, "{value:?}"));
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.default(|v| v.record_error(field, value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if Self::is_special(field) {
+            return self.default(|v| v.record_debug(field, value));
+        }
+        self.pair(field, |w| write!(w, "{value:?}"));
+    }
+}
+
+/// Decimal digits without the general formatting machinery, which costs several times more
+/// for the handful of counters on every access line.
+fn write_u64(w: &mut Writer<'_>, mut n: u64) -> std::fmt::Result {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.write_str(std::str::from_utf8(&buf[at..]).expect("ASCII digits"))
+}
+
+impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.result
+    }
+}
+
+impl VisitFmt for PlainVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        &mut self.writer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use std::io::Write as _;
+
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::PlainFields;
+
+    /// Collects everything a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer \x1b[31m failure")]
+    struct Outer(#[source] std::io::Error);
+
+    fn emit_everything() {
+        let err = Outer(std::io::Error::other("inner cause"));
+        let none: Option<u64> = None;
+        tracing::info!(
+            target: "access",
+            request_id = %"abc-123",
+            model = "bench \"quoted\" \n\x1b[2J\u{85}",
+            status = 200u16,
+            queue_wait_ms = 0u64,
+            ttft_ms = Some(17u64),
+            prompt_tokens = none,
+            delta = -42i64,
+            ratio = 0.5f64,
+            ok = true,
+            ending = ?Some("Complete"),
+            r#type = "raw",
+            error = &err as &(dyn std::error::Error + 'static),
+            "request \x1b[31m red \u{9b} {}", 7
+        );
+        tracing::warn!(big = u64::MAX, small = i64::MIN, zero = 0u64, "édition");
+        tracing::info!(only = 1u64);
+    }
+
+    fn render(plain: bool) -> String {
+        let out = Captured::default();
+        let builder = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .without_time()
+            .with_writer(out.clone());
+        if plain {
+            tracing::subscriber::with_default(
+                builder.fmt_fields(PlainFields).finish(),
+                emit_everything,
+            );
+        } else {
+            tracing::subscriber::with_default(builder.finish(), emit_everything);
+        }
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// A sink whose writes wait until the test opens it.
+    struct Gated {
+        out: Captured,
+        open: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl std::io::Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let _open = cv.wait_while(lock.lock().unwrap(), |open| !*open).unwrap();
+            self.out.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_log_writer_writes_every_line_whole_before_it_stops() {
+        let out = Captured::default();
+        let open = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let writer = super::LogWriter::start(Gated {
+            out: out.clone(),
+            open: open.clone(),
+        });
+        // The writer takes the first line and stays stuck writing it while the rest pile
+        // up behind, and is told to stop before it can write them.
+        writer.make_writer().write_all(b"first\n").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let writer = &writer;
+                scope.spawn(move || {
+                    for i in 0..2000 {
+                        let line = format!("thread {t} line {i} {}\n", "x".repeat(i % 100));
+                        writer.make_writer().write_all(line.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let opener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            *open.0.lock().unwrap() = true;
+            open.1.notify_all();
+        });
+        drop(writer);
+        opener.join().unwrap();
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("first"));
+        let mut next = [0usize; 4];
+        for line in lines {
+            let mut words = line.split(' ');
+            let t: usize = words.nth(1).unwrap().parse().unwrap();
+            let i: usize = words.nth(1).unwrap().parse().unwrap();
+            assert_eq!(i, next[t], "lines of thread {t} out of order or missing");
+            assert_eq!(words.next().unwrap().len(), i % 100, "a torn line");
+            next[t] += 1;
+        }
+        assert_eq!(next, [2000; 4]);
+    }
+
+    #[test]
+    fn timestamps_are_the_utc_date_and_time_of_the_second() {
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00"),
+            (951_782_400, "2000-02-29T00:00:00"),
+            (951_868_799, "2000-02-29T23:59:59"),
+            (1_795_711_579, "2026-11-26T16:46:19"),
+            (4_107_542_400, "2100-03-01T00:00:00"),
+            (super::YEAR_10000 - 1, "9999-12-31T23:59:59"),
+        ] {
+            assert_eq!(
+                std::str::from_utf8(&super::date_and_time(secs)).unwrap(),
+                text
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_read_as_tracing_subscriber_writes_them() {
+        use tracing_subscriber::fmt::format::Writer;
+        use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+        // Both read the clock: compare to the second, retrying across a second boundary.
+        for _ in 0..5 {
+            let (mut ours, mut theirs) = (String::new(), String::new());
+            super::Clock
+                .format_time(&mut Writer::new(&mut ours))
+                .unwrap();
+            SystemTime
+                .format_time(&mut Writer::new(&mut theirs))
+                .unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{ours} vs {theirs}");
+            assert!(ours.ends_with('Z') && ours.as_bytes()[19] == b'.', "{ours}");
+            if ours[..19] == theirs[..19] {
+                return;
+            }
+        }
+        panic!("the two clocks never agreed to the second");
+    }
+
+    #[test]
+    fn plain_fields_write_what_the_default_formatter_writes_without_colours() {
+        let default = render(false);
+        assert_eq!(default.lines().count(), 3, "{default}");
+        assert!(default.contains("ttft_ms=17"), "{default}");
+        assert_eq!(render(true), default);
+    }
+}
