@@ -90,6 +90,12 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<f64>,
 
+    /// Threads serving connections [default: 1]. One relays over ten thousand requests a
+    /// second; more add cross-thread wake-ups to every request. Raise it only for a
+    /// gateway that runs out of one core.
+    #[arg(long, value_name = "N", env = "BITNET_GATEWAY_WORKERS")]
+    pub workers: Option<usize>,
+
     /// A client API key, repeatable. Clients send it as `Authorization: Bearer KEY` or
     /// `x-api-key: KEY`. With no key configured anywhere the gateway is open.
     #[arg(
@@ -181,6 +187,9 @@ impl Cli {
         }
         if let Some(v) = self.drain_timeout {
             raw.drain_timeout_secs = Some(v);
+        }
+        if let Some(v) = self.workers {
+            raw.workers = Some(v);
         }
         raw.cli_api_keys = self.api_keys.clone();
         raw.cli_admin_keys = self.admin_keys.clone();

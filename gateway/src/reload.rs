@@ -64,6 +64,9 @@ impl Gateway {
         if new.listen != old.listen {
             out.need_restart.push("listen");
         }
+        if new.workers != old.workers {
+            out.need_restart.push("workers");
+        }
         if new.upstream_ca_file != old.upstream_ca_file
             || new.connect_timeout != old.connect_timeout
         {
