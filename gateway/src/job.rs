@@ -1,9 +1,10 @@
 //! A generation request as routing sees it: how much prompt it carries, which conversation
 //! prefix it continues, how long an answer it may ask for, and whose it is.
 //!
-//! Everything here comes from one pass over the body the client sent (the same parse that
-//! [`inspect`](crate::inspect) does), without tokenizing: the prompt is measured in bytes
-//! and turned into tokens with a ratio the gateway calibrates from the backends' own counts.
+//! Everything here comes from one borrowing pass over the body the client sent (after
+//! [`inspect`](crate::inspect) has checked it), without tokenizing: the prompt is measured
+//! in bytes and turned into tokens with a ratio the gateway calibrates from the backends'
+//! own counts.
 //!
 //! The prefix is a chain of hashes, one link per chat message (or per block of a plain
 //! prompt), each hashing the previous link with the message's role and raw JSON content.

@@ -325,15 +325,6 @@ async fn waiters_are_served_by_priority_from_their_key_or_a_trusted_header() {
     for t in tasks {
         assert_eq!(t.await.unwrap().status, 200);
     }
-    let order: Vec<String> = be
-        .seen()
-        .iter()
-        .map(|s| {
-            s.json()["messages"][0]["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let order: Vec<String> = be.seen().iter().map(|s| s.first_message()).collect();
     assert_eq!(order, ["request 0", "request 3", "request 2", "request 1"]);
 }

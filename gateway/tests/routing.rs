@@ -68,16 +68,7 @@ async fn queued_requests_are_served_in_arrival_order() {
     for t in tasks {
         assert_eq!(t.await.unwrap().status, 200);
     }
-    let order: Vec<String> = be
-        .seen()
-        .iter()
-        .map(|s| {
-            s.json()["messages"][0]["content"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let order: Vec<String> = be.seen().iter().map(|s| s.first_message()).collect();
     let expected: Vec<String> = (0..5).map(|i| format!("request {i}")).collect();
     assert_eq!(order, expected);
 }

@@ -45,6 +45,15 @@ impl Seen {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
+
+    /// The content of the first chat message, which tests use to tell requests apart
+    /// (empty if there is none).
+    pub fn first_message(&self) -> String {
+        self.json()["messages"][0]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 /// How the fake backend answers one request.
