@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the benchmark scripts in this directory; source it, do not run it.
 #
 # It gives every script the same guarantees: release binaries exist, every process it starts
@@ -117,16 +118,6 @@ wait_ready() {
     done
 }
 
-# free_port START : prints the first port from START on that nothing listens on. Only for
-# programs such as nginx that must be told a fixed port; the check is made right before use.
-free_port() {
-    local port=$1
-    while ss -Htln "sport = :$port" | grep -q .; do
-        port=$((port + 1))
-    done
-    echo "$port"
-}
-
 # The CPU time (user + system) a process has used so far, in seconds.
 cpu_seconds() {
     local ticks
@@ -150,6 +141,7 @@ machine_markdown() {
     model=$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -1)
     mem=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
     printf -- '- Date: %s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+    # shellcheck disable=SC2016 # the backticks are Markdown, not a command
     printf -- '- Machine: %s CPUs (`nproc`), %s, %s RAM, Linux %s\n' \
         "$(nproc)" "${model:-unknown CPU}" "$mem" "$(uname -r)"
     printf -- '- Code: release binaries built %s; the checkout was at commit %s%s when this section was written\n' \

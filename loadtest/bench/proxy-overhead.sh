@@ -11,7 +11,7 @@
 #
 # Usage: loadtest/bench/proxy-overhead.sh
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
-# CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), NGINX_PORT_FROM (18480).
+# CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -20,7 +20,6 @@ DURATION=${DURATION:-5}
 read -r -a RATES <<<"${RATES:-500 1000}"
 CONCURRENCY=${CONCURRENCY:-64}
 TPUT_DURATION=${TPUT_DURATION:-5}
-NGINX_PORT_FROM=${NGINX_PORT_FROM:-18480}
 PATHS=(direct gateway nginx)
 MODES=(plain stream)
 MODEL=bench
@@ -44,17 +43,17 @@ start_server gateway "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --model "$MODEL"
 GATEWAY_URL=$SERVER_URL
 GATEWAY_PID=$SERVER_PID
 
-# nginx must be given its port in the config; take the first free one from NGINX_PORT_FROM.
+# nginx must be told its port in its config: nginx-on-listener.py binds 127.0.0.1 port 0,
+# writes the port into the config (@PORT@ below) and hands the open socket to nginx.
 NGINX_DIR="$WORK/nginx"
 mkdir -p "$NGINX_DIR/tmp"
 chmod 755 "$WORK" "$NGINX_DIR" "$NGINX_DIR/tmp"
-NGINX_PORT=$(free_port "$NGINX_PORT_FROM")
 NGINX_USER=""
 [ "$(id -u)" = 0 ] && NGINX_USER="user root;"
-cat >"$NGINX_DIR/nginx.conf" <<EOF
+cat >"$NGINX_DIR/nginx.conf.in" <<EOF
 daemon off;
 $NGINX_USER
-# One worker per CPU, as the gateway's runtime has one thread per CPU.
+# One worker per CPU, nginx's usual setting; the gateway runs with its defaults too.
 worker_processes $(nproc);
 pid $NGINX_DIR/nginx.pid;
 error_log $NGINX_DIR/error.log warn;
@@ -76,7 +75,7 @@ http {
         keepalive_requests 1000000;
     }
     server {
-        listen 127.0.0.1:$NGINX_PORT;
+        listen 127.0.0.1:@PORT@;
         location / {
             proxy_pass http://sim;
             proxy_http_version 1.1;
@@ -86,10 +85,19 @@ http {
     }
 }
 EOF
-nginx -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -e "$NGINX_DIR/error.log" \
+python3 "$BENCH_DIR/nginx-on-listener.py" "$NGINX_DIR/nginx.conf.in" "$NGINX_DIR/nginx.conf" \
+    "$NGINX_DIR/port" -- nginx -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -e "$NGINX_DIR/error.log" \
     >"$WORK/nginx.out" 2>"$WORK/nginx.err" &
 NGINX_PID=$!
 CHILD_PIDS+=("$NGINX_PID")
+tries=0
+until [ -s "$NGINX_DIR/port" ]; do
+    kill -0 "$NGINX_PID" 2>/dev/null || { cat "$WORK/nginx.err" >&2; exit 1; }
+    tries=$((tries + 1))
+    [ "$tries" -lt 100 ] || { echo "nginx never got its listener" >&2; exit 1; }
+    sleep 0.1
+done
+NGINX_PORT=$(cat "$NGINX_DIR/port")
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"
 
 wait_ready "$SIM_URL/health"
@@ -169,7 +177,7 @@ SECTION="$WORK/section.md"
     echo "## Proxy overhead: direct vs bitnet-gateway vs nginx"
     echo
     machine_markdown
-    echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(nproc) worker processes, upstream \`keepalive 64\`, HTTP/1.1, \`proxy_buffering off\`, access log on (as the gateway's), port $NGINX_PORT"
+    echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(nproc) worker processes, upstream \`keepalive 64\`, HTTP/1.1, \`proxy_buffering off\`, access log on (as the gateway's), listening on a socket the script bound to 127.0.0.1 port 0 and handed over"
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo
     echo "Command:"
