@@ -143,10 +143,7 @@ async fn a_slot_the_client_chose_is_left_alone_and_one_slot_backends_get_no_slot
 
 #[tokio::test]
 async fn a_request_that_cannot_start_within_the_queue_timeout_is_refused_at_once() {
-    let be = FakeBackend::start("a", 1, |_| {
-        Reply::Held(Box::new(Reply::Json(200, completion_json("ok"))))
-    })
-    .await;
+    let be = FakeBackend::start("a", 1, held()).await;
     // Defaults predict a 1,000-token answer at 18 tokens/s: about a minute of work.
     let gw = gateway_over(&[&be], "[queue]\ntimeout_secs = 5\n").await;
     let url = gw.url("/v1/chat/completions");
@@ -250,10 +247,7 @@ async fn a_waiting_stream_gets_queued_comments_then_the_backends_stream() {
 
 #[tokio::test]
 async fn a_queued_stream_that_times_out_ends_with_an_error_event() {
-    let be = FakeBackend::start("a", 1, |_| {
-        Reply::Held(Box::new(Reply::Json(200, completion_json("ok"))))
-    })
-    .await;
+    let be = FakeBackend::start("a", 1, held()).await;
     // least-loaded does not predict, so the request waits out the timeout.
     let gw = TestGateway::over(
         &[be.url()],
@@ -280,10 +274,7 @@ async fn a_queued_stream_that_times_out_ends_with_an_error_event() {
 
 #[tokio::test]
 async fn waiters_are_served_by_priority_from_their_key_or_a_trusted_header() {
-    let be = FakeBackend::start("a", 1, |_| {
-        Reply::Held(Box::new(Reply::Json(200, completion_json("ok"))))
-    })
-    .await;
+    let be = FakeBackend::start("a", 1, held()).await;
     let gw = TestGateway::over(
         &[be.url()],
         concat!(

@@ -5,12 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use testkit::fake_backend::{FakeBackend, Reply};
+use testkit::fake_backend::FakeBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn held() -> impl Fn(&testkit::fake_backend::Seen) -> Reply + Send + Sync {
-    |_| Reply::Held(Box::new(Reply::Json(200, completion_json("ok"))))
-}
 
 #[tokio::test]
 async fn requests_go_to_the_backend_with_most_free_slots_and_never_exceed_slots() {

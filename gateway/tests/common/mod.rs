@@ -214,6 +214,18 @@ pub fn completion_json(text: &str) -> String {
     .to_string()
 }
 
+/// A fake backend's reply that holds a completion until the test releases it, so that
+/// requests stay in flight for as long as a test needs.
+pub fn held() -> impl Fn(&testkit::fake_backend::Seen) -> testkit::fake_backend::Reply + Send + Sync
+{
+    |_| {
+        testkit::fake_backend::Reply::Held(Box::new(testkit::fake_backend::Reply::Json(
+            200,
+            completion_json("ok"),
+        )))
+    }
+}
+
 /// Start the real `bitnet-gateway` from `cmd` (its arguments already set) and wait for its
 /// "listening on" line. Returns the process, killed on drop, and its base URL
 /// (`http://ADDR` or `https://ADDR`).
