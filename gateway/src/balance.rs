@@ -29,6 +29,13 @@ pub trait Policy: Send + Sync + std::fmt::Debug {
     /// slot holds the job's prefix, when waiting for it beats starting cold elsewhere.
     fn pick(&self, backends: &[Arc<Backend>], job: &Job) -> Option<Pick>;
 
+    /// Whether the policy reads a job's prompt (its prefix chain, size and answer length).
+    /// Count-based policies do not, and the gateway then does not read the prompt at all:
+    /// their jobs carry only a priority.
+    fn reads_prompt(&self) -> bool {
+        false
+    }
+
     /// How long a request queued behind `ahead` (in the order they will be served) is
     /// predicted to wait before it starts; `None` when the policy does not predict.
     fn start_eta(

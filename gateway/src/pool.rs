@@ -46,6 +46,9 @@ pub struct ModelPool {
     removed: AtomicBool,
     /// A discovery loop is running for it.
     pub(crate) discovering: AtomicBool,
+    /// The policy reads prompts ([`Policy::reads_prompt`]), kept outside the queue's lock
+    /// because every request asks.
+    reads_prompt: AtomicBool,
 }
 
 /// The backends as one shared, immutable list.
@@ -115,6 +118,7 @@ impl ModelPool {
     ) -> ModelPool {
         ModelPool {
             id,
+            reads_prompt: AtomicBool::new(policy.reads_prompt()),
             configured: Mutex::new(backends.clone()),
             queue: Mutex::new(Queue {
                 limits,
@@ -129,6 +133,11 @@ impl ModelPool {
         }
     }
 
+    /// Whether requests' prompts should be read into their [`Job`]s for the policy.
+    pub fn reads_prompt(&self) -> bool {
+        self.reads_prompt.load(Ordering::Relaxed)
+    }
+
     /// The queue limits in force.
     pub fn limits(&self) -> QueueLimits {
         self.lock().limits
@@ -138,6 +147,8 @@ impl ModelPool {
     pub fn reconfigure(self: &Arc<Self>, limits: QueueLimits, policy: Box<dyn Policy>) {
         let mut q = self.lock();
         q.limits = limits;
+        self.reads_prompt
+            .store(policy.reads_prompt(), Ordering::Relaxed);
         q.policy = policy;
         self.dispatch_locked(&mut q);
     }
@@ -619,6 +630,22 @@ mod tests {
         drop(g);
         let _served = old.try_recv().expect("aging lets the long waiter through");
         assert!(fresh.try_recv().is_err());
+    }
+
+    #[test]
+    fn prompts_are_read_only_for_a_policy_that_uses_them_and_a_reload_changes_that() {
+        let p = pool(&[1], None);
+        assert!(!p.reads_prompt());
+        p.reconfigure(
+            p.limits(),
+            crate::balance::PolicyKind::PredictedTtft.build(Default::default()),
+        );
+        assert!(p.reads_prompt());
+        p.reconfigure(
+            p.limits(),
+            crate::balance::PolicyKind::RoundRobin.build(Default::default()),
+        );
+        assert!(!p.reads_prompt());
     }
 
     #[tokio::test(start_paused = true)]

@@ -292,16 +292,18 @@ async fn proxy(
     let pool = gw
         .resolve(seen.model.as_deref())
         .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
-    if gw.config().context_guard && GENERATION.contains(&endpoint) {
+    let generation = GENERATION.contains(&endpoint);
+    if gw.config().context_guard && generation {
         context::check(gw, &pool, &body).await?;
     }
-    let generation = GENERATION.contains(&endpoint);
-    let job = if generation {
+    let priority = priority(gw, &parts.headers, key);
+    // Reading the prompt is a second pass over the body; only a policy that uses it pays.
+    let job = if generation && pool.reads_prompt() {
         let session = parts.headers.get(&SESSION_ID).and_then(|v| v.to_str().ok());
-        Job::from_body(&body, session, priority(gw, &parts.headers, key))
+        Job::from_body(&body, session, priority)
     } else {
         Job {
-            priority: priority(gw, &parts.headers, key),
+            priority,
             ..Job::default()
         }
     };

@@ -306,6 +306,10 @@ fn prefer(a: &Candidate, b: &Candidate) -> CmpOrdering {
 }
 
 impl Policy for PredictedTtft {
+    fn reads_prompt(&self) -> bool {
+        true
+    }
+
     fn pick(&self, backends: &[Arc<Backend>], job: &Job) -> Option<Pick> {
         let (cands, first_free) = self.candidates(backends, job);
         let best = cands.iter().min_by(|a, b| prefer(a, b))?;
