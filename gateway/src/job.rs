@@ -169,18 +169,16 @@ impl Job {
     /// Prompt bytes that a cache holding `chain` (with `tail_reply` if it also holds the
     /// reply it generated after it) would not have to evaluate again.
     pub fn cached_bytes(&self, chain: &[Link], tail_reply: bool) -> u32 {
-        self.reuse(chain, tail_reply).0
+        self.reuse(chain, tail_reply).cached_bytes
     }
 
-    /// Whether this request continues the conversation a cache holding `chain` was left by:
-    /// it shares all of that chain, beyond its first message (which other conversations may
-    /// share too, like a common system prompt).
+    /// Whether this request continues the conversation a cache holding `chain` was left by.
     pub fn continues(&self, chain: &[Link], tail_reply: bool) -> bool {
-        chain.len() >= 2 && self.reuse(chain, tail_reply).1 >= chain.len()
+        self.reuse(chain, tail_reply).continues
     }
 
-    /// Cached bytes and links matched.
-    fn reuse(&self, chain: &[Link], tail_reply: bool) -> (u32, usize) {
+    /// What a cache holding `chain` offers this request, from one walk along the chain.
+    pub fn reuse(&self, chain: &[Link], tail_reply: bool) -> Reuse {
         let n = self
             .links
             .iter()
@@ -194,11 +192,22 @@ impl Job {
         {
             n += 1;
         }
-        match n {
-            0 => (0, 0),
-            n => (self.links[n - 1].bytes, n),
+        Reuse {
+            cached_bytes: n.checked_sub(1).map_or(0, |i| self.links[i].bytes),
+            // All of the chain, beyond its first message (which other conversations may
+            // share too, like a common system prompt).
+            continues: chain.len() >= 2 && n >= chain.len(),
         }
     }
+}
+
+/// What a slot's cached prefix offers one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuse {
+    /// Prompt bytes the slot would not have to evaluate again.
+    pub cached_bytes: u32,
+    /// The request continues the conversation the slot was left by.
+    pub continues: bool,
 }
 
 fn hash_bytes(seed: u64, bytes: &[u8]) -> u64 {

@@ -217,10 +217,12 @@ impl PredictedTtft {
             let mut best: Option<Candidate> = None;
             let mut held: f64 = 0.0;
             for (slot, book) in books.iter().enumerate() {
+                let reuse = job.reuse(&book.chain, book.tail_reply);
+                let continues = reuse.continues;
                 let cached = if book.chain.is_empty() && book.depth() == 0 {
                     opening
                 } else {
-                    f64::from(job.cached_bytes(&book.chain, book.tail_reply)) / bpt
+                    f64::from(reuse.cached_bytes) / bpt
                 }
                 .min(prompt);
                 held = held.max(cached);
@@ -237,11 +239,10 @@ impl PredictedTtft {
                 // requests behind it for a prefix many share (a common system prompt) would
                 // pile a whole fleet's traffic onto the few backends warmed first, while
                 // the rest stay idle and cold.
-                if wait > 0.0 && !job.continues(&book.chain, book.tail_reply) {
+                if wait > 0.0 && !continues {
                     continue;
                 }
                 let uncached = prompt - cached;
-                let continues = job.continues(&book.chain, book.tail_reply);
                 // What taking this slot would cost the conversation whose cache it evicts:
                 // re-evaluating the part this request does not share, weighed by how likely
                 // that conversation is to come back (fading after a few turn gaps).
