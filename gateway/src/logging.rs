@@ -330,19 +330,14 @@ impl Visit for PlainVisitor<'_> {
         if Self::is_special(field) {
             return self.default(|v| v.record_u64(field, value));
         }
-        self.pair(field, |w| write_u64(w, value));
+        self.pair(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
         if Self::is_special(field) {
             return self.default(|v| v.record_i64(field, value));
         }
-        self.pair(field, |w| {
-            if value < 0 {
-                w.write_char('-')?;
-            }
-            write_u64(w, value.unsigned_abs())
-        });
+        self.pair(field, |w| w.write_str(itoa::Buffer::new().format(value)));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -369,22 +364,6 @@ impl Visit for PlainVisitor<'_> {
         }
         self.pair(field, |w| write!(w, "{value:?}"));
     }
-}
-
-/// Decimal digits without the general formatting machinery, which costs several times more
-/// for the handful of counters on every access line.
-fn write_u64(w: &mut Writer<'_>, mut n: u64) -> std::fmt::Result {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    w.write_str(std::str::from_utf8(&buf[at..]).expect("ASCII digits"))
 }
 
 impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
