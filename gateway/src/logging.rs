@@ -117,7 +117,7 @@ fn date_and_time(secs: u64) -> [u8; 19] {
 }
 
 /// Writes log lines to stderr from a thread of its own, so that a request never waits for
-/// the write of its access line, and the lines of a millisecond go out in one write.
+/// the write of its access line, and the lines of up to 10 ms go out in one write.
 /// Nothing is dropped: past [`LogWriter::MAX_PENDING`] unwritten
 /// bytes, loggers wait for the writer, as they waited for stderr before. Dropping the
 /// value [`LogWriter::start`] returns writes what is left and stops the thread.
@@ -147,7 +147,10 @@ impl LogWriter {
     const MAX_PENDING: usize = 1 << 20;
     /// How long the writer waits for more lines before a write, unless it already has
     /// `GATHER_BYTES`: a log line is never held back longer than this.
-    const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(1);
+    ///
+    /// 10 ms: at a thousand requests a second that is one write of ten lines instead of
+    /// ten writes and ten wake-ups of this thread, and no reader of a log notices 10 ms.
+    const GATHER_TIME: std::time::Duration = std::time::Duration::from_millis(10);
     const GATHER_BYTES: usize = 64 * 1024;
 
     fn start(sink: impl std::io::Write + Send + 'static) -> LogWriter {
