@@ -32,7 +32,7 @@ use crate::state::Gateway;
 use crate::tls::{https_connector, TlsError};
 
 mod client;
-pub use client::{UpstreamBody, UpstreamClient, UpstreamError};
+pub use client::{set_shard, UpstreamBody, UpstreamClient, UpstreamError};
 
 /// Build the upstream client.
 pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {

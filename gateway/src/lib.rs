@@ -4,7 +4,8 @@
 //!
 //! A request's path, top to bottom, one file per step:
 //!
-//! 1. [`server`]: accept connections, serve HTTP/1.1 and HTTP/2, drain on shutdown.
+//! 1. [`server`]: accept connections on one or more serving threads, serve HTTP/1.1 and
+//!    HTTP/2, drain on shutdown.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,
 //!    [`inspect`] it for `model` and `stream` and read it as a [`job`] (prompt size, prefix
 //!    chain, answer length, session, priority); answer `/health`, `/metrics`, `/v1/models`
@@ -62,5 +63,5 @@ pub mod state;
 pub mod tls;
 pub mod waiting;
 
-pub use server::serve;
+pub use server::{serve, serve_threads};
 pub use state::Gateway;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use gateway::cli::Cli;
-use gateway::{logging, serve, Gateway};
+use gateway::{logging, serve_threads, Gateway};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,8 +23,9 @@ fn main() -> ExitCode {
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
+    // This thread is the first serving thread; `workers - 1` more start in serve_threads,
+    // each with a single-threaded runtime of its own.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     };
     rt.block_on(async move {
         let listen = config.listen;
+        let workers = config.workers;
         if config.keys.is_open() && !listen.ip().is_loopback() {
             tracing::warn!(%listen, "no API keys are configured and the gateway listens beyond this machine: anyone who can reach it can use it");
         }
@@ -68,7 +70,7 @@ fn main() -> ExitCode {
         // Tests and scripts start us on port 0 and read the real address from this line.
         println!("bitnet-gateway listening on {scheme}://{addr}");
         tokio::spawn(reload_on_sighup(gw.clone(), cli));
-        match serve(listener, gw, shutdown).await {
+        match serve_threads(listener, gw, workers, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("bitnet-gateway: {err}");

@@ -146,6 +146,21 @@ impl BackendMetrics {
     }
 }
 
+/// The serving threads' connections.
+#[derive(Debug, Clone)]
+pub struct ServerMetrics {
+    pub connections: IntCounterVec,
+}
+
+impl ServerMetrics {
+    /// Register on `r`.
+    pub fn register(r: &Registry) -> ServerMetrics {
+        ServerMetrics {
+            connections: counter(r, "bitnet_gateway_connections_accepted_total", "Client connections accepted, by serving thread (0 to workers - 1): shows how the kernel spreads connections over the threads.", &["thread"]),
+        }
+    }
+}
+
 /// Signed error buckets: predicted time to first token subtracted from the actual one.
 const ERROR_BUCKETS: &[f64] = &[
     -60.0, -30.0, -10.0, -5.0, -2.0, -1.0, -0.5, -0.1, 0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
@@ -179,6 +194,7 @@ pub struct Metrics {
     pub queue: QueueMetrics,
     pub backends: BackendMetrics,
     pub routing: RoutingMetrics,
+    pub server: ServerMetrics,
     series: Arc<DashMap<SeriesKey, Arc<ExchangeSeries>>>,
 }
 
@@ -290,6 +306,7 @@ impl Metrics {
             queue: QueueMetrics::register(&registry),
             backends: BackendMetrics::register(&registry),
             routing: RoutingMetrics::register(&registry),
+            server: ServerMetrics::register(&registry),
             registry,
             series: Arc::default(),
         }

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,12 +27,101 @@ pub async fn serve(
     gw: Arc<Gateway>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_threads(listener, gw, 1, shutdown).await
+}
+
+/// [`serve`] on `threads` serving threads: the caller's, and `threads - 1` more, each with a
+/// single-threaded runtime of its own accepting from the same socket.
+///
+/// A connection, its requests and the backend connections they use then stay on the
+/// thread that accepted it, the way nginx's worker processes work: no request pays for a
+/// wake-up on another thread, which a shared multi-threaded runtime charges several times
+/// per request. State that is shared (pools, queues, metrics) is behind locks and atomics
+/// already; a queued request on one thread is handed a slot freed on another.
+pub async fn serve_threads(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    threads: usize,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     // Background tasks (probes, discovery) are aborted when serving ends, however it ends.
     let _background = StopBackground(gw.clone());
     spawn_probers(&gw);
     discovery::spawn(&gw);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut others = Vec::new();
+    for shard in 1..threads.max(1) {
+        match spawn_shard(shard, &listener, &gw, stop_rx.clone()) {
+            Ok(handle) => others.push(handle),
+            Err(err) => {
+                let _ = stop_tx.send(true);
+                return Err(err);
+            }
+        }
+    }
+    let graceful = accept(0, listener, &gw, shutdown).await;
+    let _ = stop_tx.send(true);
+    gw.begin_shutdown();
+    tracing::info!(drain_timeout = ?gw.config().drain_timeout, "shutting down: no new connections; draining in-flight responses");
+    drain(&gw, graceful).await;
+    for handle in others {
+        let joined = tokio::task::spawn_blocking(move || handle.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            tracing::error!("a serving thread ended abnormally");
+        }
+    }
+    Ok(())
+}
+
+/// Start serving thread `shard` on a copy of `listener`'s socket; it stops accepting when
+/// `stop` turns true and returns once its connections have drained.
+fn spawn_shard(
+    shard: usize,
+    listener: &TcpListener,
+    gw: &Arc<Gateway>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let gw = gw.clone();
+    std::thread::Builder::new()
+        .name(format!("serve-{shard}"))
+        .spawn(move || {
+            crate::forward::set_shard(shard);
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(l) => l,
+                    Err(err) => {
+                        tracing::error!(shard, error = %err, "a serving thread cannot use the listening socket");
+                        return;
+                    }
+                };
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                let graceful = accept(shard, listener, &gw, stopped).await;
+                drain(&gw, graceful).await;
+            });
+        })
+}
+
+/// Accept connections as serving thread `shard` and serve each on a task of this thread
+/// until `stop` resolves; the returned handle waits for the connections still open.
+async fn accept(
+    shard: usize,
+    listener: TcpListener,
+    gw: &Arc<Gateway>,
+    stop: impl Future<Output = ()>,
+) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
+    let accepted = gw
+        .metrics
+        .server
+        .connections
+        .with_label_values(&[&shard.to_string()]);
+    tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
@@ -43,8 +133,9 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut stop => break,
         };
+        accepted.inc();
         let Ok(permit) = gw.connections.clone().try_acquire_owned() else {
             tokio::spawn(refuse_connection(stream));
             continue;
@@ -93,14 +184,18 @@ pub async fn serve(
             drop(permit);
         });
     }
+    // Closing our copy of the socket; the kernel refuses new connections once every
+    // serving thread has closed its own.
     drop(listener);
-    gw.begin_shutdown();
-    tracing::info!(drain_timeout = ?gw.config().drain_timeout, "shutting down: no new connections; draining in-flight responses");
+    graceful
+}
+
+/// Let this thread's open connections finish, for up to the configured drain timeout.
+async fn drain(gw: &Gateway, graceful: GracefulShutdown) {
     match tokio::time::timeout(gw.config().drain_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("drained; exiting"),
+        Ok(()) => tracing::info!("connections drained"),
         Err(_) => tracing::warn!("drain timeout reached; cutting the remaining connections"),
     }
-    Ok(())
 }
 
 /// HTTP/1.1 and HTTP/2 settings for one client connection.

@@ -7,6 +7,10 @@
 //!
 //! A request that a reused connection turns out unable to carry (the backend closed it
 //! while it sat idle) is returned unsent by hyper and tried once more on a new connection.
+//!
+//! With several serving threads ([`set_shard`]), each thread keeps idle lists of its own:
+//! a connection's task runs on the thread that opened it, so a request never hands its
+//! bytes to another thread and back.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -41,11 +45,23 @@ pub enum UpstreamError {
     Send(#[source] hyper::Error),
 }
 
-/// One backend's scheme and authority: connections are shared only within it.
+/// One backend's scheme and authority, on one serving thread: connections are shared only
+/// within it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Origin {
     scheme: Scheme,
     authority: Authority,
+    shard: usize,
+}
+
+thread_local! {
+    /// The serving thread this is, for [`Origin::shard`]; 0 unless [`set_shard`] said.
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Mark the current thread as serving thread `n`, whose backend connections are its own.
+pub fn set_shard(n: usize) {
+    SHARD.with(|s| s.set(n));
 }
 
 /// An origin's idle connections, newest last, and its `Host` header value.
@@ -160,6 +176,7 @@ impl UpstreamClient {
         let origin = Origin {
             scheme: scheme.clone(),
             authority: authority.clone(),
+            shard: SHARD.with(std::cell::Cell::get),
         };
         let (idle, host) = self.shared.checkout(&origin);
         req.headers_mut().entry(header::HOST).or_insert(host);
@@ -398,6 +415,7 @@ mod tests {
             host_header(&Origin {
                 scheme: uri.scheme().unwrap().clone(),
                 authority: uri.authority().unwrap().clone(),
+                shard: 0,
             })
         };
         assert_eq!(of("http://10.0.0.1:8080/x"), "10.0.0.1:8080");

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gateway::config::RawConfig;
-use gateway::{serve, Gateway};
+use gateway::{serve_threads, Gateway};
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -54,9 +54,10 @@ impl TestGateway {
             .expect("valid config");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let workers = config.workers;
         let gw = Gateway::new(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, gw.clone(), async move {
+        let task = tokio::spawn(serve_threads(listener, gw.clone(), workers, async move {
             let _ = rx.await;
         }));
         let tg = TestGateway {
