@@ -90,10 +90,10 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<f64>,
 
-    /// Serving threads [default: 2]. Each accepts connections from the listening socket
+    /// Serving threads [default: 1]. Each accepts connections from the listening socket
     /// and serves them, with backend connections of its own, without handing work to
-    /// another thread. One thread relays over ten thousand requests a second; two halve
-    /// the delay when many streams receive a token at the same moment.
+    /// another thread. One relays over ten thousand requests a second; raise it for a
+    /// gateway that runs out of one core on a machine with cores to spare.
     #[arg(long, value_name = "N", env = "BITNET_GATEWAY_WORKERS")]
     pub workers: Option<usize>,
 

@@ -311,13 +311,12 @@ fn routing_defaults(r: &RawRouting) -> Result<RoutingDefaults, ConfigError> {
 
 // === validated ===
 
-/// Serving threads unless configured. Each accepts from the same socket and keeps its
-/// connections, and their backend connections, to itself (as nginx's worker processes
-/// do), so a second thread costs a request nothing in cross-thread wake-ups: measured on
-/// loopback, CPU per request is the same with one or two, and two relay a burst of tokens
-/// for 1,000 streams in half the time. More than two only help a gateway whose two cores
-/// are busy, far beyond what a CPU fleet produces.
-pub const DEFAULT_WORKERS: usize = 2;
+/// Serving threads unless configured. One relays well over ten thousand requests a
+/// second, hundreds of times what a CPU fleet generates. Each thread keeps its connections
+/// to itself, so more threads cost a request no cross-thread wake-ups; but on a machine
+/// whose cores are busy (the backends' work) a second one bought nothing measurable and
+/// cost up to a tenth more CPU in the fan-out benchmark (BENCHMARKS.md).
+pub const DEFAULT_WORKERS: usize = 1;
 /// More threads than this is a typo.
 pub const MAX_WORKERS: usize = 256;
 
