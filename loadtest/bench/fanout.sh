@@ -10,11 +10,14 @@
 #   - open: streams arrive at Poisson times at STREAMS / (stream length) per second, which
 #     holds about STREAMS streams in flight (Little's law) with tokens spread over time.
 # Reports the gateway's CPU time and peak RSS (VmHWM) per run, and the inter-token latency
-# (ITL) the gateway adds: ITL p50/p99 through the gateway minus direct, same load.
+# (ITL) the gateway adds: ITL p50/p99 through the gateway minus direct, same load. With
+# several WORKERS values, a gateway with each number of serving threads runs in every repeat,
+# side by side.
 #
 # Usage: loadtest/bench/fanout.sh
 # Knobs (environment): STREAMS (1000), TOKENS per stream (100, i.e. 5 s at 20 tokens/s),
-# DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open").
+# DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open"),
+# WORKERS: the gateway's serving threads, one run per value ("1 2").
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -23,6 +26,7 @@ TOKENS=${TOKENS:-100}
 DURATION=${DURATION:-15}
 REPEATS=${REPEATS:-3}
 read -r -a SCENARIOS <<<"${SCENARIOS:-closed open}"
+read -r -a WORKERS <<<"${WORKERS:-1 2}"
 DECODE_RATE=20
 MODEL=bench
 # Headroom above STREAMS: Poisson arrivals briefly exceed the mean, and the comparison is
@@ -57,10 +61,11 @@ tcp_counter() {
 run_one() {
     local repeat=$1 scenario=$2 path=$3
     local json="$WORK/r$repeat-$scenario-$path.json" url="$SIM_URL" gw_pid="" load=()
-    if [ "$path" = gateway ]; then
-        # A fresh gateway per run, so that its peak RSS belongs to this run alone.
-        start_server "gateway-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
-            --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+    if [ "$path" != direct ]; then
+        # A fresh gateway per run, so that its peak RSS belongs to this run alone. Paths
+        # are named gateway-wN: N serving threads.
+        start_server "$path-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
+            --workers "${path#gateway-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
         url=$SERVER_URL
         gw_pid=$SERVER_PID
         wait_ready "$url/health"
@@ -105,7 +110,16 @@ LOAD_BEFORE=$(load_average)
 STARTED=$(date +%s)
 for repeat in $(seq 1 "$REPEATS"); do
     for scenario in "${SCENARIOS[@]}"; do
-        if [ $((repeat % 2)) = 1 ]; then order=(direct gateway); else order=(gateway direct); fi
+        order=(direct)
+        for w in "${WORKERS[@]}"; do order+=("gateway-w$w"); done
+        if [ $((repeat % 2)) = 0 ]; then
+            # Every other repeat in reverse, so that no path always runs first.
+            for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
+                t=${order[i]}
+                order[i]=${order[j]}
+                order[j]=$t
+            done
+        fi
         for path in "${order[@]}"; do
             run_one "$repeat" "$scenario" "$path"
         done
@@ -127,7 +141,7 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" loadtest/bench/fanout.sh"
     echo '```'
     echo
     python3 - "$RAW" <<'PY'
@@ -142,6 +156,15 @@ for r in rows:
     if r["scenario"] not in scenarios:
         scenarios.append(r["scenario"])
 cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
+gateways = sorted({r["path"] for r in rows if r["path"] != "direct"}, key=lambda p: int(p[len("gateway-w"):]))
+paths = ["direct"] + gateways
+
+
+def label(p):
+    if p == "direct":
+        return p
+    n = int(p[len("gateway-w"):])
+    return f"gateway, {n} thread{'s' if n > 1 else ''}"
 
 
 def med(values):
@@ -152,11 +175,11 @@ def col(scenario, path, key):
     return [float(cell[(r, scenario, path)][key]) for r in reps if (r, scenario, path) in cell]
 
 
-def paired(scenario, key):
+def paired(scenario, path, key):
     return [
-        float(cell[(r, scenario, "gateway")][key]) - float(cell[(r, scenario, "direct")][key])
+        float(cell[(r, scenario, path)][key]) - float(cell[(r, scenario, "direct")][key])
         for r in reps
-        if (r, scenario, "gateway") in cell and (r, scenario, "direct") in cell
+        if (r, scenario, path) in cell and (r, scenario, "direct") in cell
     ]
 
 
@@ -168,13 +191,13 @@ print()
 print("| arrivals | path | streams done | failed | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | ITL max | added ITL p50 | added ITL p99 | listen overflows | SYN retransmits |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
-    for p in ["direct", "gateway"]:
+    for p in paths:
         if not col(s, p, "itl_p50"):
             continue
-        a50 = "—" if p == "direct" else f"{med(paired(s, 'itl_p50')) / 1000:+.2f}"
-        a99 = "—" if p == "direct" else f"{med(paired(s, 'itl_p99')) / 1000:+.2f}"
+        a50 = "—" if p == "direct" else f"{med(paired(s, p, 'itl_p50')) / 1000:+.2f}"
+        a99 = "—" if p == "direct" else f"{med(paired(s, p, 'itl_p99')) / 1000:+.2f}"
         print(
-            f"| {s} | {p} | {med(col(s, p, 'streams_done')):.0f} | {sum(col(s, p, 'failed')):.0f} "
+            f"| {s} | {label(p)} | {med(col(s, p, 'streams_done')):.0f} | {sum(col(s, p, 'failed')):.0f} "
             f"| {med(col(s, p, 'ttft_p50')) / 1000:.1f} | {med(col(s, p, 'ttft_p99')) / 1000:.1f} "
             f"| {med(col(s, p, 'itl_p50')) / 1000:.2f} | {med(col(s, p, 'itl_p99')) / 1000:.2f} | {med(col(s, p, 'itl_max')) / 1000:.1f} "
             f"| {a50} | {a99} | {sum(col(s, p, 'listen_overflows')):.0f} | {sum(col(s, p, 'syn_retrans')):.0f} |"
@@ -185,23 +208,24 @@ print()
 print("| arrivals | path | wall s | gateway CPU s | gateway CPU % of one core | gateway peak RSS MiB | simulator CPU s | load generator CPU s |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
-    for p in ["direct", "gateway"]:
+    for p in paths:
         if not col(s, p, "wall_s"):
             continue
         wall = med(col(s, p, "wall_s"))
-        if p == "gateway":
+        if p != "direct":
             share = med([c / w * 100 for c, w in zip(col(s, p, "gw_cpu_s"), col(s, p, "wall_s"))])
             gw = f"{med(col(s, p, 'gw_cpu_s')):.2f} | {share:.0f} % | {med(col(s, p, 'gw_hwm_mib')):.1f}"
         else:
             gw = "— | — | —"
-        print(f"| {s} | {p} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
+        print(f"| {s} | {label(p)} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
 print()
 for s in scenarios:
-    if not col(s, "gateway", "gw_hwm_mib"):
-        continue
-    hwm = max(col(s, "gateway", "gw_hwm_mib"))
-    a99 = med(paired(s, "itl_p99")) / 1000
-    print(f"- {s}: gateway peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})")
+    for p in gateways:
+        if not col(s, p, "gw_hwm_mib"):
+            continue
+        hwm = max(col(s, p, "gw_hwm_mib"))
+        a99 = med(paired(s, p, "itl_p99")) / 1000
+        print(f"- {s}, {label(p)}: peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})")
 PY
 } >"$SECTION"
 write_section fanout "$SECTION"

@@ -11,7 +11,9 @@
 #
 # Usage: loadtest/bench/proxy-overhead.sh
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
-# CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5).
+# CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), WORKERS ("1 2"): one
+# gateway per number of serving threads, side by side; the first is the one the targets
+# judge (1 is the gateway's default).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -20,7 +22,10 @@ DURATION=${DURATION:-5}
 read -r -a RATES <<<"${RATES:-500 1000}"
 CONCURRENCY=${CONCURRENCY:-64}
 TPUT_DURATION=${TPUT_DURATION:-5}
-PATHS=(direct gateway nginx)
+read -r -a WORKERS <<<"${WORKERS:-1 2}"
+PATHS=(direct)
+for w in "${WORKERS[@]}"; do PATHS+=("gateway-w$w"); done
+PATHS+=(nginx)
 MODES=(plain stream)
 MODEL=bench
 # Larger than any concurrency used here, so neither the simulator nor the gateway queues:
@@ -38,10 +43,13 @@ start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slo
 SIM_URL=$SERVER_URL
 SIM_HOSTPORT=${SIM_URL#http://}
 
-start_server gateway "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --model "$MODEL" \
-    --backend "$SIM_URL#slots=$SLOTS"
-GATEWAY_URL=$SERVER_URL
-GATEWAY_PID=$SERVER_PID
+declare -A GATEWAY_URL GATEWAY_PID
+for w in "${WORKERS[@]}"; do
+    start_server "gateway-w$w" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --workers "$w" \
+        --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+    GATEWAY_URL[$w]=$SERVER_URL
+    GATEWAY_PID[$w]=$SERVER_PID
+done
 
 # nginx must be told its port in its config: nginx-on-listener.py binds 127.0.0.1 port 0,
 # writes the port into the config (@PORT@ below) and hands the open socket to nginx.
@@ -53,7 +61,8 @@ NGINX_USER=""
 cat >"$NGINX_DIR/nginx.conf.in" <<EOF
 daemon off;
 $NGINX_USER
-# One worker per CPU, nginx's usual setting; the gateway runs with its defaults too.
+# One worker per CPU, nginx's usual setting; the gateway judged by the targets runs with
+# its default of one serving thread, and one with a thread per CPU runs beside it.
 worker_processes $(nproc);
 pid $NGINX_DIR/nginx.pid;
 error_log $NGINX_DIR/error.log warn;
@@ -101,14 +110,14 @@ NGINX_PORT=$(cat "$NGINX_DIR/port")
 NGINX_URL="http://127.0.0.1:$NGINX_PORT"
 
 wait_ready "$SIM_URL/health"
-wait_ready "$GATEWAY_URL/health"
+for w in "${WORKERS[@]}"; do wait_ready "${GATEWAY_URL[$w]}/health"; done
 wait_ready "$NGINX_URL/health"
 kill -0 "$NGINX_PID" || { cat "$NGINX_DIR/error.log" >&2; exit 1; }
 
 url_of() {
     case $1 in
         direct) echo "$SIM_URL" ;;
-        gateway) echo "$GATEWAY_URL" ;;
+        gateway-w*) echo "${GATEWAY_URL[${1#gateway-w}]}" ;;
         nginx) echo "$NGINX_URL" ;;
     esac
 }
@@ -118,7 +127,7 @@ proxy_cpu() {
     local pid total=0
     case $1 in
         direct) echo 0; return ;;
-        gateway) cpu_seconds "$GATEWAY_PID"; return ;;
+        gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}"; return ;;
         nginx)
             for pid in "$NGINX_PID" $(pgrep -P "$NGINX_PID"); do
                 total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
@@ -153,8 +162,8 @@ STARTED=$(date +%s)
 for repeat in $(seq 1 "$REPEATS"); do
     # Rotate the order of the paths from one repeat to the next.
     order=()
-    for i in 0 1 2; do
-        order+=("${PATHS[$(((i + repeat - 1) % 3))]}")
+    for i in "${!PATHS[@]}"; do
+        order+=("${PATHS[$(((i + repeat - 1) % ${#PATHS[@]}))]}")
     done
     for mode in "${MODES[@]}"; do
         for rate in "${RATES[@]}"; do
@@ -183,19 +192,28 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION loadtest/bench/proxy-overhead.sh"
+    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" loadtest/bench/proxy-overhead.sh"
     echo '```'
     echo
-    python3 - "$RAW" "$REPEATS" "$CONCURRENCY" <<'PY'
+    python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "${PATHS[@]}" <<'PY'
 import csv
 import statistics
 import sys
 from collections import defaultdict
 
 raw, repeats, concurrency = sys.argv[1], sys.argv[2], sys.argv[3]
+paths = sys.argv[4:]
+# The first gateway is the one the targets judge; the others are shown beside it.
+judged = next(p for p in paths if p.startswith("gateway-w"))
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
 cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
-paths = ["direct", "gateway", "nginx"]
+
+
+def label(path):
+    if not path.startswith("gateway-w"):
+        return path
+    n = int(path[len("gateway-w"):])
+    return f"gateway, {n} thread{'s' if n > 1 else ''}"
 modes = sorted({r["mode"] for r in rows}, key=["plain", "stream"].index)
 loads = []
 for r in rows:
@@ -248,7 +266,7 @@ for mode in modes:
             add50 = "—" if path == "direct" else added(med(paired(mode, load, path, "e2e_p50")))
             add99 = "—" if path == "direct" else added(med(paired(mode, load, path, "e2e_p99")))
             print(
-                f"| {mode} | {load[5:]} | {path} | {med(series(mode, load, path, 'rps')):.0f} "
+                f"| {mode} | {load[5:]} | {label(path)} | {med(series(mode, load, path, 'rps')):.0f} "
                 f"| {ms(med(series(mode, load, path, 'ttft_p50')))} | {ms(med(series(mode, load, path, 'ttft_p99')))} "
                 f"| {ms(med(series(mode, load, path, 'e2e_p50')))} | {ms(med(series(mode, load, path, 'e2e_p99')))} "
                 f"| {add50} | {add99} | {sum(series(mode, load, path, 'failed')):.0f} |"
@@ -271,21 +289,26 @@ for mode in modes:
         ]
         cpu_cell = "—" if path == "direct" else f"{med(cpu):.0f}"
         print(
-            f"| {mode} | {path} | {med(rps):.0f} | {med(rel):.2f} | {cpu_cell} "
+            f"| {mode} | {label(path)} | {med(rps):.0f} | {med(rel):.2f} | {cpu_cell} "
             f"| {ms(med(series(mode, 'max', path, 'e2e_p50')))} | {ms(med(series(mode, 'max', path, 'e2e_p99')))} "
             f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
         )
-    ratios[mode] = med([
-        float(cell[(r, mode, "max", "gateway")]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
-    ])
+    for path in paths:
+        if path.startswith("gateway-w"):
+            ratios[(mode, path)] = med([
+                float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
+            ])
 print()
-for mode, ratio in ratios.items():
-    print(f"- Throughput ratio gateway/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'})")
+for (mode, path), ratio in ratios.items():
+    target = f"; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'}" if path == judged else ""
+    print(f"- Throughput ratio {label(path)}/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios{target})")
 for mode in modes:
     load = "rate=1000"
-    if series(mode, load, "gateway", "e2e_p99"):
-        a = med(paired(mode, load, "gateway", "e2e_p99")) / 1000
-        print(f"- Gateway added E2E p99 at 1,000 req/s, {mode}: **{a:+.2f} ms** (target ≤ 0.3 ms: {'met' if a <= 0.3 else 'not met'})")
+    for path in paths:
+        if path.startswith("gateway-w") and series(mode, load, path, "e2e_p99"):
+            a = med(paired(mode, load, path, "e2e_p99")) / 1000
+            target = f" (target ≤ 0.3 ms: {'met' if a <= 0.3 else 'not met'})" if path == judged else ""
+            print(f"- {label(path)}: added E2E p99 at 1,000 req/s, {mode}: **{a:+.2f} ms**{target}")
 PY
 } >"$SECTION"
 write_section proxy-overhead "$SECTION"
