@@ -56,16 +56,6 @@ pub struct Scanner {
 }
 
 #[derive(Deserialize)]
-struct Payload {
-    #[serde(default)]
-    usage: Option<Usage>,
-    #[serde(default)]
-    timings: Option<Timings>,
-    #[serde(default)]
-    error: Option<serde::de::IgnoredAny>,
-}
-
-#[derive(Deserialize)]
 struct Usage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -189,21 +179,13 @@ impl Scanner {
         if is_event && has_content(data) {
             self.tally.content_events += 1;
         }
-        // Only events that can carry accounting are parsed in full.
+        // Only the values that carry accounting are parsed, not the whole payload: in a
+        // non-streamed answer the generated text is most of the bytes.
         let n = &*NEEDLES;
-        if [&n.usage, &n.timings, &n.error]
-            .iter()
-            .all(|f| f.find(data).is_none())
-        {
-            return;
-        }
-        let Ok(p) = serde_json::from_slice::<Payload>(data) else {
-            return;
-        };
-        if p.error.is_some() {
+        if value_of::<Option<serde::de::IgnoredAny>>(data, &n.error).is_some_and(|e| e.is_some()) {
             self.tally.saw_error = true;
         }
-        if let Some(t) = p.timings {
+        if let Some(t) = value_of::<Option<Timings>>(data, &n.timings).flatten() {
             if let (Some(n), c) = (t.prompt_n, t.cache_n) {
                 self.tally.prompt_tokens.get_or_insert(n + c.unwrap_or(0));
                 self.tally.evaluated_tokens = Some(n);
@@ -222,7 +204,7 @@ impl Scanner {
             }
         }
         // `usage` is the OpenAI-standard figure: it wins over `timings` when both appear.
-        if let Some(u) = p.usage {
+        if let Some(u) = value_of::<Option<Usage>>(data, &n.usage).flatten() {
             if u.prompt_tokens.is_some() {
                 self.tally.prompt_tokens = u.prompt_tokens;
             }
@@ -265,6 +247,16 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     content: Finder::new(b"\"content\":\""),
     text: Finder::new(b"\"text\":\""),
 });
+
+/// The value of the key `key` (the quoted name, as the needle) in a JSON payload, read on
+/// its own without parsing the rest. A quoted name is found only where it is a key: inside
+/// a JSON string its quotes would be escaped. `None` when the key is absent or its value is
+/// not a `T`.
+fn value_of<'de, T: Deserialize<'de>>(data: &'de [u8], key: &Finder<'_>) -> Option<T> {
+    let at = key.find(data)? + key.needle().len();
+    let rest = data[at..].trim_ascii_start().strip_prefix(b":")?;
+    T::deserialize(&mut serde_json::Deserializer::from_slice(rest)).ok()
+}
 
 /// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
 /// or `"text":"x` with at least one character. Cheap, and exact enough for a fallback count.
@@ -366,6 +358,24 @@ mod tests {
         let mut s = Scanner::new(true);
         s.feed(b"data: {\"error\":{\"message\":\"x\"}}\n\n");
         assert!(s.finish().saw_error);
+    }
+
+    #[test]
+    fn only_real_keys_count_and_null_values_are_absent() {
+        // The names appear in the generated text (escaped there, as JSON requires) before
+        // the real keys; an `error` of null is no error.
+        let body = br#"{"choices":[{"message":{"content":"say \"usage\":{\"prompt_tokens\":99} or \"error\":1"}}],"error":null,"usage":{"prompt_tokens":4,"completion_tokens":2}}"#;
+        let mut s = Scanner::new(false);
+        s.feed(body);
+        let t = s.finish();
+        assert_eq!(t.prompt_tokens, Some(4));
+        assert_eq!(t.completion_tokens, Some(2));
+        assert!(!t.saw_error);
+        let mut s = Scanner::new(false);
+        s.feed(br#"{"usage": null, "error" : {"message":"boom"}}"#);
+        let t = s.finish();
+        assert_eq!(t.prompt_tokens, None);
+        assert!(t.saw_error);
     }
 
     #[test]
