@@ -314,8 +314,8 @@ fn routing_defaults(r: &RawRouting) -> Result<RoutingDefaults, ConfigError> {
 /// Serving threads unless configured. One relays well over ten thousand requests a
 /// second, hundreds of times what a CPU fleet generates. Each thread keeps its connections
 /// to itself, so more threads cost a request no cross-thread wake-ups; but on a machine
-/// whose cores are busy (the backends' work) a second one bought nothing measurable and
-/// cost up to a tenth more CPU in the fan-out benchmark (BENCHMARKS.md).
+/// whose other cores are busy (the backends' work) a second one cost 6-11 % more CPU and
+/// added more to p99 than it saved, except in synchronized token bursts (BENCHMARKS.md).
 pub const DEFAULT_WORKERS: usize = 1;
 /// More threads than this is a typo.
 pub const MAX_WORKERS: usize = 256;
