@@ -99,20 +99,46 @@ fn an_invalid_config_exits_non_zero_naming_the_problem() {
 
 #[tokio::test]
 async fn sigterm_stops_accepting_lets_the_stream_finish_and_exits_zero() {
-    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    sigterm_drains(1, 1).await;
+}
+
+#[tokio::test]
+async fn with_several_serving_threads_sigterm_drains_every_stream() {
+    // Six connections over three threads: whichever thread took each, its stream must
+    // finish before the process exits.
+    sigterm_drains(3, 6).await;
+}
+
+/// Start the binary with `workers` serving threads, open `streams` streams (one
+/// connection each), send SIGTERM, and check that new connections are refused, every
+/// stream completes, and the process exits 0 afterwards.
+async fn sigterm_drains(workers: usize, streams: usize) {
+    let be = FakeBackend::start("a", streams as u32, |_| Reply::Controlled).await;
     let url = be.url();
-    let (mut child, addr) = start(&["--backend", &url, "--drain-timeout", "10"]);
+    let workers = workers.to_string();
+    let (mut child, addr) = start(&[
+        "--backend",
+        &url,
+        "--drain-timeout",
+        "10",
+        "--workers",
+        &workers,
+    ]);
     wait_healthy(&addr).await;
 
-    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let body = r#"{"stream":true,"messages":[]}"#;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let stream = be.next_stream().await;
-    assert!(stream.send("data: one\n\n").await);
+    let mut open = Vec::new();
+    for i in 0..streams {
+        let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body = r#"{"stream":true,"messages":[]}"#;
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        let stream = be.next_stream().await;
+        assert!(stream.send(format!("data: one-{i}\n\n")).await);
+        open.push((sock, stream));
+    }
 
     child.signal(Signal::SIGTERM).unwrap();
     // New connections are refused once the listener is closed.
@@ -130,20 +156,24 @@ async fn sigterm_stops_accepting_lets_the_stream_finish_and_exits_zero() {
         "exited while a stream was in flight"
     );
 
-    // The in-flight stream still completes.
-    assert!(stream.send("data: two\n\n").await);
-    assert!(stream.send("data: [DONE]\n\n").await);
-    drop(stream);
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut out))
-        .await
-        .unwrap()
-        .unwrap();
-    let out = String::from_utf8_lossy(&out);
-    assert!(
-        out.contains("data: one") && out.contains("data: two") && out.contains("[DONE]"),
-        "{out}"
-    );
+    // The in-flight streams still complete.
+    for (i, (mut sock, stream)) in open.into_iter().enumerate() {
+        assert!(stream.send(format!("data: two-{i}\n\n")).await);
+        assert!(stream.send("data: [DONE]\n\n").await);
+        drop(stream);
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), sock.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.contains(&format!("data: one-{i}"))
+                && out.contains(&format!("data: two-{i}"))
+                && out.contains("[DONE]"),
+            "{out}"
+        );
+    }
 
     let status = child
         .wait_timeout(Duration::from_secs(5))
