@@ -1,7 +1,7 @@
 //! Admission: get a slot now, or wait in the model's queue for one.
 //!
 //! A client that disconnects while queued makes hyper drop the request future, and with
-//! it the [`QueueTicket`] below, whose `Drop` takes the request out of the queue at once.
+//! it the `QueueTicket` below, whose `Drop` takes the request out of the queue at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -25,7 +25,7 @@
 //!
 //! Around it:
 //! - configuration: [`config`] and [`cli`] (TOML plus flags), [`reload`] (SIGHUP);
-//! - shared state: [`state`] (the [`Gateway`](state::Gateway)), [`backend`] (per-backend
+//! - shared state: [`state`] (the [`Gateway`]), [`backend`] (per-backend
 //!   atomics and health), [`health`] (probes and each backend's own load), [`discovery`]
 //!   (backends from a bitnet-runner or DNS);
 //! - the request's content: [`dialect`] (rewrites for the older BitNet server), [`context`]

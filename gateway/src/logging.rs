@@ -118,9 +118,9 @@ fn date_and_time(secs: u64) -> [u8; 19] {
 
 /// Writes log lines to stderr from a thread of its own, so that a request never waits for
 /// the write of its access line, and the lines of up to 10 ms go out in one write.
-/// Nothing is dropped: past [`LogWriter::MAX_PENDING`] unwritten
+/// Nothing is dropped: past `LogWriter::MAX_PENDING` unwritten
 /// bytes, loggers wait for the writer, as they waited for stderr before. Dropping the
-/// value [`LogWriter::start`] returns writes what is left and stops the thread.
+/// value `LogWriter::start` returns writes what is left and stops the thread.
 pub struct LogWriter {
     shared: Arc<LogShared>,
     /// Only the handle made by `start` stops and joins the thread when dropped.

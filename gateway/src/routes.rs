@@ -1,5 +1,5 @@
 //! Route: match method and path, read the body within its limit, inspect it, and hand the
-//! request to [`forward`](crate::forward::forward). The gateway's own endpoints
+//! request to [`forward`]. The gateway's own endpoints
 //! (`/health`, `/v1/models`) are answered here.
 
 use std::net::SocketAddr;

@@ -151,7 +151,7 @@ pub struct SimArgs {
 
     /// Fault: selected generation requests fail after K tokens (or before their end, if
     /// shorter). Streams get the dialect's error event (upstream: `data: {"error":...}` and no
-    /// [DONE]; bitnet: `error: {...}` then [DONE]); upstream streams failing before their first
+    /// `[DONE]`; bitnet: `error: {...}` then `[DONE]`); upstream streams failing before their first
     /// token, and non-streamed requests, get HTTP 500.
     #[arg(long, value_name = "K")]
     pub error_mid_stream_after: Option<usize>,
