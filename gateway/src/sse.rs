@@ -249,13 +249,17 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
 });
 
 /// The value of the key `key` (the quoted name, as the needle) in a JSON payload, read on
-/// its own without parsing the rest. A quoted name is found only where it is a key: inside
-/// a JSON string its quotes would be escaped. `None` when the key is absent or its value is
-/// not a `T`.
+/// its own without parsing the rest. Inside a JSON string the name's quotes would be
+/// escaped, so a match is either a key or a whole string value (`"type":"error"`); the
+/// first match followed by a colon is the key. `None` when the key is absent or its value
+/// is not a `T`.
 fn value_of<'de, T: Deserialize<'de>>(data: &'de [u8], key: &Finder<'_>) -> Option<T> {
-    let at = key.find(data)? + key.needle().len();
-    let rest = data[at..].trim_ascii_start().strip_prefix(b":")?;
-    T::deserialize(&mut serde_json::Deserializer::from_slice(rest)).ok()
+    let value = key.find_iter(data).find_map(|at| {
+        data[at + key.needle().len()..]
+            .trim_ascii_start()
+            .strip_prefix(b":")
+    })?;
+    T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
 /// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
@@ -376,6 +380,12 @@ mod tests {
         let t = s.finish();
         assert_eq!(t.prompt_tokens, None);
         assert!(t.saw_error);
+        // The same names as string values before the keys.
+        let mut s = Scanner::new(false);
+        s.feed(br#"{"type":"error","object":"usage","error":{"message":"x"},"usage":{"prompt_tokens":3}}"#);
+        let t = s.finish();
+        assert!(t.saw_error);
+        assert_eq!(t.prompt_tokens, Some(3));
     }
 
     #[test]
