@@ -172,11 +172,6 @@ impl Job {
         self.reuse(chain, tail_reply).cached_bytes
     }
 
-    /// Whether this request continues the conversation a cache holding `chain` was left by.
-    pub fn continues(&self, chain: &[Link], tail_reply: bool) -> bool {
-        self.reuse(chain, tail_reply).continues
-    }
-
     /// What a cache holding `chain` offers this request, from one walk along the chain.
     pub fn reuse(&self, chain: &[Link], tail_reply: bool) -> Reuse {
         let n = self
@@ -250,9 +245,9 @@ mod tests {
         // The slot that served turn 1 also holds its reply.
         assert_eq!(t2.cached_bytes(&t1.links, true), t2.links[2].bytes);
         assert!(t2.cached_bytes(&t1.links, true) < t2.prompt_bytes);
-        assert!(t2.continues(&t1.links, true));
+        assert!(t2.reuse(&t1.links, true).continues);
         assert!(
-            !t1.continues(&t2.links, true),
+            !t1.reuse(&t2.links, true).continues,
             "a shorter prompt continues nothing"
         );
     }
@@ -263,7 +258,7 @@ mod tests {
         let b = Job::from_body(&chat(&[("system", "SYS"), ("user", "task b")]), None, 0);
         assert_eq!(b.cached_bytes(&a.links, true), a.links[0].bytes);
         assert!(
-            !b.continues(&a.links, true),
+            !b.reuse(&a.links, true).continues,
             "a shared system prompt is not a continuation"
         );
         let c = Job::from_body(&chat(&[("system", "OTHER"), ("user", "task a")]), None, 0);
