@@ -33,7 +33,8 @@
 //! - the edges: [`auth`] (API and admin keys, constant time), [`tls`] (rustls termination
 //!   with reload, https backends), [`error`] (the one mapping from errors to HTTP), [`body`]
 //!   (the response body type), [`metrics`] (Prometheus, one struct per component),
-//!   [`logging`] (the access log's formatter and writer thread).
+//!   [`logging`] (the access log's formatter and writer thread), [`fasthash`] (the hasher of
+//!   the maps a request looks up).
 
 pub mod admit;
 pub mod auth;
@@ -46,6 +47,7 @@ pub mod context;
 pub mod dialect;
 pub mod discovery;
 pub mod error;
+pub mod fasthash;
 pub mod forward;
 pub mod health;
 pub mod inspect;

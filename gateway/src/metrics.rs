@@ -13,6 +13,7 @@ use prometheus::{
 };
 
 use crate::backend::Health;
+use crate::fasthash::FastHash;
 use crate::state::Gateway;
 
 /// Buckets for time to first token and request duration on CPU backends: from a cached
@@ -195,7 +196,7 @@ pub struct Metrics {
     pub backends: BackendMetrics,
     pub routing: RoutingMetrics,
     pub server: ServerMetrics,
-    series: Arc<DashMap<SeriesKey, Arc<ExchangeSeries>>>,
+    series: Arc<DashMap<SeriesKey, Arc<ExchangeSeries>, FastHash>>,
 }
 
 /// The series one relayed exchange records into, for one backend, model and endpoint.

@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::fasthash::FastHash;
 use crate::forward::{upstream_client, UpstreamClient};
 use crate::metrics::Metrics;
 use crate::pool::{ModelPool, QueueLimits};
@@ -22,7 +23,7 @@ pub struct Gateway {
     /// One pool per model, in config order; replaced whole by a reload.
     pools: RwLock<Arc<Vec<Arc<ModelPool>>>>,
     /// Model ids and aliases to their pool. Read on every request, so a concurrent map.
-    pub(crate) names: DashMap<String, Arc<ModelPool>>,
+    pub(crate) names: DashMap<String, Arc<ModelPool>, FastHash>,
     /// Client connections allowed at once (resized by a reload).
     pub(crate) connections: Arc<Semaphore>,
     /// Pooled keep-alive connections to every backend.
@@ -47,7 +48,7 @@ pub enum StartError {
 impl Gateway {
     /// Build the pools, the client and the TLS acceptor from a validated config.
     pub fn new(config: Config) -> Result<Arc<Gateway>, StartError> {
-        let names = DashMap::new();
+        let names = DashMap::with_hasher(FastHash::default());
         let limits = QueueLimits {
             max: config.queue_max,
             per_slot: config.queue_per_slot,

@@ -31,6 +31,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+use crate::fasthash::FastHash;
+
 /// Why a request could not be sent or answered.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -77,12 +79,12 @@ struct Idle {
 
 struct Shared {
     connector: HttpsConnector<HttpConnector>,
-    origins: Mutex<HashMap<Origin, OriginPool>>,
+    origins: Mutex<HashMap<Origin, OriginPool, FastHash>>,
     idle_timeout: Duration,
 }
 
 impl Shared {
-    fn origins(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, OriginPool>> {
+    fn origins(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, OriginPool, FastHash>> {
         // The map holds no invariant a panicking holder could break halfway.
         self.origins.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -158,7 +160,7 @@ impl UpstreamClient {
         UpstreamClient {
             shared: Arc::new(Shared {
                 connector,
-                origins: Mutex::new(HashMap::new()),
+                origins: Mutex::new(HashMap::default()),
                 idle_timeout,
             }),
         }
