@@ -1,13 +1,16 @@
-//! Logging: the global subscriber, a plain field formatter and a writer thread.
+//! Logging: the global subscriber, a plain field formatter, the access line, and a writer
+//! thread.
 //!
-//! The access log writes a line per request, so its cost is part of every request's: the
-//! formatter here skips the styling layers, timestamps are worked out once a second, and
-//! lines are written by a thread of their own so that a slow stderr does not stall the
-//! runtime's workers.
+//! The access log writes a line per request, so its cost is part of every request's: its
+//! line is formatted here directly, in the same text or JSON the subscriber would write
+//! (the subscriber's generic machinery cost about a tenth of all the gateway's work per
+//! proxied request); other events go through a formatter that skips the styling layers;
+//! timestamps are worked out once a second; and lines are written by a thread of their own
+//! so that a slow stderr does not stall the serving threads.
 
 use std::cell::Cell;
 use std::io::IsTerminal;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
@@ -27,6 +30,12 @@ pub fn init(format: LogFormat) -> LogWriter {
     let ansi = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let writer = LogWriter::start(std::io::stderr());
+    if !ansi || format == LogFormat::Json {
+        let _ = DIRECT.set(Direct {
+            json: format == LogFormat::Json,
+            shared: writer.shared.clone(),
+        });
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
@@ -38,6 +47,177 @@ pub fn init(format: LogFormat) -> LogWriter {
         LogFormat::Json => builder.json().init(),
     }
     writer
+}
+
+/// Where access lines go without the subscriber: set by [`init`] for the plain-text and
+/// JSON formats. Unset (coloured text, or no [`init`] at all, as in tests), they go through
+/// `tracing` like any other event.
+static DIRECT: OnceLock<Direct> = OnceLock::new();
+
+struct Direct {
+    json: bool,
+    shared: Arc<LogShared>,
+}
+
+/// One exchange's access-log line: the event `tracing::info!(target: "access", ...,
+/// "request")` would be, with these fields in this order.
+#[derive(Debug, Clone, Copy)]
+pub struct Access<'a> {
+    /// The request's id (the client's `x-request-id`, or one made up).
+    pub request_id: &'a str,
+    /// The model id.
+    pub model: &'a str,
+    /// The backend's name.
+    pub backend: &'a str,
+    /// The endpoint, as in the metrics.
+    pub endpoint: &'a str,
+    /// The status the client got.
+    pub status: u16,
+    /// How the body ended: `Complete`, `UpstreamBroken` or `ClientGone`.
+    pub ending: &'static str,
+    /// Time spent waiting for a slot.
+    pub queue_wait_ms: u64,
+    /// Time to the first token, when there was one.
+    pub ttft_ms: Option<u64>,
+    /// Prompt tokens, when the backend reported them.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens, reported or counted.
+    pub completion_tokens: u64,
+    /// Time from arrival to the end of the body.
+    pub duration_ms: u64,
+    /// Body bytes relayed.
+    pub bytes: u64,
+}
+
+impl Access<'_> {
+    /// Write the line, if the filter lets `access` events at INFO through.
+    pub fn log(&self) {
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
+        }
+        match DIRECT.get() {
+            Some(direct) => {
+                let line = if direct.json {
+                    self.json_line()
+                } else {
+                    self.text_line()
+                };
+                let _ = std::io::Write::write_all(&mut LogLine(&direct.shared), &line);
+            }
+            None => self.via_tracing(),
+        }
+    }
+
+    fn via_tracing(&self) {
+        tracing::info!(
+            target: "access",
+            request_id = %self.request_id,
+            model = self.model,
+            backend = self.backend,
+            endpoint = self.endpoint,
+            status = self.status,
+            ending = %self.ending,
+            queue_wait_ms = self.queue_wait_ms,
+            ttft_ms = self.ttft_ms,
+            prompt_tokens = self.prompt_tokens,
+            completion_tokens = self.completion_tokens,
+            duration_ms = self.duration_ms,
+            bytes = self.bytes,
+            "request"
+        );
+    }
+
+    /// The line as the subscriber's plain text format writes it.
+    fn text_line(&self) -> Vec<u8> {
+        let mut line = String::with_capacity(256);
+        let _ = Clock.format_time(&mut Writer::new(&mut line));
+        line.push_str("  INFO access: request request_id=");
+        line.push_str(self.request_id);
+        for (name, value) in [
+            (" model=", self.model),
+            (" backend=", self.backend),
+            (" endpoint=", self.endpoint),
+        ] {
+            line.push_str(name);
+            debug_str(&mut line, value);
+        }
+        let number = |line: &mut String, name: &str, value: Option<u64>| {
+            if let Some(v) = value {
+                line.push(' ');
+                line.push_str(name);
+                line.push('=');
+                line.push_str(itoa::Buffer::new().format(v));
+            }
+        };
+        number(&mut line, "status", Some(self.status.into()));
+        line.push_str(" ending=");
+        line.push_str(self.ending);
+        self.numbers(|name, value| number(&mut line, name, value));
+        line.push('\n');
+        line.into_bytes()
+    }
+
+    /// The line as the subscriber's JSON format writes it.
+    fn json_line(&self) -> Vec<u8> {
+        let mut line = Vec::with_capacity(320);
+        line.extend_from_slice(b"{\"timestamp\":\"");
+        let mut time = String::with_capacity(32);
+        let _ = Clock.format_time(&mut Writer::new(&mut time));
+        line.extend_from_slice(time.as_bytes());
+        line.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"message\":\"request\"");
+        let string = |line: &mut Vec<u8>, name: &str, value: &str| {
+            line.extend_from_slice(b",\"");
+            line.extend_from_slice(name.as_bytes());
+            line.extend_from_slice(b"\":");
+            // Writing a &str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *line, value);
+        };
+        string(&mut line, "request_id", self.request_id);
+        string(&mut line, "model", self.model);
+        string(&mut line, "backend", self.backend);
+        string(&mut line, "endpoint", self.endpoint);
+        let number = |line: &mut Vec<u8>, name: &str, value: Option<u64>| {
+            if let Some(v) = value {
+                line.extend_from_slice(b",\"");
+                line.extend_from_slice(name.as_bytes());
+                line.extend_from_slice(b"\":");
+                line.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+            }
+        };
+        number(&mut line, "status", Some(self.status.into()));
+        string(&mut line, "ending", self.ending);
+        self.numbers(|name, value| number(&mut line, name, value));
+        line.extend_from_slice(b"},\"target\":\"access\"}\n");
+        line
+    }
+
+    /// The numeric fields after `ending`, in order; `None` ones are left out, as the
+    /// subscriber leaves out a `None` field.
+    fn numbers(&self, mut each: impl FnMut(&str, Option<u64>)) {
+        each("queue_wait_ms", Some(self.queue_wait_ms));
+        each("ttft_ms", self.ttft_ms);
+        each("prompt_tokens", self.prompt_tokens);
+        each("completion_tokens", Some(self.completion_tokens));
+        each("duration_ms", Some(self.duration_ms));
+        each("bytes", Some(self.bytes));
+    }
+}
+
+/// `value` in its `Debug` form, as the subscriber writes string fields: quoted, escaped.
+/// Names made of printable ASCII other than quotes and backslashes, which is what they
+/// nearly always are, need no escaping, and skip the formatting machinery.
+fn debug_str(line: &mut String, value: &str) {
+    use std::fmt::Write as _;
+    if value
+        .bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+    {
+        line.push('"');
+        line.push_str(value);
+        line.push('"');
+    } else {
+        let _ = write!(line, "{value:?}");
+    }
 }
 
 /// Timestamps as tracing-subscriber's `SystemTime` writes them (RFC 3339, UTC, to the
@@ -556,6 +736,68 @@ mod tests {
             }
         }
         panic!("the two clocks never agreed to the second");
+    }
+
+    /// Removes the timestamp (the first `…Z` of 27 characters) from every line.
+    fn without_times(text: &str) -> String {
+        text.lines()
+            .map(|l| {
+                let z = l.find('Z').expect("a timestamp");
+                format!("{}{}\n", &l[..z - 26], &l[z + 1..])
+            })
+            .collect()
+    }
+
+    #[test]
+    fn access_lines_are_what_the_subscriber_writes() {
+        use super::{Access, Clock};
+        let odd = Access {
+            request_id: "abc-123",
+            model: "bench \"quoted\" \\ \n\x1b[2J\u{85}é",
+            backend: "127.0.0.1:8090",
+            endpoint: "chat",
+            status: 200,
+            ending: "Complete",
+            queue_wait_ms: 0,
+            ttft_ms: Some(17),
+            prompt_tokens: None,
+            completion_tokens: 64,
+            duration_ms: 1234,
+            bytes: u64::MAX,
+        };
+        let full = Access {
+            status: 502,
+            ending: "ClientGone",
+            ttft_ms: None,
+            prompt_tokens: Some(4096),
+            model: "falcon3-10b",
+            ..odd
+        };
+        for json in [false, true] {
+            let out = Captured::default();
+            let builder = tracing_subscriber::fmt()
+                .with_ansi(false)
+                .with_timer(Clock)
+                .with_writer(out.clone());
+            let dispatch = if json {
+                tracing::Dispatch::new(builder.json().finish())
+            } else {
+                tracing::Dispatch::new(builder.fmt_fields(PlainFields).finish())
+            };
+            tracing::dispatcher::with_default(&dispatch, || {
+                odd.via_tracing();
+                full.via_tracing();
+            });
+            let theirs = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+            let ours: String = [odd, full]
+                .iter()
+                .map(|a| {
+                    String::from_utf8(if json { a.json_line() } else { a.text_line() }).unwrap()
+                })
+                .collect();
+            assert_eq!(theirs.lines().count(), 2, "{theirs}");
+            assert_eq!(without_times(&ours), without_times(&theirs), "json: {json}");
+        }
     }
 
     #[test]

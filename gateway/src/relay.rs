@@ -56,6 +56,17 @@ enum Ending {
     ClientGone,
 }
 
+impl Ending {
+    /// The name the access log gives it.
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Complete => "Complete",
+            Ending::UpstreamBroken => "UpstreamBroken",
+            Ending::ClientGone => "ClientGone",
+        }
+    }
+}
+
 /// A backend's body on its way to the client, holding the slot it occupies.
 pub struct RelayBody {
     /// `None` once the upstream body has ended (or when it was read in full beforehand).
@@ -304,22 +315,21 @@ fn record(
         Ending::UpstreamBroken => series.broken_streams(m).inc(),
         Ending::ClientGone => series.client_disconnects(m).inc(),
     }
-    tracing::info!(
-        target: "access",
-        request_id = %ex.request_id,
+    crate::logging::Access {
+        request_id: &ex.request_id,
         model,
         backend,
-        endpoint = ex.endpoint,
-        status = ex.status,
-        ending = ?ending,
-        queue_wait_ms = ex.queue_wait.as_millis() as u64,
-        ttft_ms = ttft.map(|t| t.as_millis() as u64),
-        prompt_tokens = tally.prompt_tokens,
-        completion_tokens = completion,
-        duration_ms = duration.as_millis() as u64,
+        endpoint: ex.endpoint,
+        status: ex.status,
+        ending: ending.as_str(),
+        queue_wait_ms: ex.queue_wait.as_millis() as u64,
+        ttft_ms: ttft.map(|t| t.as_millis() as u64),
+        prompt_tokens: tally.prompt_tokens,
+        completion_tokens: completion,
+        duration_ms: duration.as_millis() as u64,
         bytes,
-        "request"
-    );
+    }
+    .log();
 }
 
 impl Body for RelayBody {
