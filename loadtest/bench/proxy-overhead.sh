@@ -2,9 +2,10 @@
 # What does the gateway add on top of a backend, compared with nginx as a plain reverse proxy?
 #
 # A zero-latency llama-sim (it answers at once, so all measured time is HTTP and proxy work)
-# is reached three ways: directly, through bitnet-gateway, and through nginx. Each repeat runs
-# the three paths back to back for every (mode, rate) cell, in a rotating order, so machine
-# noise hits all three alike. Reports medians over the repeats of:
+# is reached directly, through bitnet-gateway, through nginx, and through hyper-relay (in
+# this folder: hyper's server and client with nothing between them, the floor for any proxy
+# built on hyper). Each repeat runs the paths back to back for every (mode, rate) cell, in a
+# rotating order, so machine noise hits them all alike. Reports medians over the repeats of:
 #   - p50/p99 latency at fixed open-loop rates, and what each proxy adds to the direct path;
 #   - maximum throughput in a closed loop at high concurrency, the gateway/nginx ratio, and
 #     the CPU time each proxy spends per request.
@@ -13,7 +14,7 @@
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
 # CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), WORKERS ("1 2"): one
 # gateway per number of serving threads, side by side; the first is the one the targets
-# judge (1 is the gateway's default).
+# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay out.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -25,6 +26,7 @@ TPUT_DURATION=${TPUT_DURATION:-5}
 read -r -a WORKERS <<<"${WORKERS:-1 2}"
 PATHS=(direct)
 for w in "${WORKERS[@]}"; do PATHS+=("gateway-w$w"); done
+[ "${RELAY:-1}" = 1 ] && PATHS+=(hyper-relay)
 PATHS+=(nginx)
 MODES=(plain stream)
 MODEL=bench
@@ -42,6 +44,15 @@ raise_fd_limit
 start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slots "$SLOTS"
 SIM_URL=$SERVER_URL
 SIM_HOSTPORT=${SIM_URL#http://}
+
+if [ "${RELAY:-1}" = 1 ]; then
+    log "building hyper-relay"
+    (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
+    cp "$ROOT/target/release/hyper-relay" "$WORK/bin/hyper-relay"
+    start_server hyper-relay "$WORK/bin/hyper-relay" "$SIM_HOSTPORT"
+    RELAY_URL=$SERVER_URL
+    RELAY_PID=$SERVER_PID
+fi
 
 declare -A GATEWAY_URL GATEWAY_PID
 for w in "${WORKERS[@]}"; do
@@ -118,6 +129,7 @@ url_of() {
     case $1 in
         direct) echo "$SIM_URL" ;;
         gateway-w*) echo "${GATEWAY_URL[${1#gateway-w}]}" ;;
+        hyper-relay) echo "$RELAY_URL" ;;
         nginx) echo "$NGINX_URL" ;;
     esac
 }
@@ -128,6 +140,7 @@ proxy_cpu() {
     case $1 in
         direct) echo 0; return ;;
         gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}"; return ;;
+        hyper-relay) cpu_seconds "$RELAY_PID"; return ;;
         nginx)
             for pid in "$NGINX_PID" $(pgrep -P "$NGINX_PID"); do
                 total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
@@ -210,6 +223,8 @@ cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
 
 
 def label(path):
+    if path == "hyper-relay":
+        return "hyper-relay (floor)"
     if not path.startswith("gateway-w"):
         return path
     n = int(path[len("gateway-w"):])
@@ -250,7 +265,8 @@ def paired(mode, load, path, key):
 print(f"Medians of {len(reps)} repeats. Latency in ms, measured by bitnet-loadtest from sending a request to")
 print("its first token (TTFT) and to its last byte (E2E). *Added* is the median over repeats of (path − direct)")
 print("within the same repeat. Non-streamed answers carry 64 tokens; streamed answers are 64 SSE chunks plus")
-print("the final ones.")
+print("the final ones. hyper-relay is hyper's server and client with nothing between them (loadtest/bench/hyper-relay):")
+print("what any proxy built on hyper pays before doing work of its own.")
 print()
 print("### Latency at fixed open-loop rates")
 print()
@@ -277,6 +293,7 @@ print()
 print("| mode | path | req/s | vs direct | proxy CPU µs/request | E2E p50 | E2E p99 | failed |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
 ratios = {}
+cpu_med = {}
 for mode in modes:
     for path in paths:
         rps = series(mode, "max", path, "rps")
@@ -287,6 +304,7 @@ for mode in modes:
             float(cell[(r, mode, "max", path)]["proxy_cpu_s"]) * 1e6 / max(1.0, float(cell[(r, mode, "max", path)]["requests"]))
             for r in reps
         ]
+        cpu_med[(mode, path)] = med(cpu)
         cpu_cell = "—" if path == "direct" else f"{med(cpu):.0f}"
         print(
             f"| {mode} | {label(path)} | {med(rps):.0f} | {med(rel):.2f} | {cpu_cell} "
@@ -294,7 +312,7 @@ for mode in modes:
             f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
         )
     for path in paths:
-        if path.startswith("gateway-w"):
+        if path.startswith("gateway-w") or path == "hyper-relay":
             ratios[(mode, path)] = med([
                 float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
             ])
@@ -302,6 +320,10 @@ print()
 for (mode, path), ratio in ratios.items():
     target = f"; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'}" if path == judged else ""
     print(f"- Throughput ratio {label(path)}/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios{target})")
+for mode in modes:
+    if (mode, judged) in cpu_med and (mode, "hyper-relay") in cpu_med:
+        own = cpu_med[(mode, judged)] - cpu_med[(mode, "hyper-relay")]
+        print(f"- {label(judged)}, {mode}: {own:.0f} µs of CPU per request beyond hyper-relay's (its own work: routing, accounting, metrics, access log)")
 for mode in modes:
     load = "rate=1000"
     for path in paths:
