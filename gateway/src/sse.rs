@@ -254,11 +254,17 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
 /// first match followed by a colon is the key. `None` when the key is absent or its value
 /// is not a `T`.
 fn value_of<'de, T: Deserialize<'de>>(data: &'de [u8], key: &Finder<'_>) -> Option<T> {
-    let value = key.find_iter(data).find_map(|at| {
-        data[at + key.needle().len()..]
-            .trim_ascii_start()
-            .strip_prefix(b":")
-    })?;
+    let len = key.needle().len();
+    let mut from = 0;
+    let value = loop {
+        // `find` on what is left rather than `find_iter`: most payloads hold no match,
+        // and the iterator's set-up costs more than the search of a short SSE event.
+        let at = from + key.find(&data[from..])?;
+        if let Some(value) = data[at + len..].trim_ascii_start().strip_prefix(b":") {
+            break value;
+        }
+        from = at + 1;
+    };
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
