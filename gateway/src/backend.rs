@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use http::uri::PathAndQuery;
 use http::Uri;
 
 use crate::dialect::{DialectCell, DialectSetting};
@@ -290,6 +291,18 @@ impl Backend {
         parts.path_and_query = Some(joined.parse().unwrap_or_else(|_| "/".parse().unwrap()));
         Uri::from_parts(parts).unwrap_or_else(|_| self.base.clone())
     }
+
+    /// [`uri_for`](Self::uri_for) for a path and query hyper has already parsed: when the
+    /// base URL has no path of its own, as usual, it is used as it is instead of being
+    /// formatted and parsed again on every request.
+    pub fn uri_for_parsed(&self, path_and_query: &PathAndQuery) -> Uri {
+        if !matches!(self.base.path(), "" | "/") {
+            return self.uri_for(path_and_query.as_str());
+        }
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(path_and_query.clone());
+        Uri::from_parts(parts).unwrap_or_else(|_| self.uri_for(path_and_query.as_str()))
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +318,21 @@ mod tests {
         );
         let b = Backend::new("b".into(), "http://h:1/prefix".parse().unwrap(), None);
         assert_eq!(b.uri_for("/health").to_string(), "http://h:1/prefix/health");
+    }
+
+    #[test]
+    fn a_parsed_path_gives_the_same_uri() {
+        for base in [
+            "http://10.0.0.1:8101",
+            "http://10.0.0.1:8101/",
+            "https://h/prefix/",
+        ] {
+            let b = Backend::new("b".into(), base.parse().unwrap(), None);
+            for pq in ["/v1/chat/completions?x=1", "/health", "/"] {
+                let parsed: PathAndQuery = pq.parse().unwrap();
+                assert_eq!(b.uri_for_parsed(&parsed), b.uri_for(pq), "{base} {pq}");
+            }
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub struct Outbound {
     /// HTTP method.
     pub method: Method,
     /// Path and query, appended to the backend's base URL.
-    pub path_and_query: String,
+    pub path_and_query: http::uri::PathAndQuery,
     /// End-to-end headers of the client request.
     pub headers: HeaderMap,
     /// The whole body, already read (and cheap to clone).
@@ -210,7 +210,7 @@ pub async fn forward(
         if let Some(slot) = guard.pin_slot() {
             body = pin_to_slot(&body, slot);
         }
-        let req = out.to_request(backend.uri_for(&out.path_and_query), body);
+        let req = out.to_request(backend.uri_for_parsed(&out.path_and_query), body);
         let last = attempt >= max_attempts;
         let sent =
             tokio::time::timeout(gw.config().first_byte_timeout, gw.client.request(req)).await;

@@ -317,8 +317,8 @@ async fn proxy(
         path_and_query: parts
             .uri
             .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into()),
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
         body,
         job: Arc::new(job),
