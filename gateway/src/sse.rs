@@ -7,6 +7,8 @@
 //! other events are only checked for non-empty content, which is the fallback count when a
 //! server reports no usage. A non-streaming body is kept (up to a cap) and read at the end.
 
+mod members;
+
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
@@ -56,6 +58,7 @@ pub struct Scanner {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Usage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
@@ -66,12 +69,14 @@ struct Usage {
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
+#[cfg_attr(test, derive(Debug, PartialEq))]
 struct Timings {
     #[serde(default)]
     prompt_n: Option<u64>,
@@ -83,6 +88,61 @@ struct Timings {
     predicted_per_second: Option<f64>,
     #[serde(default)]
     prompt_per_second: Option<f64>,
+}
+
+impl Usage {
+    /// `usage` at the start of `value`: walked for its numbers, or parsed by serde when
+    /// it holds something the walk does not read (or is `null`).
+    fn read(value: &[u8]) -> Option<Usage> {
+        let mut u = Usage {
+            prompt_tokens: None,
+            completion_tokens: None,
+            prompt_tokens_details: None,
+        };
+        let walked = members::walk(value, &mut |parent, key, raw| match (parent, key) {
+            (b"", b"prompt_tokens") => u.prompt_tokens = members::int(raw),
+            (b"", b"completion_tokens") => u.completion_tokens = members::int(raw),
+            (b"prompt_tokens_details", b"cached_tokens") => {
+                u.prompt_tokens_details = Some(PromptDetails {
+                    cached_tokens: members::int(raw),
+                })
+            }
+            _ => {}
+        });
+        match walked {
+            Some(_) => Some(u),
+            None => parse::<Option<Usage>>(value).flatten(),
+        }
+    }
+}
+
+impl Timings {
+    /// `timings` at the start of `value`, as [`Usage::read`] reads `usage`.
+    fn read(value: &[u8]) -> Option<Timings> {
+        let mut t = Timings {
+            prompt_n: None,
+            cache_n: None,
+            predicted_n: None,
+            predicted_per_second: None,
+            prompt_per_second: None,
+        };
+        let walked = members::walk(value, &mut |parent, key, raw| {
+            if parent.is_empty() {
+                match key {
+                    b"prompt_n" => t.prompt_n = members::int(raw),
+                    b"cache_n" => t.cache_n = members::int(raw),
+                    b"predicted_n" => t.predicted_n = members::int(raw),
+                    b"predicted_per_second" => t.predicted_per_second = members::float(raw),
+                    b"prompt_per_second" => t.prompt_per_second = members::float(raw),
+                    _ => {}
+                }
+            }
+        });
+        match walked {
+            Some(_) => Some(t),
+            None => parse::<Option<Timings>>(value).flatten(),
+        }
+    }
 }
 
 impl Scanner {
@@ -182,10 +242,13 @@ impl Scanner {
         // Only the values that carry accounting are parsed, not the whole payload: in a
         // non-streamed answer the generated text is most of the bytes.
         let n = &*NEEDLES;
-        if value_of::<Option<serde::de::IgnoredAny>>(data, &n.error).is_some_and(|e| e.is_some()) {
+        if value_at(data, &n.error)
+            .and_then(parse::<Option<serde::de::IgnoredAny>>)
+            .is_some_and(|e| e.is_some())
+        {
             self.tally.saw_error = true;
         }
-        if let Some(t) = value_of::<Option<Timings>>(data, &n.timings).flatten() {
+        if let Some(t) = value_at(data, &n.timings).and_then(Timings::read) {
             if let (Some(n), c) = (t.prompt_n, t.cache_n) {
                 self.tally.prompt_tokens.get_or_insert(n + c.unwrap_or(0));
                 self.tally.evaluated_tokens = Some(n);
@@ -204,7 +267,7 @@ impl Scanner {
             }
         }
         // `usage` is the OpenAI-standard figure: it wins over `timings` when both appear.
-        if let Some(u) = value_of::<Option<Usage>>(data, &n.usage).flatten() {
+        if let Some(u) = value_at(data, &n.usage).and_then(Usage::read) {
             if u.prompt_tokens.is_some() {
                 self.tally.prompt_tokens = u.prompt_tokens;
             }
@@ -248,23 +311,26 @@ static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
     text: Finder::new(b"\"text\":\""),
 });
 
-/// The value of the key `key` (the quoted name, as the needle) in a JSON payload, read on
-/// its own without parsing the rest. Inside a JSON string the name's quotes would be
-/// escaped, so a match is either a key or a whole string value (`"type":"error"`); the
-/// first match followed by a colon is the key. `None` when the key is absent or its value
-/// is not a `T`.
-fn value_of<'de, T: Deserialize<'de>>(data: &'de [u8], key: &Finder<'_>) -> Option<T> {
+/// Where the value of the key `key` (the quoted name, as the needle) starts in a JSON
+/// payload, found without parsing the rest. Inside a JSON string the name's quotes would
+/// be escaped, so a match is either a key or a whole string value (`"type":"error"`); the
+/// first match followed by a colon is the key.
+fn value_at<'a>(data: &'a [u8], key: &Finder<'_>) -> Option<&'a [u8]> {
     let len = key.needle().len();
     let mut from = 0;
-    let value = loop {
+    loop {
         // `find` on what is left rather than `find_iter`: most payloads hold no match,
         // and the iterator's set-up costs more than the search of a short SSE event.
         let at = from + key.find(&data[from..])?;
         if let Some(value) = data[at + len..].trim_ascii_start().strip_prefix(b":") {
-            break value;
+            return Some(value);
         }
         from = at + 1;
-    };
+    }
+}
+
+/// The value at the start of `value` as a `T`, read by serde; `None` if it is not one.
+fn parse<'de, T: Deserialize<'de>>(value: &'de [u8]) -> Option<T> {
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
 }
 
@@ -392,6 +458,38 @@ mod tests {
         let t = s.finish();
         assert!(t.saw_error);
         assert_eq!(t.prompt_tokens, Some(3));
+    }
+
+    #[test]
+    fn the_quick_walk_reads_what_serde_reads() {
+        let usages = [
+            r#"{"completion_tokens":32,"prompt_tokens":19,"prompt_tokens_details":{"cached_tokens":7},"total_tokens":51}"#,
+            r#" { "prompt_tokens" : 3 , "completion_tokens":4 } "#,
+            r#"{"prompt_tokens":3,"extra":[1,2],"completion_tokens":4}"#,
+            r#"{"prompt_tokens":3,"note":"a \"quoted\" word","completion_tokens":4}"#,
+            r#"{"prompt_tokens_details":null,"completion_tokens":1}"#,
+            "null",
+        ];
+        for json in usages {
+            let want = parse::<Option<Usage>>(json.as_bytes()).flatten();
+            assert!(want.is_some() || json == "null", "{json}");
+            assert_eq!(Usage::read(json.as_bytes()), want, "{json}");
+        }
+        let timings = [
+            r#"{"cache_n":0,"predicted_ms":1777.777778,"predicted_n":32,"predicted_per_second":17.999999997750002,"predicted_per_token_ms":55.5555555625,"prompt_ms":316.666667,"prompt_n":19,"prompt_per_second":59.9999999368421,"prompt_per_token_ms":16.666666684210526}"#,
+            r#"{"prompt_n":5,"draft":{"n":[1]},"predicted_n":2}"#,
+            "null",
+        ];
+        for json in timings {
+            let want = parse::<Option<Timings>>(json.as_bytes()).flatten();
+            assert_eq!(Timings::read(json.as_bytes()), want, "{json}");
+        }
+        // Numbers of another object inside `usage` are not taken for its own.
+        let u = Usage::read(br#"{"x":{"prompt_tokens":9,"cached_tokens":9},"prompt_tokens":1}"#);
+        assert_eq!(
+            u.map(|u| (u.prompt_tokens, u.prompt_tokens_details)),
+            Some((Some(1), None))
+        );
     }
 
     #[test]
