@@ -9,7 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use http::uri::PathAndQuery;
-use http::Uri;
+use http::{HeaderValue, Uri};
 
 use crate::dialect::{DialectCell, DialectSetting};
 use crate::ledger::Ledger;
@@ -59,6 +59,9 @@ impl Health {
 pub struct Backend {
     /// Stable name used in logs, headers and metrics labels.
     pub name: String,
+    /// `name` as the value of the `X-Backend` response header, made once (`None` if the
+    /// name is not a valid header value).
+    pub name_header: Option<HeaderValue>,
     /// Base URL, e.g. `http://127.0.0.1:8101`. Request paths are appended to it.
     pub base: Uri,
     /// Slot count fixed by configuration; `None` means "discover from `/props`".
@@ -110,6 +113,7 @@ impl Backend {
         dialect: DialectSetting,
     ) -> Backend {
         Backend {
+            name_header: HeaderValue::from_str(&name).ok(),
             name,
             base,
             configured_slots,

@@ -70,8 +70,12 @@ pub struct Outbound {
     pub place: Option<Arc<AtomicU64>>,
 }
 
+// Built once: `from_static` checks the name each time it runs outside a constant.
+static X_BACKEND: HeaderName = HeaderName::from_static("x-backend");
+static X_ACCEL_BUFFERING: HeaderName = HeaderName::from_static("x-accel-buffering");
+
 /// Headers that describe one connection, not the message, and so never cross the proxy.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -364,18 +368,15 @@ async fn respond(
         parts
             .headers
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        parts.headers.insert(
-            HeaderName::from_static("x-accel-buffering"),
-            HeaderValue::from_static("no"),
-        );
+        parts
+            .headers
+            .insert(X_ACCEL_BUFFERING.clone(), HeaderValue::from_static("no"));
     }
     if fixer.is_some() {
         parts.headers.remove(header::CONTENT_LENGTH);
     }
-    if let Ok(v) = HeaderValue::from_str(&backend.name) {
-        parts
-            .headers
-            .insert(HeaderName::from_static("x-backend"), v);
+    if let Some(v) = &backend.name_header {
+        parts.headers.insert(X_BACKEND.clone(), v.clone());
     }
     if ctx.dropped_tools {
         tracing::warn!(request_id = %out.request_id, backend = %backend.name,
@@ -484,8 +485,7 @@ fn normalised_response(err: bitnet::NormalisedError, backend: &str) -> Response<
     let status = StatusCode::from_u16(err.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut resp = json_response(status, err.body);
     if let Ok(v) = HeaderValue::from_str(backend) {
-        resp.headers_mut()
-            .insert(HeaderName::from_static("x-backend"), v);
+        resp.headers_mut().insert(X_BACKEND.clone(), v);
     }
     resp
 }

@@ -82,7 +82,11 @@ fn walk_in<'a>(
 
 /// The index of the first non-whitespace byte at or after `i`; `None` at the end.
 fn skip_space(v: &[u8], i: usize) -> Option<usize> {
-    let rest = v.get(i..)?;
+    // Servers write these objects without spaces: test the one byte before searching.
+    if !v.get(i)?.is_ascii_whitespace() {
+        return Some(i);
+    }
+    let rest = &v[i..];
     Some(i + rest.iter().position(|b| !b.is_ascii_whitespace())?)
 }
 
