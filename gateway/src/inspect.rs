@@ -82,20 +82,9 @@ mod tests {
     fn arbitrary_bytes_never_panic() {
         // A deterministic fuzz over inputs biased towards JSON syntax.
         let alphabet = br#"{}[]":,model stream true false null 0123456789.eE+-\u00"#;
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rng = crate::fuzz::XorShift::new(0x2545_f491_4f6c_dd1d);
         for len in 0..4000usize {
-            let body: Vec<u8> = (0..len % 200)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    if x.is_multiple_of(17) {
-                        (x >> 8) as u8
-                    } else {
-                        alphabet[(x % alphabet.len() as u64) as usize]
-                    }
-                })
-                .collect();
+            let body = rng.bytes(alphabet, len % 200, Some(17));
             let _ = inspect(&body);
             let _ = crate::dialect::bitnet::rewrite_request(
                 &body,

@@ -34,7 +34,7 @@
 //!   with reload, https backends), [`error`] (the one mapping from errors to HTTP), [`body`]
 //!   (the response body type), [`metrics`] (Prometheus, one struct per component),
 //!   [`logging`] (the access log's formatter and writer thread), [`fasthash`] (the hasher of
-//!   the maps a request looks up).
+//!   the maps a request looks up); in tests, `fuzz` makes the parsers' random inputs.
 
 pub mod admit;
 pub mod auth;
@@ -49,6 +49,8 @@ pub mod discovery;
 pub mod error;
 pub mod fasthash;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod health;
 pub mod inspect;
 pub mod job;

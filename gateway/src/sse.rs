@@ -57,7 +57,7 @@ pub struct Scanner {
     tally: Tally,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[cfg_attr(test, derive(Debug, PartialEq))]
 struct Usage {
     #[serde(default)]
@@ -75,7 +75,7 @@ struct PromptDetails {
     cached_tokens: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Default, Deserialize)]
 #[cfg_attr(test, derive(Debug, PartialEq))]
 struct Timings {
     #[serde(default)]
@@ -91,57 +91,55 @@ struct Timings {
 }
 
 impl Usage {
-    /// `usage` at the start of `value`: walked for its numbers, or parsed by serde when
-    /// it holds something the walk does not read (or is `null`).
+    /// `usage` at the start of `value`.
     fn read(value: &[u8]) -> Option<Usage> {
-        let mut u = Usage {
-            prompt_tokens: None,
-            completion_tokens: None,
-            prompt_tokens_details: None,
-        };
-        let walked = members::walk(value, &mut |parent, key, raw| match (parent, key) {
-            (b"", b"prompt_tokens") => u.prompt_tokens = members::int(raw),
-            (b"", b"completion_tokens") => u.completion_tokens = members::int(raw),
-            (b"prompt_tokens_details", b"cached_tokens") => {
-                u.prompt_tokens_details = Some(PromptDetails {
-                    cached_tokens: members::int(raw),
-                })
+        walk_or_parse(value, |u: &mut Usage, parent, key, raw| {
+            match (parent, key) {
+                (b"", b"prompt_tokens") => u.prompt_tokens = members::int(raw),
+                (b"", b"completion_tokens") => u.completion_tokens = members::int(raw),
+                (b"prompt_tokens_details", b"cached_tokens") => {
+                    u.prompt_tokens_details = Some(PromptDetails {
+                        cached_tokens: members::int(raw),
+                    })
+                }
+                _ => {}
             }
-            _ => {}
-        });
-        match walked {
-            Some(_) => Some(u),
-            None => parse::<Option<Usage>>(value).flatten(),
-        }
+        })
     }
 }
 
 impl Timings {
-    /// `timings` at the start of `value`, as [`Usage::read`] reads `usage`.
+    /// `timings` at the start of `value`.
     fn read(value: &[u8]) -> Option<Timings> {
-        let mut t = Timings {
-            prompt_n: None,
-            cache_n: None,
-            predicted_n: None,
-            predicted_per_second: None,
-            prompt_per_second: None,
-        };
-        let walked = members::walk(value, &mut |parent, key, raw| {
-            if parent.is_empty() {
-                match key {
-                    b"prompt_n" => t.prompt_n = members::int(raw),
-                    b"cache_n" => t.cache_n = members::int(raw),
-                    b"predicted_n" => t.predicted_n = members::int(raw),
-                    b"predicted_per_second" => t.predicted_per_second = members::float(raw),
-                    b"prompt_per_second" => t.prompt_per_second = members::float(raw),
-                    _ => {}
-                }
+        walk_or_parse(value, |t: &mut Timings, parent, key, raw| {
+            if !parent.is_empty() {
+                return;
             }
-        });
-        match walked {
-            Some(_) => Some(t),
-            None => parse::<Option<Timings>>(value).flatten(),
-        }
+            match key {
+                b"prompt_n" => t.prompt_n = members::int(raw),
+                b"cache_n" => t.cache_n = members::int(raw),
+                b"predicted_n" => t.predicted_n = members::int(raw),
+                b"predicted_per_second" => t.predicted_per_second = members::float(raw),
+                b"prompt_per_second" => t.prompt_per_second = members::float(raw),
+                _ => {}
+            }
+        })
+    }
+}
+
+/// The object at the start of `value` as a `T`: walked for its numbers, each handed to
+/// `take`, or parsed by serde when it holds something the walk does not read (or is
+/// `null`, or not an object at all).
+fn walk_or_parse<'a, T: Default + Deserialize<'a>>(
+    value: &'a [u8],
+    mut take: impl FnMut(&mut T, &[u8], &[u8], &[u8]),
+) -> Option<T> {
+    let mut found = T::default();
+    match members::walk(value, &mut |parent, key, raw| {
+        take(&mut found, parent, key, raw)
+    }) {
+        Some(_) => Some(found),
+        None => parse::<Option<T>>(value).flatten(),
     }
 }
 
@@ -509,19 +507,12 @@ mod tests {
     fn arbitrary_bytes_never_panic_and_memory_stays_bounded() {
         // A small deterministic fuzz: random bytes biased towards SSE syntax.
         let alphabet = b"data: {}\"usage\":timings\r\n:[DONE]error,0123456789\xff\xc3";
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = crate::fuzz::XorShift::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..2000 {
-            let mut s = Scanner::new(x.is_multiple_of(2));
+            let mut s = Scanner::new(rng.next().is_multiple_of(2));
             for _ in 0..20 {
-                let len = (x % 64) as usize;
-                let chunk: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        alphabet[(x % alphabet.len() as u64) as usize]
-                    })
-                    .collect();
+                let len = rng.below(64);
+                let chunk = rng.bytes(alphabet, len, None);
                 s.feed(&chunk);
             }
             s.finish();

@@ -188,17 +188,10 @@ mod tests {
     #[test]
     fn arbitrary_bytes_never_panic() {
         let alphabet = b"{}\":,0123456789.-eE nulltruefalse\\[]x";
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rng = crate::fuzz::XorShift::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..20_000 {
-            let len = (x % 48) as usize;
-            let input: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    alphabet[(x % alphabet.len() as u64) as usize]
-                })
-                .collect();
+            let len = rng.below(48);
+            let input = rng.bytes(alphabet, len, None);
             if let Some(n) = walk(&input, &mut |_, _, _| {}) {
                 assert!(n <= input.len());
             }
