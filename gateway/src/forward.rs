@@ -131,7 +131,9 @@ pub async fn forward(
     pool: &Arc<ModelPool>,
     out: Outbound,
 ) -> Result<Response<GatewayBody>, GatewayError> {
-    let max_attempts = gw.config().max_attempts;
+    // One snapshot for the whole request: a reload meanwhile applies to the next one.
+    let cfg = gw.config();
+    let max_attempts = cfg.max_attempts;
     let m = &gw.metrics;
     let mut attempt = 0;
     // Why the previous attempt failed, if one did.
@@ -204,7 +206,7 @@ pub async fn forward(
         let bitnet = backend.dialect.get() == Dialect::Bitnet;
         let mut dropped_tools = false;
         let mut body = if bitnet && out.is_openai_generation() {
-            let r = bitnet::rewrite_request(&out.body, &pool.id, gw.config().tools)
+            let r = bitnet::rewrite_request(&out.body, &pool.id, cfg.tools)
                 .map_err(|e| GatewayError::ToolsUnsupported(e.to_string()))?;
             dropped_tools = r.dropped_tools;
             r.body
@@ -216,8 +218,7 @@ pub async fn forward(
         }
         let req = out.to_request(backend.uri_for_parsed(&out.path_and_query), body);
         let last = attempt >= max_attempts;
-        let sent =
-            tokio::time::timeout(gw.config().first_byte_timeout, gw.client.request(req)).await;
+        let sent = tokio::time::timeout(cfg.first_byte_timeout, gw.client.request(req)).await;
         let Ok(sent) = sent else {
             // Hung before answering: another backend may do better.
             m.backends
@@ -225,18 +226,18 @@ pub async fn forward(
                 .with_label_values(&[&backend.name, "first_byte_timeout"])
                 .inc();
             backend.set_health(Health::Down);
-            tracing::warn!(backend = %backend.name, attempt, timeout = ?gw.config().first_byte_timeout,
+            tracing::warn!(backend = %backend.name, attempt, timeout = ?cfg.first_byte_timeout,
                 "backend sent no response head in time; marked down");
             if last {
                 return Err(GatewayError::UpstreamTimeout {
                     backend: backend.name.clone(),
-                    waited: gw.config().first_byte_timeout,
+                    waited: cfg.first_byte_timeout,
                 });
             }
             m.backends.retries.with_label_values(&[&backend.name]).inc();
             failure = Some(GatewayError::UpstreamTimeout {
                 backend: backend.name.clone(),
-                waited: gw.config().first_byte_timeout,
+                waited: cfg.first_byte_timeout,
             });
             drop(guard);
             continue;
@@ -398,18 +399,10 @@ async fn respond(
         metrics: gw.metrics.clone(),
     };
     let body = GatewayBody::Relay {
-        inner: RelayBody::new(
-            upstream,
-            prefix,
-            fixer,
-            guard,
-            sse,
-            exchange,
-            (
-                gw.config().first_byte_timeout,
-                gw.config().upstream_idle_timeout,
-            ),
-        ),
+        inner: RelayBody::new(upstream, prefix, fixer, guard, sse, exchange, {
+            let cfg = gw.config();
+            (cfg.first_byte_timeout, cfg.upstream_idle_timeout)
+        }),
     };
     Ok(Response::from_parts(parts, body))
 }

@@ -270,7 +270,8 @@ async fn proxy(
     arrived: tokio::time::Instant,
     key: Option<&str>,
 ) -> Result<Response<GatewayBody>, GatewayError> {
-    let limit = gw.config().max_body_bytes;
+    let cfg = gw.config();
+    let limit = cfg.max_body_bytes;
     let (parts, body) = req.into_parts();
     // Refuse an announced oversize body before reading any of it.
     let announced = parts
@@ -293,7 +294,7 @@ async fn proxy(
         .resolve(seen.model.as_deref())
         .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
     let generation = GENERATION.contains(&endpoint);
-    if gw.config().context_guard && generation {
+    if cfg.context_guard && generation {
         context::check(gw, &pool, &body).await?;
     }
     let priority = priority(gw, &parts.headers, key);
@@ -324,7 +325,7 @@ async fn proxy(
         job: Arc::new(job),
         place: None,
     };
-    match gw.config().queue_comments {
+    match cfg.queue_comments {
         Some(every) if seen.stream && generation => {
             forward_streaming(gw.clone(), pool, out, every).await
         }
