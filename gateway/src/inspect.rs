@@ -9,11 +9,12 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 
-/// The fields of a request body that routing looks at.
+/// The fields of a request body that routing looks at, borrowed from it where they can
+/// be (a model name with no escapes in it, which is every real one).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Inspected {
+pub struct Inspected<'a> {
     /// The requested model id or alias.
-    pub model: Option<String>,
+    pub model: Option<Cow<'a, str>>,
     /// Whether the client asked for a stream.
     pub stream: bool,
 }
@@ -27,14 +28,14 @@ struct Peek<'a> {
 }
 
 /// Read `model` and `stream` from a JSON object body.
-pub fn inspect(body: &[u8]) -> Result<Inspected, String> {
+pub fn inspect(body: &[u8]) -> Result<Inspected<'_>, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err("the request body is empty; expected a JSON object".into());
     }
     let peek: Peek<'_> = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON for this endpoint: {e}"))?;
     Ok(Inspected {
-        model: peek.model.map(Cow::into_owned),
+        model: peek.model,
         stream: peek.stream.unwrap_or(false),
     })
 }

@@ -293,6 +293,7 @@ async fn proxy(
     let pool = gw
         .resolve(seen.model.as_deref())
         .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
+    let stream = seen.stream;
     let generation = GENERATION.contains(&endpoint);
     if cfg.context_guard && generation {
         context::check(gw, &pool, &body).await?;
@@ -326,7 +327,7 @@ async fn proxy(
         place: None,
     };
     match cfg.queue_comments {
-        Some(every) if seen.stream && generation => {
+        Some(every) if stream && generation => {
             forward_streaming(gw.clone(), pool, out, every).await
         }
         _ => forward(gw, &pool, out).await,
