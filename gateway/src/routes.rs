@@ -298,7 +298,7 @@ async fn proxy(
     if cfg.context_guard && generation {
         context::check(gw, &pool, &body).await?;
     }
-    let priority = priority(gw, &parts.headers, key);
+    let priority = priority(&cfg, &parts.headers, key);
     // Reading the prompt is a second pass over the body; only a policy that uses it pays.
     let job = if generation && pool.reads_prompt() {
         let session = parts.headers.get(&SESSION_ID).and_then(|v| v.to_str().ok());
@@ -336,8 +336,7 @@ async fn proxy(
 
 /// The request's queue priority: from the trusted header if one is configured and sent,
 /// else from its API key's configured priority, else 0.
-fn priority(gw: &Gateway, headers: &http::HeaderMap, key: Option<&str>) -> i32 {
-    let cfg = gw.config();
+fn priority(cfg: &crate::config::Config, headers: &http::HeaderMap, key: Option<&str>) -> i32 {
     let from_header = cfg
         .priority_header
         .as_ref()
