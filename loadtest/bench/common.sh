@@ -177,3 +177,102 @@ PY
 raise_fd_limit() {
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 }
+
+require_nginx() {
+    command -v nginx >/dev/null || {
+        echo "nginx is not installed (Debian: apt-get install nginx)" >&2
+        exit 1
+    }
+}
+
+# start_nginx NAME UPSTREAM KEEPALIVE : starts nginx as a plain reverse proxy to UPSTREAM
+# (host:port), configured as the gateway is used: HTTP/1.1 to the backend with up to
+# KEEPALIVE idle connections kept, no response buffering (tokens pass as they come), one
+# access-log line per request. Sets NGINX_URL and NGINX_PID (the master; it is killed when
+# the script exits, and stop_server stops it like any other server).
+start_nginx() {
+    local name=$1 upstream=$2 keepalive=$3
+    local dir="$WORK/$name"
+    mkdir -p "$dir/tmp"
+    # nginx's workers drop to an unprivileged user when started as root; they must still
+    # reach their config and temporary files.
+    chmod 755 "$WORK" "$dir" "$dir/tmp"
+    local user=""
+    [ "$(id -u)" = 0 ] && user="user root;"
+    cat >"$dir/nginx.conf.in" <<CONF
+daemon off;
+$user
+# One worker per CPU, nginx's usual setting.
+worker_processes $(nproc);
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 8192; }
+http {
+    # The gateway writes one access-log line per request too.
+    access_log $dir/access.log;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    client_body_buffer_size 1m;
+    # nginx closes a client connection after 1,000 requests by default; the gateway does not.
+    keepalive_requests 1000000;
+    upstream backend {
+        server $upstream;
+        keepalive $keepalive;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen 127.0.0.1:@PORT@;
+        location / {
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+}
+CONF
+    # nginx must be told its port in its config: nginx-on-listener.py binds 127.0.0.1 port 0,
+    # writes the port into the config (@PORT@ above) and hands the open socket to nginx.
+    python3 "$BENCH_DIR/nginx-on-listener.py" "$dir/nginx.conf.in" "$dir/nginx.conf" "$dir/port" -- \
+        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+    NGINX_PID=$!
+    CHILD_PIDS+=("$NGINX_PID")
+    local tries=0
+    until [ -s "$dir/port" ]; do
+        kill -0 "$NGINX_PID" 2>/dev/null || { cat "$WORK/$name.err" >&2; return 1; }
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || { echo "nginx never got its listener" >&2; return 1; }
+        sleep 0.1
+    done
+    NGINX_URL="http://127.0.0.1:$(cat "$dir/port")"
+    wait_ready "$NGINX_URL/health" || { cat "$dir/error.log" >&2; return 1; }
+}
+
+# A markdown line describing the nginx that start_nginx runs.
+nginx_markdown() {
+    # shellcheck disable=SC2016 # the backticks are Markdown, not a command
+    printf 'nginx: %s, %s worker processes, upstream `keepalive %s`, HTTP/1.1, `proxy_buffering off`, access log on (as the gateway'"'"'s), listening on a socket the script bound to 127.0.0.1 port 0 and handed over' \
+        "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
+}
+
+# CPU seconds used so far by nginx: its master and workers.
+nginx_cpu_seconds() {
+    local pid total=0
+    for pid in "$1" $(pgrep -P "$1"); do
+        total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
+    done
+    echo "$total"
+}
+
+# The peak resident set sizes of nginx's master and workers, added up, in MiB. Pages the
+# processes share are counted once per process, so this is an upper bound.
+nginx_peak_rss_mib() {
+    local pid total=0
+    for pid in "$1" $(pgrep -P "$1"); do
+        total=$(awk -v a="$total" -v b="$(peak_rss_mib "$pid")" 'BEGIN { print a + b }')
+    done
+    echo "$total"
+}

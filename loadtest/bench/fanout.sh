@@ -12,12 +12,14 @@
 # Reports the gateway's CPU time and peak RSS (VmHWM) per run, and the inter-token latency
 # (ITL) the gateway adds: ITL p50/p99 through the gateway minus direct, same load. With
 # several WORKERS values, a gateway with each number of serving threads runs in every repeat,
-# side by side.
+# side by side. nginx runs beside them as a reference (one worker process per CPU, no
+# response buffering): what a lean C proxy adds to the same bursts shows how much of the
+# gateway's figure any proxy on this machine would pay.
 #
 # Usage: loadtest/bench/fanout.sh
 # Knobs (environment): STREAMS (1000), TOKENS per stream (100, i.e. 5 s at 20 tokens/s),
 # DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open"),
-# WORKERS: the gateway's serving threads, one run per value ("1 2").
+# WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -37,6 +39,7 @@ OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / 
 
 ensure_binaries
 raise_fd_limit
+[ "${NGINX:-1}" = 1 ] && require_nginx
 [ "$(ulimit -n)" -ge $((4 * STREAMS + 100)) ] || {
     echo "need at least $((4 * STREAMS + 100)) open files (ulimit -n is $(ulimit -n))" >&2
     exit 1
@@ -46,10 +49,11 @@ start_server sim "$BIN/llama-sim" --port 0 --alias "$MODEL" --slots "$SLOTS" \
     --decode-rate "$DECODE_RATE" --prefill-rate 1000000 --ctx 8192
 SIM_URL=$SERVER_URL
 SIM_PID=$SERVER_PID
+SIM_HOSTPORT=${SIM_URL#http://}
 wait_ready "$SIM_URL/health"
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tgw_cpu_s\tgw_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\n' >"$RAW"
+printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tproxy_cpu_s\tproxy_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\ttokens\n' >"$RAW"
 
 # A machine-wide TCP counter from /proc/net/netstat. A burst of connects that overflows a
 # listen backlog costs the dropped ones a 1 s SYN retransmission, which shows in TTFT.
@@ -57,25 +61,38 @@ tcp_counter() {
     awk -v k="$1" '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) h[i] = $i; n = 1 } else { for (i = 2; i <= NF; i++) if (h[i] == k) print $i } }' /proc/net/netstat
 }
 
+# proxy_cpu PATH PID : CPU seconds used so far by the proxy of a path.
+proxy_cpu() {
+    if [ "$1" = nginx ]; then nginx_cpu_seconds "$2"; else cpu_seconds "$2"; fi
+}
+
 # run_one REPEAT SCENARIO PATH : one bitnet-loadtest run, one line of $RAW.
 run_one() {
     local repeat=$1 scenario=$2 path=$3
-    local json="$WORK/r$repeat-$scenario-$path.json" url="$SIM_URL" gw_pid="" load=()
-    if [ "$path" != direct ]; then
-        # A fresh gateway per run, so that its peak RSS belongs to this run alone. Paths
-        # are named gateway-wN: N serving threads.
-        start_server "$path-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
-            --workers "${path#gateway-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
-        url=$SERVER_URL
-        gw_pid=$SERVER_PID
-        wait_ready "$url/health"
-    fi
+    local json="$WORK/r$repeat-$scenario-$path.json" url="$SIM_URL" proxy_pid="" load=()
+    # A fresh proxy per run, so that its peak RSS belongs to this run alone. Gateway paths
+    # are named gateway-wN: N serving threads.
+    case $path in
+        gateway-w*)
+            start_server "$path-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
+                --workers "${path#gateway-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+            url=$SERVER_URL
+            proxy_pid=$SERVER_PID
+            wait_ready "$url/health"
+            ;;
+        nginx)
+            # As many idle backend connections kept as the gateway may keep.
+            start_nginx "nginx-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
+            url=$NGINX_URL
+            proxy_pid=$NGINX_PID
+            ;;
+    esac
     case $scenario in
         closed) load=(--concurrency "$STREAMS") ;;
         open) load=(--rate "$OPEN_RATE") ;;
     esac
-    local gw_before=0 gw_after=0 sim_before sim_after
-    [ -n "$gw_pid" ] && gw_before=$(cpu_seconds "$gw_pid")
+    local proxy_before=0 proxy_after=0 sim_before sim_after
+    [ -n "$proxy_pid" ] && proxy_before=$(proxy_cpu "$path" "$proxy_pid")
     sim_before=$(cpu_seconds "$SIM_PID")
     local t0 t1 ovf_before syn_before
     ovf_before=$(tcp_counter ListenOverflows)
@@ -88,20 +105,21 @@ run_one() {
     t1=$(date +%s.%N)
     sim_after=$(cpu_seconds "$SIM_PID")
     local hwm=0
-    if [ -n "$gw_pid" ]; then
-        gw_after=$(cpu_seconds "$gw_pid")
-        hwm=$(peak_rss_mib "$gw_pid")
-        stop_server "$gw_pid"
+    if [ -n "$proxy_pid" ]; then
+        proxy_after=$(proxy_cpu "$path" "$proxy_pid")
+        if [ "$path" = nginx ]; then hwm=$(nginx_peak_rss_mib "$proxy_pid"); else hwm=$(peak_rss_mib "$proxy_pid"); fi
+        stop_server "$proxy_pid"
     fi
     jq -r --arg r "$repeat" --arg s "$scenario" --arg p "$path" \
-        --arg gcpu "$(awk -v a="$gw_before" -v b="$gw_after" 'BEGIN { printf "%.2f", b - a }')" \
+        --arg gcpu "$(awk -v a="$proxy_before" -v b="$proxy_after" 'BEGIN { printf "%.2f", b - a }')" \
         --arg hwm "$hwm" --arg wall "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" \
         --arg scpu "$(awk -v a="$sim_before" -v b="$sim_after" 'BEGIN { printf "%.2f", b - a }')" \
         --arg lcpu "$(awk '{ printf "%.2f", $1 + $2 }' "$json.time")" \
         --arg ovf "$(($(tcp_counter ListenOverflows) - ovf_before))" \
         --arg syn "$(($(tcp_counter TCPSynRetrans) - syn_before))" \
         '.summary | [$r, $s, $p, .ttft_us.p50, .ttft_us.p99, .itl_us.p50, .itl_us.p99, .itl_us.max,
-          .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu, $ovf, $syn] | @tsv' \
+          .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu, $ovf, $syn,
+          .completion_tokens] | @tsv' \
         "$json" >>"$RAW"
     log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
 }
@@ -112,6 +130,7 @@ for repeat in $(seq 1 "$REPEATS"); do
     for scenario in "${SCENARIOS[@]}"; do
         order=(direct)
         for w in "${WORKERS[@]}"; do order+=("gateway-w$w"); done
+        [ "${NGINX:-1}" = 1 ] && order+=(nginx)
         if [ $((repeat % 2)) = 0 ]; then
             # Every other repeat in reverse, so that no path always runs first.
             for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
@@ -136,12 +155,13 @@ SECTION="$WORK/section.md"
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo "- One llama-sim, $SLOTS slots, $DECODE_RATE tokens/s per slot, prompt evaluation at 1,000,000 tokens/s (near instant). Each stream asks for $TOKENS tokens (${STREAM_SECS} s). The gateway knows the backend has $SLOTS slots, so nothing queues."
     echo "- *closed*: $STREAMS workers back to back, started together, so tokens come in bursts of ~$STREAMS every $((1000 / DECODE_RATE)) ms. *open*: Poisson arrivals at $OPEN_RATE streams/s, ~$STREAMS in flight after the first ${STREAM_SECS} s."
-    echo "- The load generator, the simulator and the gateway share the machine's $(nproc) CPUs; their CPU use is shown so that the gateway's share can be judged."
+    echo "- The load generator, the simulator and the proxy share the machine's $(nproc) CPUs; their CPU use is shown so that the proxy's share can be judged."
+    [ "${NGINX:-1}" = 1 ] && echo "- $(nginx_markdown "$SLOTS"). nginx's peak RSS is its master's and workers' added up."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} loadtest/bench/fanout.sh"
     echo '```'
     echo
     python3 - "$RAW" <<'PY'
@@ -156,12 +176,12 @@ for r in rows:
     if r["scenario"] not in scenarios:
         scenarios.append(r["scenario"])
 cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
-gateways = sorted({r["path"] for r in rows if r["path"] != "direct"}, key=lambda p: int(p[len("gateway-w"):]))
-paths = ["direct"] + gateways
+gateways = sorted({r["path"] for r in rows if r["path"].startswith("gateway-w")}, key=lambda p: int(p[len("gateway-w"):]))
+paths = ["direct"] + gateways + (["nginx"] if any(r["path"] == "nginx" for r in rows) else [])
 
 
 def label(p):
-    if p == "direct":
+    if p in ("direct", "nginx"):
         return p
     n = int(p[len("gateway-w"):])
     return f"gateway, {n} thread{'s' if n > 1 else ''}"
@@ -183,7 +203,7 @@ def paired(scenario, path, key):
     ]
 
 
-print(f"Medians of {len(reps)} repeats; latency in ms. *Added* is the median over repeats of (gateway − direct) in the same repeat.")
+print(f"Medians of {len(reps)} repeats; latency in ms. *Added* is the median over repeats of (proxy − direct) in the same repeat.")
 print()
 print("*Listen overflows* and *SYN retransmits* are the machine's TCP counters (/proc/net/netstat) over the run, summed over")
 print("the repeats: connections dropped by a full listen backlog and retried after 1 s, which shows in TTFT p99.")
@@ -204,28 +224,33 @@ for s in scenarios:
         )
 print()
 print("CPU time is user + system seconds, and wall time is seconds, over the whole run: arrivals plus the streams still running after them.")
+print("*Proxy µs per token* is the proxy's CPU time divided by the tokens the streams received.")
 print()
-print("| arrivals | path | wall s | gateway CPU s | gateway CPU % of one core | gateway peak RSS MiB | simulator CPU s | load generator CPU s |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| arrivals | path | wall s | proxy CPU s | proxy CPU % of one core | proxy µs per token | proxy peak RSS MiB | simulator CPU s | load generator CPU s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
     for p in paths:
         if not col(s, p, "wall_s"):
             continue
         wall = med(col(s, p, "wall_s"))
         if p != "direct":
-            share = med([c / w * 100 for c, w in zip(col(s, p, "gw_cpu_s"), col(s, p, "wall_s"))])
-            gw = f"{med(col(s, p, 'gw_cpu_s')):.2f} | {share:.0f} % | {med(col(s, p, 'gw_hwm_mib')):.1f}"
+            share = med([c / w * 100 for c, w in zip(col(s, p, "proxy_cpu_s"), col(s, p, "wall_s"))])
+            per_token = med([c / t * 1e6 for c, t in zip(col(s, p, "proxy_cpu_s"), col(s, p, "tokens")) if t > 0])
+            gw = f"{med(col(s, p, 'proxy_cpu_s')):.2f} | {share:.0f} % | {per_token:.1f} | {med(col(s, p, 'proxy_hwm_mib')):.1f}"
         else:
-            gw = "— | — | —"
+            gw = "— | — | — | —"
         print(f"| {s} | {label(p)} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
 print()
 for s in scenarios:
     for p in gateways:
-        if not col(s, p, "gw_hwm_mib"):
+        if not col(s, p, "proxy_hwm_mib"):
             continue
-        hwm = max(col(s, p, "gw_hwm_mib"))
+        hwm = max(col(s, p, "proxy_hwm_mib"))
         a99 = med(paired(s, p, "itl_p99")) / 1000
-        print(f"- {s}, {label(p)}: peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})")
+        line = f"- {s}, {label(p)}: peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})"
+        if col(s, "nginx", "itl_p99"):
+            line += f"; nginx in the same repeats: {med(paired(s, 'nginx', 'itl_p99')) / 1000:+.2f} ms"
+        print(line)
 PY
 } >"$SECTION"
 write_section fanout "$SECTION"

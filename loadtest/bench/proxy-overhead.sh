@@ -34,10 +34,7 @@ MODEL=bench
 # the comparison is about proxying, not admission.
 SLOTS=1024
 
-command -v nginx >/dev/null || {
-    echo "nginx is not installed (Debian: apt-get install nginx)" >&2
-    exit 1
-}
+require_nginx
 ensure_binaries
 raise_fd_limit
 
@@ -62,68 +59,9 @@ for w in "${WORKERS[@]}"; do
     GATEWAY_PID[$w]=$SERVER_PID
 done
 
-# nginx must be told its port in its config: nginx-on-listener.py binds 127.0.0.1 port 0,
-# writes the port into the config (@PORT@ below) and hands the open socket to nginx.
-NGINX_DIR="$WORK/nginx"
-mkdir -p "$NGINX_DIR/tmp"
-chmod 755 "$WORK" "$NGINX_DIR" "$NGINX_DIR/tmp"
-NGINX_USER=""
-[ "$(id -u)" = 0 ] && NGINX_USER="user root;"
-cat >"$NGINX_DIR/nginx.conf.in" <<EOF
-daemon off;
-$NGINX_USER
-# One worker per CPU, nginx's usual setting; the gateway judged by the targets runs with
-# its default of one serving thread, and one with a thread per CPU runs beside it.
-worker_processes $(nproc);
-pid $NGINX_DIR/nginx.pid;
-error_log $NGINX_DIR/error.log warn;
-events { worker_connections 4096; }
-http {
-    # The gateway writes one access-log line per request too.
-    access_log $NGINX_DIR/access.log;
-    client_body_temp_path $NGINX_DIR/tmp/body;
-    proxy_temp_path $NGINX_DIR/tmp/proxy;
-    fastcgi_temp_path $NGINX_DIR/tmp/fastcgi;
-    uwsgi_temp_path $NGINX_DIR/tmp/uwsgi;
-    scgi_temp_path $NGINX_DIR/tmp/scgi;
-    client_body_buffer_size 1m;
-    # nginx closes a client connection after 1,000 requests by default; the gateway does not.
-    keepalive_requests 1000000;
-    upstream sim {
-        server $SIM_HOSTPORT;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:@PORT@;
-        location / {
-            proxy_pass http://sim;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }
-    }
-}
-EOF
-python3 "$BENCH_DIR/nginx-on-listener.py" "$NGINX_DIR/nginx.conf.in" "$NGINX_DIR/nginx.conf" \
-    "$NGINX_DIR/port" -- nginx -p "$NGINX_DIR" -c "$NGINX_DIR/nginx.conf" -e "$NGINX_DIR/error.log" \
-    >"$WORK/nginx.out" 2>"$WORK/nginx.err" &
-NGINX_PID=$!
-CHILD_PIDS+=("$NGINX_PID")
-tries=0
-until [ -s "$NGINX_DIR/port" ]; do
-    kill -0 "$NGINX_PID" 2>/dev/null || { cat "$WORK/nginx.err" >&2; exit 1; }
-    tries=$((tries + 1))
-    [ "$tries" -lt 100 ] || { echo "nginx never got its listener" >&2; exit 1; }
-    sleep 0.1
-done
-NGINX_PORT=$(cat "$NGINX_DIR/port")
-NGINX_URL="http://127.0.0.1:$NGINX_PORT"
-
 wait_ready "$SIM_URL/health"
 for w in "${WORKERS[@]}"; do wait_ready "${GATEWAY_URL[$w]}/health"; done
-wait_ready "$NGINX_URL/health"
-kill -0 "$NGINX_PID" || { cat "$NGINX_DIR/error.log" >&2; exit 1; }
+start_nginx nginx "$SIM_HOSTPORT" 64
 
 url_of() {
     case $1 in
@@ -136,17 +74,11 @@ url_of() {
 
 # CPU seconds used so far by the proxy of a path (nginx: master and workers).
 proxy_cpu() {
-    local pid total=0
     case $1 in
-        direct) echo 0; return ;;
-        gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}"; return ;;
-        hyper-relay) cpu_seconds "$RELAY_PID"; return ;;
-        nginx)
-            for pid in "$NGINX_PID" $(pgrep -P "$NGINX_PID"); do
-                total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
-            done
-            echo "$total"
-            ;;
+        direct) echo 0 ;;
+        gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}" ;;
+        hyper-relay) cpu_seconds "$RELAY_PID" ;;
+        nginx) nginx_cpu_seconds "$NGINX_PID" ;;
     esac
 }
 
@@ -199,7 +131,7 @@ SECTION="$WORK/section.md"
     echo "## Proxy overhead: direct vs bitnet-gateway vs nginx"
     echo
     machine_markdown
-    echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //'), $(nproc) worker processes, upstream \`keepalive 64\`, HTTP/1.1, \`proxy_buffering off\`, access log on (as the gateway's), listening on a socket the script bound to 127.0.0.1 port 0 and handed over"
+    echo "- $(nginx_markdown 64)"
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo
     echo "Command:"
