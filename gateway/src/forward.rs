@@ -47,20 +47,6 @@ pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {
     Ok(UpstreamClient::new(connector, Duration::from_secs(4)))
 }
 
-/// Every second, drop the idle backend connections kept past their idle timeout: nothing
-/// else looks at them while no request comes.
-pub fn spawn_sweeper(gw: &Arc<Gateway>) {
-    let owner = gw.clone();
-    gw.spawn_background(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tick.tick().await;
-            owner.client.sweep();
-        }
-    });
-}
-
 /// What the gateway keeps of a client request to send it (again, on failover).
 #[derive(Debug)]
 pub struct Outbound {

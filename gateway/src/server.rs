@@ -47,7 +47,6 @@ pub async fn serve_threads(
     // Background tasks (probes, discovery) are aborted when serving ends, however it ends.
     let _background = StopBackground(gw.clone());
     spawn_probers(&gw);
-    crate::forward::spawn_sweeper(&gw);
     discovery::spawn(&gw);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut others = Vec::new();

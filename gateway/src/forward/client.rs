@@ -5,24 +5,15 @@
 //! so no task per request watches for it. A body dropped before its end closes the
 //! connection instead, which is how a backend learns that the client went away.
 //!
-//! A connection has no task of its own: its I/O (hyper's connection future, [`drive`]) is
-//! polled by whoever uses it, first the request's future and then the response body, both
-//! polled by the client connection's task. A token read from the backend is therefore
-//! written to the client in the same poll, as a hand-written proxy does, instead of waiting
-//! in the run queue behind every other stream's token: when a thousand streams receive a
-//! token at once, this is what keeps each one's delay close to the same from one token to
-//! the next. (It saves no CPU: hyper's body channel still wakes the task once per chunk.)
-//! An idle connection is not polled; one the backend closed meanwhile shows it when it is
-//! next taken (its driver ends, or hyper returns the request unsent) and is replaced, and
-//! [`UpstreamClient::sweep`] drops the ones idle too long even when no request comes.
+//! A request that a reused connection turns out unable to carry (the backend closed it
+//! while it sat idle) is returned unsent by hyper and tried once more on a new connection.
 //!
 //! With several serving threads ([`set_shard`]), each thread keeps idle lists of its own:
-//! a connection is used on the thread that opened it, so a request never hands its bytes
-//! to another thread and back.
+//! a connection's task runs on the thread that opened it, so a request never hands its
+//! bytes to another thread and back.
 
 use std::collections::HashMap;
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -82,53 +73,8 @@ struct OriginPool {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: SendRequest<Full<Bytes>>,
     since: Instant,
-}
-
-/// What the connector yields: a TCP stream, or TLS over one.
-type Io = <HttpsConnector<HttpConnector> as tower::Service<Uri>>::Response;
-
-/// hyper's future that does a connection's reading and writing. Boxed: it holds the
-/// buffers, and moves with the connection between the idle list and each request.
-type Driver = Pin<Box<http1::Connection<Io, Full<Bytes>>>>;
-
-/// One keep-alive connection: hyper's handle to send on it, and its driver, polled by the
-/// task using the connection.
-struct Conn {
-    send: SendRequest<Full<Bytes>>,
-    /// `None` once the connection has ended.
-    driver: Option<Driver>,
-}
-
-impl Conn {
-    /// Whether it can carry another request, as far as is known without polling it.
-    fn is_open(&self) -> bool {
-        self.driver.is_some() && !self.send.is_closed()
-    }
-}
-
-/// Let the connection read and write what it can; `cx` is woken when it can do more.
-fn drive(driver: &mut Option<Driver>, cx: &mut Context<'_>) {
-    if let Some(d) = driver {
-        if let Poll::Ready(ended) = d.as_mut().poll(cx) {
-            if let Err(err) = ended {
-                tracing::debug!(error = %err, "backend connection ended with an error");
-            }
-            *driver = None;
-        }
-    }
-}
-
-/// Await `fut`, an operation on a connection's [`SendRequest`], while driving the
-/// connection that completes it.
-async fn driven<F: Future>(driver: &mut Option<Driver>, fut: F) -> F::Output {
-    let mut fut = pin!(fut);
-    poll_fn(|cx| {
-        drive(driver, cx);
-        fut.as_mut().poll(cx)
-    })
-    .await
 }
 
 struct Shared {
@@ -144,7 +90,7 @@ impl Shared {
     }
 
     /// The newest idle connection to `origin` that is still open, and the `Host` value.
-    fn checkout(&self, origin: &Origin) -> (Option<Conn>, HeaderValue) {
+    fn checkout(&self, origin: &Origin) -> (Option<SendRequest<Full<Bytes>>>, HeaderValue) {
         let mut origins = self.origins();
         let pool = origins.entry(origin.clone()).or_insert_with(|| OriginPool {
             host: host_header(origin),
@@ -152,15 +98,15 @@ impl Shared {
         });
         let now = Instant::now();
         while let Some(idle) = pool.idle.pop() {
-            if idle.conn.is_open() && now.duration_since(idle.since) < self.idle_timeout {
+            if !idle.conn.is_closed() && now.duration_since(idle.since) < self.idle_timeout {
                 return (Some(idle.conn), pool.host.clone());
             }
         }
         (None, pool.host.clone())
     }
 
-    fn check_in(&self, origin: &Origin, conn: Conn) {
-        if !conn.is_open() {
+    fn check_in(&self, origin: &Origin, conn: SendRequest<Full<Bytes>>) {
+        if conn.is_closed() {
             return;
         }
         let now = Instant::now();
@@ -177,30 +123,22 @@ impl Shared {
         }
     }
 
-    /// Drop every idle connection older than the idle timeout, on every thread's lists.
-    fn sweep(&self) {
-        let now = Instant::now();
-        let mut origins = self.origins();
-        for pool in origins.values_mut() {
-            pool.idle
-                .retain(|i| now.duration_since(i.since) < self.idle_timeout);
-        }
-    }
-
-    async fn connect(&self, uri: Uri) -> Result<Conn, UpstreamError> {
+    async fn connect(&self, uri: Uri) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
         let io = self
             .connector
             .clone()
             .oneshot(uri)
             .await
             .map_err(UpstreamError::Connect)?;
-        let (send, driver) = http1::handshake(io)
+        let (conn, driver) = http1::handshake(io)
             .await
             .map_err(|e| UpstreamError::Connect(Box::new(e)))?;
-        Ok(Conn {
-            send,
-            driver: Some(Box::pin(driver)),
-        })
+        tokio::spawn(async move {
+            if let Err(err) = driver.await {
+                tracing::debug!(error = %err, "backend connection ended with an error");
+            }
+        });
+        Ok(conn)
     }
 }
 
@@ -226,13 +164,6 @@ impl UpstreamClient {
                 idle_timeout,
             }),
         }
-    }
-
-    /// Drop the idle connections kept longer than the idle timeout. Nothing polls an idle
-    /// connection, so one the backend closed keeps its descriptor until it is taken or
-    /// dropped here; call this every few seconds.
-    pub fn sweep(&self) {
-        self.shared.sweep();
     }
 
     /// Send `req` to the absolute URI it carries; resolves with the response head.
@@ -265,18 +196,19 @@ impl UpstreamClient {
                     // A reused connection is ready once it has finished reading its
                     // previous response, which is at most a moment away; one that was
                     // closed meanwhile says so here.
-                    if let Err(err) = driven(&mut conn.driver, conn.send.ready()).await {
+                    if let Err(err) = conn.ready().await {
                         tracing::debug!(error = %err, "idle backend connection closed; reconnecting");
                         reused = self.shared.checkout(&origin).0;
                         continue;
                     }
                     conn
                 }
-                // Boxed: connecting is rare, and its future is most of this one's size, which every
+                // A new connection takes its first request before its task has run. Boxed:
+                // connecting is rare, and its future is most of this one's size, which every
                 // request's future would otherwise carry and move.
                 None => Box::pin(self.shared.connect(uri.clone())).await?,
             };
-            let sent = driven(&mut conn.driver, conn.send.try_send_request(req)).await;
+            let sent = conn.try_send_request(req).await;
             match sent {
                 Ok(resp) => {
                     let slot = Some((self.shared.clone(), origin, conn));
@@ -318,7 +250,7 @@ fn host_header(origin: &Origin) -> HeaderValue {
 /// A backend's response body. Read to its end, it returns its connection to the idle list.
 pub struct UpstreamBody {
     inner: Incoming,
-    conn: Option<(Arc<Shared>, Origin, Conn)>,
+    conn: Option<(Arc<Shared>, Origin, SendRequest<Full<Bytes>>)>,
     ended: bool,
 }
 
@@ -340,15 +272,7 @@ impl Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // The body first: polled, it tells the connection it wants data, so that driving the
-        // connection next reads the backend and hands over what it read at once.
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if polled.is_pending() {
-            if let Some((_, _, conn)) = &mut self.conn {
-                drive(&mut conn.driver, cx);
-                polled = Pin::new(&mut self.inner).poll_frame(cx);
-            }
-        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
                 self.ended = true;
@@ -486,49 +410,6 @@ mod tests {
             // Back in the idle list while still open; closed by the backend meanwhile.
             tokio::time::sleep(pause * 3).await;
         }
-    }
-
-    #[tokio::test]
-    async fn a_connection_has_no_task_of_its_own() {
-        // Its I/O runs in the task that uses it, so that a token read from the backend is
-        // written on in the same poll. Counted against the test backend's own tasks: an
-        // accept loop, and one per connection it accepted.
-        let metrics = tokio::runtime::Handle::current().metrics();
-        let before = metrics.num_alive_tasks();
-        let (uri, accepted) = backend("hello", After::KeepOpen).await;
-        let client = client();
-        let mut open = Vec::new();
-        for _ in 0..3 {
-            // Held unread, so that each request needs a connection of its own.
-            open.push(client.request(get(&uri)).await.expect("answered"));
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3);
-        assert_eq!(metrics.num_alive_tasks() - before, 1 + 3);
-        for resp in open {
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body, "hello");
-        }
-    }
-
-    #[tokio::test]
-    async fn sweep_drops_connections_idle_past_the_timeout() {
-        let (uri, accepted) = backend("hello", After::KeepOpen).await;
-        let connector =
-            crate::tls::https_connector(HttpConnector::new(), None).expect("a plain connector");
-        let client = UpstreamClient::new(connector, Duration::from_millis(100));
-        let idle = |c: &UpstreamClient| -> usize {
-            c.shared.origins().values().map(|p| p.idle.len()).sum()
-        };
-        let resp = client.request(get(&uri)).await.expect("answered");
-        resp.into_body().collect().await.unwrap();
-        client.sweep();
-        assert_eq!(idle(&client), 1, "a fresh idle connection is kept");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        client.sweep();
-        assert_eq!(idle(&client), 0, "one idle past the timeout is dropped");
-        let resp = client.request(get(&uri)).await.expect("answered");
-        resp.into_body().collect().await.unwrap();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[test]
