@@ -58,7 +58,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listener = match tokio::net::TcpListener::bind(listen).await {
+        let listener = match gateway::server::bind(listen) {
             Ok(l) => l,
             Err(err) => {
                 eprintln!("bitnet-gateway: cannot listen on {listen}: {err}");

@@ -17,6 +17,26 @@ use crate::health::spawn_probers;
 use crate::routes::handle;
 use crate::state::Gateway;
 
+/// How many connections the kernel may hold for us before we accept them. tokio's (and
+/// std's) `bind` asks for 128: a thousand agents reconnecting at once overflow that, and the
+/// ones dropped wait for the client's SYN retransmission, a whole second, before the gateway
+/// even sees them. The kernel caps this at `net.core.somaxconn`, the knob to turn for more.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind the gateway's listening socket to `addr`, with a backlog of [`LISTEN_BACKLOG`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted gateway can take its port back while the old connections linger in
+    // TIME_WAIT, as `TcpListener::bind` allows too.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serve on `listener` until `shutdown` resolves, then stop accepting and let in-flight
 /// responses finish for up to the configured drain timeout.
 ///
@@ -246,5 +266,49 @@ struct StopBackground(Arc<Gateway>);
 impl Drop for StopBackground {
     fn drop(&mut self) {
         self.0.stop_background();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::task::JoinSet;
+
+    use super::bind;
+
+    #[tokio::test]
+    async fn a_burst_of_connections_waits_in_the_backlog_not_for_a_retransmission() {
+        // Nothing accepts, so every connection must fit in the backlog. With the 128 that
+        // tokio's own `bind` asks for, the kernel drops the SYNs of the rest, and their
+        // connects take the client's one-second retransmission.
+        let listener = bind("127.0.0.1:0".parse().unwrap()).expect("bound");
+        let addr = listener.local_addr().unwrap();
+        // The kernel caps the backlog at net.core.somaxconn (4096 by default since Linux 5.4).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .unwrap_or(4096);
+        let burst = cap.min(300);
+        let mut connects = JoinSet::new();
+        for _ in 0..burst {
+            connects.spawn(tokio::time::timeout(
+                Duration::from_millis(700),
+                tokio::net::TcpStream::connect(addr),
+            ));
+        }
+        let mut open = Vec::new();
+        let mut late = 0;
+        while let Some(done) = connects.join_next().await {
+            match done.expect("the connect task ran") {
+                Ok(stream) => open.push(stream.expect("connected")),
+                Err(_) => late += 1,
+            }
+        }
+        assert_eq!(
+            late, 0,
+            "{late} of {burst} connects waited for a retransmission"
+        );
+        drop(listener);
     }
 }
