@@ -258,21 +258,19 @@ nginx_markdown() {
         "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
 }
 
-# CPU seconds used so far by nginx: its master and workers.
-nginx_cpu_seconds() {
-    local pid total=0
-    for pid in "$1" $(pgrep -P "$1"); do
-        total=$(awk -v a="$total" -v b="$(cpu_seconds "$pid")" 'BEGIN { print a + b }')
+# nginx_total FUNCTION PID : FUNCTION (cpu_seconds or peak_rss_mib) of nginx's master PID
+# and of each of its workers, added up.
+nginx_total() {
+    local fn=$1 pid total=0
+    for pid in "$2" $(pgrep -P "$2"); do
+        total=$(awk -v a="$total" -v b="$("$fn" "$pid")" 'BEGIN { print a + b }')
     done
     echo "$total"
 }
 
+# CPU seconds used so far by nginx: its master and workers.
+nginx_cpu_seconds() { nginx_total cpu_seconds "$1"; }
+
 # The peak resident set sizes of nginx's master and workers, added up, in MiB. Pages the
 # processes share are counted once per process, so this is an upper bound.
-nginx_peak_rss_mib() {
-    local pid total=0
-    for pid in "$1" $(pgrep -P "$1"); do
-        total=$(awk -v a="$total" -v b="$(peak_rss_mib "$pid")" 'BEGIN { print a + b }')
-    done
-    echo "$total"
-}
+nginx_peak_rss_mib() { nginx_total peak_rss_mib "$1"; }
