@@ -265,6 +265,8 @@ pub async fn forward(
                     queue_wait,
                     bitnet,
                     dropped_tools,
+                    first_byte_timeout: cfg.first_byte_timeout,
+                    idle_timeout: cfg.upstream_idle_timeout,
                 };
                 return respond(gw, guard, resp, &out, ctx).await;
             }
@@ -300,6 +302,10 @@ struct RespondCtx {
     queue_wait: Duration,
     bitnet: bool,
     dropped_tools: bool,
+    /// From the request's configuration snapshot: the longest silences before the first
+    /// data and between later data.
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 /// Largest non-streaming body from a BitNet backend read whole to check it for errors.
@@ -333,11 +339,11 @@ async fn respond(
         };
         if sse {
             let (first, ended) =
-                tokio::time::timeout(gw.config().first_byte_timeout, first_event(&mut body))
+                tokio::time::timeout(ctx.first_byte_timeout, first_event(&mut body))
                     .await
                     .map_err(|_| GatewayError::UpstreamTimeout {
                         backend: backend.name.clone(),
-                        waited: gw.config().first_byte_timeout,
+                        waited: ctx.first_byte_timeout,
                     })?
                     .map_err(upstream_err)?;
             if let Some(err) = bitnet_error_event(&first) {
@@ -399,10 +405,15 @@ async fn respond(
         metrics: gw.metrics.clone(),
     };
     let body = GatewayBody::Relay {
-        inner: RelayBody::new(upstream, prefix, fixer, guard, sse, exchange, {
-            let cfg = gw.config();
-            (cfg.first_byte_timeout, cfg.upstream_idle_timeout)
-        }),
+        inner: RelayBody::new(
+            upstream,
+            prefix,
+            fixer,
+            guard,
+            sse,
+            exchange,
+            (ctx.first_byte_timeout, ctx.idle_timeout),
+        ),
     };
     Ok(Response::from_parts(parts, body))
 }
