@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -130,7 +130,7 @@ async fn tokenize(gw: &Gateway, pool: &ModelPool, text: String) -> Option<u64> {
     let body = serde_json::json!({ "content": text }).to_string();
     let req = Request::post(backend.uri_for("/tokenize"))
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Bytes::from(body))
         .ok()?;
     let fut = async {
         let resp = gw.client.request(req).await.ok()?;

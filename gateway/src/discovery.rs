@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use crate::backend::Backend;
@@ -177,7 +177,7 @@ async fn runner_instances(gw: &Gateway, runner: &Uri) -> Result<Vec<Found>, Sour
         .parse()
         .map_err(|e: http::uri::InvalidUri| SourceError::Http(e.to_string()))?;
     let req = Request::get(uri)
-        .body(Full::new(Bytes::new()))
+        .body(Bytes::new())
         .expect("static request is valid");
     let fut = async {
         let resp = gw

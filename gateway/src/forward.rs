@@ -13,8 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
+use http_body_util::{BodyExt, Limited};
 
 use crate::admit::{admit, Admission};
 use crate::backend::Health;
@@ -29,22 +28,23 @@ use crate::pool::ModelPool;
 use crate::pool::SlotGuard;
 use crate::relay::{Exchange, RelayBody};
 use crate::state::Gateway;
-use crate::tls::{https_connector, TlsError};
+use crate::tls::{upstream_tls, TlsError};
 
 mod client;
-pub use client::{set_shard, UpstreamBody, UpstreamClient, UpstreamError};
+mod h1;
+pub use client::{set_shard, BodyError, UpstreamBody, UpstreamClient, UpstreamError};
+pub use h1::FramingError;
 
 /// Build the upstream client.
 pub fn upstream_client(cfg: &Config) -> Result<UpstreamClient, TlsError> {
-    let mut connector = HttpConnector::new();
-    // Tokens are small writes; Nagle would hold each one back waiting for an ACK.
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(cfg.connect_timeout));
-    connector.set_keepalive(Some(Duration::from_secs(30)));
-    let connector = https_connector(connector, cfg.upstream_ca_file.as_deref())?;
+    let tls = upstream_tls(cfg.upstream_ca_file.as_deref())?;
     // llama-server closes idle keep-alive connections after 5 s; dropping ours first
     // avoids sending a request into a connection the server is closing.
-    Ok(UpstreamClient::new(connector, Duration::from_secs(4)))
+    Ok(UpstreamClient::new(
+        tls,
+        cfg.connect_timeout,
+        Duration::from_secs(4),
+    ))
 }
 
 /// What the gateway keeps of a client request to send it (again, on failover).
@@ -111,8 +111,8 @@ impl Outbound {
         matches!(self.endpoint, "/v1/chat/completions" | "/v1/completions")
     }
 
-    fn to_request(&self, uri: http::Uri, body: Bytes) -> Request<Full<Bytes>> {
-        let mut req = Request::new(Full::new(body));
+    fn to_request(&self, uri: http::Uri, body: Bytes) -> Request<Bytes> {
+        let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         let headers = req.headers_mut();
@@ -333,7 +333,7 @@ async fn respond(
     let mut fixer = None;
     if ctx.bitnet {
         let mut body = upstream.take().expect("set above");
-        let upstream_err = |e: hyper::Error| GatewayError::Upstream {
+        let upstream_err = |e: BodyError| GatewayError::Upstream {
             backend: backend.name.clone(),
             reason: error_chain(&e),
         };
@@ -445,7 +445,7 @@ pub fn pin_to_slot(body: &Bytes, slot: u32) -> Bytes {
 
 /// Read frames until the first whole SSE event (or the end). Returns the bytes read and
 /// whether the body ended.
-async fn first_event(body: &mut UpstreamBody) -> Result<(Bytes, bool), hyper::Error> {
+async fn first_event(body: &mut UpstreamBody) -> Result<(Bytes, bool), BodyError> {
     let mut buf = BytesMut::new();
     // A first event larger than this is not an error report; stop looking.
     const MAX_PEEK: usize = 64 * 1024;

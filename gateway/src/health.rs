@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use crate::backend::{Backend, Health};
@@ -230,7 +230,7 @@ async fn get(
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), Probe> {
     let req = Request::get(backend.uri_for(path))
-        .body(Full::new(Bytes::new()))
+        .body(Bytes::new())
         .expect("static request is valid");
     let fut = async {
         let resp = client.request(req).await.map_err(|_| Probe::Unreachable)?;

@@ -16,8 +16,9 @@
 //! 4. [`balance`]: the routing [`Policy`](balance::Policy) that picks a backend (and, for
 //!    predicted-TTFT routing, the slot), one file per policy; [`ledger`] is each backend's
 //!    book of slot caches, assigned work and measured rates.
-//! 5. [`forward`]: send to the backend over a pooled connection; fail over before the
-//!    first byte.
+//! 5. [`forward`]: send to the backend over a pooled keep-alive connection of the
+//!    gateway's own HTTP/1.1 client, which has no task per connection (the relay body
+//!    reads the backend's socket itself); fail over before the first byte.
 //! 6. [`relay`]: pass the backend's body through untouched, holding the slot guard;
 //!    account tokens and timings, and write the access log when it ends.
 //! 7. Release: dropping the [`SlotGuard`](pool::SlotGuard) frees the slot and hands it to

@@ -25,10 +25,7 @@ fn main() -> ExitCode {
     }
     // This thread is the first serving thread; `workers - 1` more start in serve_threads,
     // each with a single-threaded runtime of its own.
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match gateway::server::runtime() {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("bitnet-gateway: cannot start the runtime: {err}");

@@ -102,9 +102,7 @@ fn spawn_shard(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = runtime()?;
     let gw = gw.clone();
     std::thread::Builder::new()
         .name(format!("serve-{shard}"))
@@ -125,6 +123,13 @@ fn spawn_shard(
                 drain(&gw, graceful).await;
             });
         })
+}
+
+/// The single-threaded runtime each serving thread runs.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 /// Accept connections as serving thread `shard` and serve each on a task of this thread

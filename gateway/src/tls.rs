@@ -7,8 +7,8 @@
 //! old certificate in force. ALPN offers `h2` and `http/1.1`; the connection server then
 //! speaks whichever the client chose.
 //!
-//! Upstream: [`upstream_connector`] and [`https_connector`] build the connector for
-//! backends, plain `http://` or `https://`, verified against the system roots or a CA file.
+//! Upstream: [`upstream_tls`] builds the connector the backend client uses for `https://`
+//! backends, verified against the system roots or a CA file.
 //!
 //! Everything uses the `ring` provider explicitly rather than rustls' process-wide default,
 //! so no start-up code has to install one and tests cannot race to do it.
@@ -17,13 +17,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// The ALPN protocols the gateway offers, in order of preference.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -237,44 +235,23 @@ fn pem_error(e: pem::Error, path: &Path, what: &'static str) -> TlsError {
 
 // === upstream ===
 
-/// The connector for backends, `http://` and `https://` alike, over a default
-/// [`HttpConnector`] with `TCP_NODELAY`. See [`https_connector`].
-pub fn upstream_connector(
-    ca_file: Option<&Path>,
-) -> Result<HttpsConnector<HttpConnector>, TlsError> {
-    https_connector(HttpConnector::new(), ca_file)
-}
-
-/// Wrap `http` (already set up with timeouts and keep-alive) so that it also reaches
-/// `https://` backends. `TCP_NODELAY` is turned on and `enforce_http` off on `http`.
+/// The TLS connector for `https://` backends.
 ///
 /// Certificates are verified against `ca_file` alone when it is given (a private mesh CA
 /// should not also trust every public CA), else against the system store. Only HTTP/1.1 is
-/// offered, as llama-server speaks nothing else. Plain `http://` URLs still connect in the
-/// clear, so one client serves a mixed set of backends.
-pub fn https_connector(
-    mut http: HttpConnector,
-    ca_file: Option<&Path>,
-) -> Result<HttpsConnector<HttpConnector>, TlsError> {
-    // The wrapper hands `https://` URIs to the inner connector, which refuses them unless
-    // told otherwise.
-    http.enforce_http(false);
-    // Tokens are small writes; Nagle would hold each one back waiting for an ACK.
-    http.set_nodelay(true);
+/// offered, as llama-server speaks nothing else.
+pub fn upstream_tls(ca_file: Option<&Path>) -> Result<TlsConnector, TlsError> {
     let roots = match ca_file {
         Some(path) => ca_roots(path)?,
         None => system_roots(),
     };
-    let config = ClientConfig::builder_with_provider(provider())
+    let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(TlsError::Client)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(HttpsConnectorBuilder::new()
-        .with_tls_config(config)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http))
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 fn ca_roots(path: &Path) -> Result<RootCertStore, TlsError> {

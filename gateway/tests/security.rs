@@ -10,8 +10,6 @@ use bytes::Bytes;
 use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use testkit::child::Signal;
 use testkit::fake_backend::{FakeBackend, Reply};
 
@@ -279,10 +277,11 @@ impl Drop for Pki {
 }
 
 async fn https_get(ca: &Path, url: &str) -> Result<(u16, String), String> {
-    let conn = gateway::tls::upstream_connector(Some(ca)).map_err(|e| e.to_string())?;
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(conn);
+    let tls = gateway::tls::upstream_tls(Some(ca)).map_err(|e| e.to_string())?;
+    let client =
+        gateway::forward::UpstreamClient::new(tls, Duration::from_secs(5), Duration::from_secs(4));
     let resp = client
-        .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+        .request(Request::get(url).body(Bytes::new()).unwrap())
         .await
         .map_err(|e| format!("{e:?}"))?;
     let status = resp.status().as_u16();

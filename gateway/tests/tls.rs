@@ -1,5 +1,5 @@
 //! TLS end to end with certificates made at test time: the reloadable acceptor serving
-//! HTTP/1.1 and HTTP/2 as ALPN decides, certificate reloads, and the upstream connector
+//! HTTP/1.1 and HTTP/2 as ALPN decides, certificate reloads, and the backend client
 //! verifying servers against a CA file.
 
 use std::convert::Infallible;
@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use gateway::tls::{upstream_connector, TlsError, TlsReloader};
+use gateway::forward::{UpstreamClient, UpstreamError};
+use gateway::tls::{upstream_tls, TlsError, TlsReloader};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
@@ -207,6 +207,19 @@ async fn get_http1(stream: TlsStream<TcpStream>) -> Result<(Version, String)> {
     Ok((version, String::from_utf8(body.to_vec())?))
 }
 
+/// The gateway's backend client, trusting `ca` (or the system roots).
+fn backend_client(ca: Option<&Path>) -> UpstreamClient {
+    UpstreamClient::new(
+        upstream_tls(ca).unwrap(),
+        Duration::from_secs(5),
+        Duration::from_secs(4),
+    )
+}
+
+fn get(uri: &str) -> Request<Bytes> {
+    Request::get(uri).body(Bytes::new()).unwrap()
+}
+
 async fn bounded<T>(fut: impl Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(20), fut)
         .await
@@ -216,15 +229,14 @@ async fn bounded<T>(fut: impl Future<Output = T>) -> T {
 // === tests ===
 
 #[tokio::test]
-async fn https_backend_connector_trusts_the_ca_file_and_speaks_http1() {
+async fn https_backends_are_trusted_by_the_ca_file_and_spoken_to_in_http1() {
     let pki = Pki::new();
     pki.install(&pki.issue("server-a"));
     let (_tls, server) = start(&pki).await;
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .build(upstream_connector(Some(&pki.ca_path())).unwrap());
+    let client = backend_client(Some(&pki.ca_path()));
     for host in ["127.0.0.1", "localhost"] {
         let uri = format!("https://{host}:{}/v1/models", server.addr.port());
-        let resp = bounded(client.get(uri.parse().unwrap()))
+        let resp = bounded(client.request(get(&uri)))
             .await
             .with_context(|| uri.clone())
             .unwrap();
@@ -363,17 +375,14 @@ async fn servers_outside_the_trusted_roots_are_rejected() {
         .unwrap();
 
     let other = Pki::new();
-    for (label, connector) in [
-        ("system roots", upstream_connector(None).unwrap()),
-        (
-            "another CA",
-            upstream_connector(Some(&other.ca_path())).unwrap(),
-        ),
+    for (label, client) in [
+        ("system roots", backend_client(None)),
+        ("another CA", backend_client(Some(&other.ca_path()))),
     ] {
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).build(connector);
-        let err = bounded(client.get(uri.clone())).await.expect_err(label);
-        assert!(err.is_connect(), "{label}: {err:?}");
+        let err = bounded(client.request(get(&uri.to_string())))
+            .await
+            .expect_err(label);
+        assert!(matches!(err, UpstreamError::Connect(_)), "{label}: {err:?}");
         // UnknownIssuer for the system roots; BadSignature for the other CA, whose name
         // matches ours but whose key does not.
         assert!(
@@ -384,7 +393,7 @@ async fn servers_outside_the_trusted_roots_are_rejected() {
 }
 
 #[tokio::test]
-async fn upstream_connector_still_reaches_plain_http_backends() {
+async fn the_backend_client_still_reaches_plain_http_backends() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
@@ -394,9 +403,8 @@ async fn upstream_connector_still_reaches_plain_http_backends() {
             .await;
     });
     let pki = Pki::new();
-    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
-        .build(upstream_connector(Some(&pki.ca_path())).unwrap());
-    let resp = bounded(client.get(format!("http://{addr}/").parse().unwrap()))
+    let client = backend_client(Some(&pki.ca_path()));
+    let resp = bounded(client.request(get(&format!("http://{addr}/"))))
         .await
         .unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -439,11 +447,11 @@ fn load_errors_name_the_file_and_the_problem() {
         }
     }
 
-    let err = upstream_connector(Some(&missing)).unwrap_err().to_string();
+    let err = upstream_tls(Some(&missing)).err().unwrap().to_string();
     assert!(
         err.contains("cannot read CA file") && err.contains("nope.crt"),
         "{err}"
     );
-    let err = upstream_connector(Some(&key)).unwrap_err().to_string();
+    let err = upstream_tls(Some(&key)).err().unwrap().to_string();
     assert!(err.contains("CA file") && err.contains("a.key"), "{err}");
 }

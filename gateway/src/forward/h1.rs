@@ -1,0 +1,647 @@
+//! HTTP/1.1 as the backend client speaks it: the request head it writes, the response head
+//! it reads, and the response body's framing, decoded in place in the connection's read
+//! buffer.
+//!
+//! The decoder hands out each piece of body data as a slice of that buffer (no copy), and
+//! reads a chunk's size line with one search for its end rather than a byte at a time: a
+//! streamed token is one chunk, so this is the work done per token.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Longest response head accepted, and the most trailer bytes skipped after a chunked body.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most response header lines accepted.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 4096;
+
+/// A backend's response that cannot be read as HTTP/1.1.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FramingError {
+    #[error("malformed response head: {0}")]
+    Head(&'static str),
+    #[error("response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed chunked body: {0}")]
+    Chunk(&'static str),
+    #[error("the connection closed before the end of the body")]
+    Incomplete,
+}
+
+/// Write the request head, and `body` after it when it is small enough that one copy is
+/// cheaper than a second write. Returns whether the body was written.
+///
+/// `Content-Length` and `Transfer-Encoding` come from `body`, never from `headers`; `host`
+/// is sent unless `headers` has its own.
+pub fn encode_request(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    host: &HeaderValue,
+    body: &[u8],
+    out: &mut BytesMut,
+) -> bool {
+    const INLINE_BODY: usize = 16 * 1024;
+    out.reserve(256 + path.len() + body.len().min(INLINE_BODY));
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !headers.contains_key(header::HOST) {
+        put_header(out, b"host", host.as_bytes());
+    }
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let has_body_semantics = matches!(*method, Method::POST | Method::PUT | Method::PATCH);
+    if !body.is_empty() || has_body_semantics {
+        put_header(
+            out,
+            b"content-length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
+    }
+    out.extend_from_slice(b"\r\n");
+    let inline = body.len() <= INLINE_BODY;
+    if inline {
+        out.extend_from_slice(body);
+    }
+    inline
+}
+
+fn put_header(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: a `HEAD` request, or status 1xx, 204 or 304.
+    Empty,
+    /// `Content-Length` bytes.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Everything until the backend closes the connection.
+    UntilClose,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request once this body has been read.
+    pub keep_alive: bool,
+}
+
+/// Parse a response head at the start of `buf`. `Ok(None)` means more bytes are needed;
+/// `Ok(Some((head, n)))` that the head took the first `n` bytes.
+pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>, FramingError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => {
+            return Err(FramingError::HeadTooLarge)
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(FramingError::Head("too many headers")),
+        Err(_) => {
+            return Err(FramingError::Head(
+                "not an HTTP/1.x status line and headers",
+            ))
+        }
+    };
+    if len > MAX_HEAD {
+        return Err(FramingError::HeadTooLarge);
+    }
+    let status = parsed
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or(FramingError::Head("invalid status code"))?;
+    let version = if parsed.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut close = version == Version::HTTP_10;
+    let mut chunked_last = None;
+    let mut length: Option<u64> = None;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| FramingError::Head("invalid header name"))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| FramingError::Head("invalid header value"))?;
+        if name == header::CONNECTION {
+            for token in tokens(h.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                    close = false;
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            // Only the last coding decides how the message is delimited.
+            if let Some(last) = tokens(h.value).last() {
+                chunked_last = Some(last.eq_ignore_ascii_case(b"chunked"));
+            }
+        } else if name == header::CONTENT_LENGTH {
+            for token in tokens(h.value) {
+                let n = parse_decimal(token).ok_or(FramingError::Head("invalid Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(FramingError::Head("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        }
+        headers.append(name, value);
+    }
+    let no_body = *method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if no_body {
+        Framing::Empty
+    } else {
+        match (chunked_last, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    let keep_alive = !close && framing != Framing::UntilClose;
+    Ok(Some((
+        Head {
+            status,
+            version,
+            headers,
+            framing,
+            keep_alive,
+        },
+        len,
+    )))
+}
+
+/// The comma-separated, trimmed, non-empty items of a header value.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Body data, split off the front of the buffer.
+    Data(Bytes),
+    /// The body is complete.
+    Done,
+    /// More bytes must be read first.
+    More,
+}
+
+/// Decodes one response body from the connection's read buffer as bytes arrive.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    state: State,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd,
+    /// After the last chunk: trailer lines up to an empty one; the count is bytes skipped.
+    Trailers(usize),
+    UntilClose,
+    Done,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        let state = match framing {
+            Framing::Empty | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        Decoder { state }
+    }
+
+    /// The body has been read to its end.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Bytes still to come, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match self.state {
+            State::Length(n) => Some(n),
+            State::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Take the next piece of body from the front of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, FramingError> {
+        loop {
+            match self.state {
+                State::Done => return Ok(Step::Done),
+                State::Length(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    let rest = n - take as u64;
+                    self.state = if rest == 0 {
+                        State::Done
+                    } else {
+                        State::Length(rest)
+                    };
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                State::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    return Ok(Step::Data(buf.split().freeze()));
+                }
+                State::ChunkSize => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Step::More);
+                    };
+                    let size = chunk_size(&line)?;
+                    self.state = if size == 0 {
+                        State::Trailers(0)
+                    } else {
+                        State::ChunkData(size)
+                    };
+                }
+                State::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return Ok(Step::More);
+                    }
+                    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+                    let rest = n - take as u64;
+                    self.state = if rest == 0 {
+                        State::ChunkDataEnd
+                    } else {
+                        State::ChunkData(rest)
+                    };
+                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                }
+                State::ChunkDataEnd => match buf.first() {
+                    None => return Ok(Step::More),
+                    Some(b'\n') => {
+                        buf.advance(1);
+                        self.state = State::ChunkSize;
+                    }
+                    Some(b'\r') => match buf.get(1) {
+                        None => return Ok(Step::More),
+                        Some(b'\n') => {
+                            buf.advance(2);
+                            self.state = State::ChunkSize;
+                        }
+                        Some(_) => return Err(FramingError::Chunk("data not followed by CRLF")),
+                    },
+                    Some(_) => return Err(FramingError::Chunk("data longer than its size")),
+                },
+                State::Trailers(skipped) => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Step::More);
+                    };
+                    if line.is_empty() {
+                        self.state = State::Done;
+                        continue;
+                    }
+                    let skipped = skipped + line.len();
+                    if skipped > MAX_HEAD {
+                        return Err(FramingError::Chunk("trailers too large"));
+                    }
+                    self.state = State::Trailers(skipped);
+                }
+            }
+        }
+    }
+
+    /// The connection reached its end of file: the end of the body if the framing says so.
+    pub fn eof(&mut self) -> Result<Step, FramingError> {
+        match self.state {
+            State::UntilClose | State::Done => {
+                self.state = State::Done;
+                Ok(Step::Done)
+            }
+            _ => Err(FramingError::Incomplete),
+        }
+    }
+}
+
+/// Split one line off the front of `buf`, without its line ending; `None` if no whole
+/// line is there yet.
+fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, FramingError> {
+    let Some(end) = memchr::memchr(b'\n', buf) else {
+        return if buf.len() > MAX_LINE {
+            Err(FramingError::Chunk("line too long"))
+        } else {
+            Ok(None)
+        };
+    };
+    if end > MAX_LINE {
+        return Err(FramingError::Chunk("line too long"));
+    }
+    let mut line = buf.split_to(end + 1);
+    line.truncate(end);
+    if line.last() == Some(&b'\r') {
+        line.truncate(end - 1);
+    }
+    Ok(Some(line))
+}
+
+/// The size from a chunk-size line: hex digits, then optional whitespace and extensions.
+fn chunk_size(line: &[u8]) -> Result<u64, FramingError> {
+    let digits = line
+        .iter()
+        .position(|b| !b.is_ascii_hexdigit())
+        .unwrap_or(line.len());
+    if digits == 0 {
+        return Err(FramingError::Chunk("no chunk size"));
+    }
+    if digits > 15 {
+        return Err(FramingError::Chunk("chunk size too large"));
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !(rest.is_empty() || rest[0] == b';') {
+        return Err(FramingError::Chunk("invalid chunk size"));
+    }
+    Ok(line[..digits].iter().fold(0u64, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => d - b'A' + 10,
+        };
+        n * 16 + u64::from(v)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzz::XorShift;
+
+    fn head(text: &str, method: Method) -> Head {
+        let (head, n) = parse_response(text.as_bytes(), &method)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(n, text.len());
+        head
+    }
+
+    /// Feed `wire` to a decoder in pieces of the given sizes; the body and whether it ended.
+    fn decode_in_pieces(framing: Framing, wire: &[u8], pieces: &[usize]) -> (Vec<u8>, bool) {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        let mut at = 0;
+        let mut sizes = pieces.iter().copied().cycle();
+        loop {
+            match d.decode(&mut buf).expect("valid framing") {
+                Step::Data(b) => body.extend_from_slice(&b),
+                Step::Done => return (body, true),
+                Step::More if at == wire.len() => {
+                    let ended = d.eof().is_ok();
+                    return (body, ended);
+                }
+                Step::More => {
+                    let n = sizes.next().unwrap_or(1).max(1).min(wire.len() - at);
+                    buf.extend_from_slice(&wire[at..at + n]);
+                    at += n;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_request_head_carries_our_host_and_the_body_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let mut out = BytesMut::new();
+        let host = HeaderValue::from_static("10.0.0.1:8080");
+        let inline = encode_request(
+            &Method::POST,
+            "/v1/chat/completions",
+            &headers,
+            &host,
+            b"{}",
+            &mut out,
+        );
+        assert!(inline);
+        assert_eq!(
+            &out[..],
+            &b"POST /v1/chat/completions HTTP/1.1\r\nhost: 10.0.0.1:8080\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"[..]
+        );
+        out.clear();
+        encode_request(
+            &Method::GET,
+            "/health",
+            &HeaderMap::new(),
+            &host,
+            b"",
+            &mut out,
+        );
+        assert_eq!(
+            &out[..],
+            &b"GET /health HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n"[..]
+        );
+        out.clear();
+        let big = vec![b'x'; 100_000];
+        assert!(!encode_request(
+            &Method::POST,
+            "/",
+            &HeaderMap::new(),
+            &host,
+            &big,
+            &mut out
+        ));
+        assert!(out.ends_with(b"content-length: 100000\r\n\r\n"));
+    }
+
+    #[test]
+    fn framing_follows_the_head() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::GET);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(5), true));
+        let h = head(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\nContent-Length: 5\r\n\r\n",
+            Method::POST,
+        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::Chunked, true));
+        let h = head(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = head("HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        assert_eq!((h.framing, h.keep_alive), (Framing::UntilClose, false));
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", Method::HEAD);
+        assert_eq!(h.framing, Framing::Empty);
+        let h = head("HTTP/1.1 204 No Content\r\n\r\n", Method::GET);
+        assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: Close\r\ncontent-length: 0\r\n\r\n",
+            Method::GET,
+        );
+        assert!(!h.keep_alive);
+        let h = head("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", Method::GET);
+        assert!(!h.keep_alive);
+        let h = head(
+            "HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\n",
+            Method::GET,
+        );
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.get("connection").unwrap(), "keep-alive");
+        let h = head(
+            "HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\n\r\n",
+            Method::GET,
+        );
+        assert_eq!(h.framing, Framing::Length(7));
+    }
+
+    #[test]
+    fn bad_heads_are_refused_and_partial_ones_wait() {
+        let get = |s: &[u8]| parse_response(s, &Method::GET);
+        assert!(matches!(get(b"HTTP/1.1 200 OK\r\ncontent-le"), Ok(None)));
+        assert!(matches!(get(b""), Ok(None)));
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+            b"SSH-2.0-OpenSSH\r\n\r\n",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+        ] {
+            assert!(get(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let mut long = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
+        long.resize(MAX_HEAD + 10, b'a');
+        assert_eq!(get(&long).unwrap_err(), FramingError::HeadTooLarge);
+    }
+
+    #[test]
+    fn a_chunked_body_decodes_the_same_however_it_is_split() {
+        let wire = b"5\r\nhello\r\n1;ext=1\r\n \r\nB \r\nworld, done\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let mut rng = XorShift::new(7);
+        for _ in 0..500 {
+            let pieces: Vec<usize> = (0..8).map(|_| 1 + rng.below(12)).collect();
+            let (body, ended) = decode_in_pieces(Framing::Chunked, wire, &pieces);
+            assert_eq!(String::from_utf8(body).unwrap(), "hello world, done");
+            assert!(ended, "pieces {pieces:?}");
+        }
+        // Bare LF line endings are accepted, as most servers and clients do.
+        let (body, ended) = decode_in_pieces(Framing::Chunked, b"3\nabc\n0\n\n", &[100]);
+        assert_eq!((&body[..], ended), (&b"abc"[..], true));
+    }
+
+    #[test]
+    fn a_body_cut_short_is_an_error_unless_it_ends_with_the_connection() {
+        let (body, ended) = decode_in_pieces(Framing::Chunked, b"5\r\nhel", &[2]);
+        assert_eq!((&body[..], ended), (&b"hel"[..], false));
+        let (body, ended) = decode_in_pieces(Framing::Length(10), b"hello", &[3]);
+        assert_eq!((&body[..], ended), (&b"hello"[..], false));
+        let (body, ended) = decode_in_pieces(Framing::UntilClose, b"hello", &[3]);
+        assert_eq!((&body[..], ended), (&b"hello"[..], true));
+        let (body, ended) = decode_in_pieces(Framing::Length(5), b"hello", &[2]);
+        assert_eq!((&body[..], ended), (&b"hello"[..], true));
+    }
+
+    #[test]
+    fn a_length_body_leaves_what_follows_it_in_the_buffer() {
+        let mut d = Decoder::new(Framing::Length(3));
+        let mut buf = BytesMut::from(&b"abcHTTP/1.1"[..]);
+        assert_eq!(
+            d.decode(&mut buf),
+            Ok(Step::Data(Bytes::from_static(b"abc")))
+        );
+        assert_eq!(d.decode(&mut buf), Ok(Step::Done));
+        assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"\r\n",
+            b"5 x\r\nhello\r\n",
+            b"3\r\nabcd\r\n",
+            b"3\r\nabc\rX",
+            b"10000000000000000\r\n",
+        ] {
+            let mut d = Decoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(bad);
+            let mut result = Ok(Step::More);
+            for _ in 0..4 {
+                result = d.decode(&mut buf);
+                if !matches!(result, Ok(Step::Data(_))) {
+                    break;
+                }
+            }
+            assert!(
+                result.is_err(),
+                "{} gave {result:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::from(&vec![b'1'; MAX_LINE + 1][..]);
+        assert!(d.decode(&mut buf).is_err());
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_parsers() {
+        let mut rng = XorShift::new(11);
+        for _ in 0..2_000 {
+            let len = rng.below(200);
+            let mut bytes = rng.bytes(b"0123456789abcdef\r\n: ;HTTP/1.", len, Some(4));
+            let _ = parse_response(&bytes, &Method::GET);
+            bytes.splice(0..0, b"HTTP/1.1 200 OK\r\n".iter().copied());
+            let _ = parse_response(&bytes, &Method::GET);
+            let mut d = Decoder::new(Framing::Chunked);
+            let mut buf = BytesMut::from(&bytes[17..]);
+            for _ in 0..64 {
+                match d.decode(&mut buf) {
+                    Ok(Step::Data(_)) => {}
+                    _ => break,
+                }
+            }
+        }
+    }
+}
