@@ -364,7 +364,7 @@ pub struct Config {
     pub load_interval: Duration,
     /// How often runner and DNS discovery refresh the backend sets.
     pub discovery_interval: Duration,
-    /// TCP connect timeout to backends.
+    /// Time to connect to a backend, TLS handshake included.
     pub connect_timeout: Duration,
     /// Attempts per request, counting the first (failover happens only before the first byte).
     pub max_attempts: u32,
