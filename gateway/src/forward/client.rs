@@ -231,27 +231,57 @@ struct Idle {
     since: Instant,
 }
 
+/// Every origin's idle list, and when they were last swept.
+struct Pools {
+    by_origin: HashMap<Origin, OriginPool, FastHash>,
+    swept: Instant,
+}
+
+impl Pools {
+    /// Close the connections idle for `idle_timeout` or longer, in every origin, once per
+    /// `idle_timeout`. Without it a backend that went away (restarted on another port,
+    /// removed from the configuration) would keep its last idle connections, and their
+    /// descriptors, for as long as the gateway runs: nothing else looks at its list again.
+    fn sweep(&mut self, now: Instant, idle_timeout: Duration) {
+        if now.duration_since(self.swept) < idle_timeout {
+            return;
+        }
+        self.swept = now;
+        self.by_origin.retain(|_, pool| {
+            pool.idle
+                .retain(|i| now.duration_since(i.since) < idle_timeout);
+            !pool.idle.is_empty()
+        });
+    }
+}
+
 struct Shared {
     tls: TlsConnector,
     connect_timeout: Duration,
-    origins: Mutex<HashMap<Origin, OriginPool, FastHash>>,
+    pools: Mutex<Pools>,
     idle_timeout: Duration,
 }
 
 impl Shared {
-    fn origins(&self) -> std::sync::MutexGuard<'_, HashMap<Origin, OriginPool, FastHash>> {
-        // The map holds no invariant a panicking holder could break halfway.
-        self.origins.lock().unwrap_or_else(|e| e.into_inner())
+    /// The idle lists, swept first if a sweep is due.
+    fn pools(&self, now: Instant) -> std::sync::MutexGuard<'_, Pools> {
+        // The lists hold no invariant a panicking holder could break halfway.
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools.sweep(now, self.idle_timeout);
+        pools
     }
 
     /// The newest idle connection to `origin` that is still usable, and the `Host` value.
     fn checkout(&self, origin: &Origin) -> (Option<Conn>, HeaderValue) {
-        let mut origins = self.origins();
-        let pool = origins.entry(origin.clone()).or_insert_with(|| OriginPool {
-            host: host_header(origin),
-            idle: Vec::new(),
-        });
         let now = Instant::now();
+        let mut pools = self.pools(now);
+        let pool = pools
+            .by_origin
+            .entry(origin.clone())
+            .or_insert_with(|| OriginPool {
+                host: host_header(origin),
+                idle: Vec::new(),
+            });
         while let Some(mut idle) = pool.idle.pop() {
             if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open_and_quiet() {
                 return (Some(idle.conn), pool.host.clone());
@@ -262,17 +292,22 @@ impl Shared {
 
     fn check_in(&self, origin: &Origin, conn: Conn) {
         let now = Instant::now();
-        let mut origins = self.origins();
-        if let Some(pool) = origins.get_mut(origin) {
-            // The oldest come first: drop the ones the backend is about to close anyway.
-            let stale = pool
-                .idle
-                .iter()
-                .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
-                .count();
-            pool.idle.drain(..stale);
-            pool.idle.push(Idle { conn, since: now });
-        }
+        let mut pools = self.pools(now);
+        let pool = pools
+            .by_origin
+            .entry(origin.clone())
+            .or_insert_with(|| OriginPool {
+                host: host_header(origin),
+                idle: Vec::new(),
+            });
+        // The oldest come first: drop the ones the backend is about to close anyway.
+        let stale = pool
+            .idle
+            .iter()
+            .take_while(|i| now.duration_since(i.since) >= self.idle_timeout)
+            .count();
+        pool.idle.drain(..stale);
+        pool.idle.push(Idle { conn, since: now });
     }
 
     /// Open a connection to `origin`, TLS included, within the connect timeout.
@@ -336,7 +371,10 @@ impl UpstreamClient {
             shared: Arc::new(Shared {
                 tls,
                 connect_timeout,
-                origins: Mutex::new(HashMap::default()),
+                pools: Mutex::new(Pools {
+                    by_origin: HashMap::default(),
+                    swept: Instant::now(),
+                }),
                 idle_timeout,
             }),
         }
@@ -702,7 +740,11 @@ mod tests {
                 });
             }
         });
-        (format!("http://{addr}/v1/x").parse().unwrap(), accepted, seen)
+        (
+            format!("http://{addr}/v1/x").parse().unwrap(),
+            accepted,
+            seen,
+        )
     }
 
     /// The body's frames as they came, and their bytes joined.
@@ -741,7 +783,10 @@ mod tests {
             first.starts_with(&format!("POST /v1/x HTTP/1.1\r\nhost: {host}\r\n")),
             "{first}"
         );
-        assert!(first.ends_with("content-length: 15\r\n\r\n{\"stream\":true}"), "{first}");
+        assert!(
+            first.ends_with("content-length: 15\r\n\r\n{\"stream\":true}"),
+            "{first}"
+        );
     }
 
     #[tokio::test]
@@ -772,7 +817,8 @@ mod tests {
         let err = client().request(get(&uri)).await.unwrap_err();
         assert!(matches!(err, UpstreamError::Response(_)), "{err:?}");
 
-        const CUT: &[u8] = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel\r\nconnection: close";
+        const CUT: &[u8] =
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel\r\nconnection: close";
         let (uri, accepted, _) = scripted(vec![CUT], 1000).await;
         let client = client();
         let resp = client.request(get(&uri)).await.expect("a head");
@@ -789,6 +835,32 @@ mod tests {
         // The broken connection is not reused.
         let _ = client.request(get(&uri)).await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_of_a_backend_no_longer_used_are_closed() {
+        let (a, _) = backend("a", After::KeepOpen).await;
+        let (b, _) = backend("b", After::KeepOpen).await;
+        let tls = crate::tls::upstream_tls(None).expect("the system roots");
+        let idle_timeout = Duration::from_millis(50);
+        let client = UpstreamClient::new(tls, Duration::from_secs(2), idle_timeout);
+        let idle_to = |uri: &Uri| {
+            let pools = client.shared.pools.lock().unwrap();
+            pools
+                .by_origin
+                .iter()
+                .filter(|(o, _)| Some(&o.authority) == uri.authority())
+                .map(|(_, p)| p.idle.len())
+                .sum::<usize>()
+        };
+        let resp = client.request(get(&a)).await.expect("answered");
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(idle_to(&a), 1);
+        // Only b is used from now on; a's connection goes with the first sweep due.
+        tokio::time::sleep(idle_timeout * 2).await;
+        let resp = client.request(get(&b)).await.expect("answered");
+        resp.into_body().collect().await.unwrap();
+        assert_eq!((idle_to(&a), idle_to(&b)), (0, 1));
     }
 
     #[test]
