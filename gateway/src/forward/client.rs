@@ -238,6 +238,16 @@ struct Pools {
 }
 
 impl Pools {
+    /// `origin`'s idle list, made empty if it has none.
+    fn of(&mut self, origin: &Origin) -> &mut OriginPool {
+        self.by_origin
+            .entry(origin.clone())
+            .or_insert_with(|| OriginPool {
+                host: host_header(origin),
+                idle: Vec::new(),
+            })
+    }
+
     /// Close the connections idle for `idle_timeout` or longer, in every origin, once per
     /// `idle_timeout`. Without it a backend that went away (restarted on another port,
     /// removed from the configuration) would keep its last idle connections, and their
@@ -275,13 +285,7 @@ impl Shared {
     fn checkout(&self, origin: &Origin) -> (Option<Conn>, HeaderValue) {
         let now = Instant::now();
         let mut pools = self.pools(now);
-        let pool = pools
-            .by_origin
-            .entry(origin.clone())
-            .or_insert_with(|| OriginPool {
-                host: host_header(origin),
-                idle: Vec::new(),
-            });
+        let pool = pools.of(origin);
         while let Some(mut idle) = pool.idle.pop() {
             if now.duration_since(idle.since) < self.idle_timeout && idle.conn.is_open_and_quiet() {
                 return (Some(idle.conn), pool.host.clone());
@@ -293,13 +297,7 @@ impl Shared {
     fn check_in(&self, origin: &Origin, conn: Conn) {
         let now = Instant::now();
         let mut pools = self.pools(now);
-        let pool = pools
-            .by_origin
-            .entry(origin.clone())
-            .or_insert_with(|| OriginPool {
-                host: host_header(origin),
-                idle: Vec::new(),
-            });
+        let pool = pools.of(origin);
         // The oldest come first: drop the ones the backend is about to close anyway.
         let stale = pool
             .idle

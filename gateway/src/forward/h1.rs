@@ -272,17 +272,15 @@ impl Decoder {
             match self.state {
                 State::Done => return Ok(Step::Done),
                 State::Length(n) => {
-                    if buf.is_empty() {
+                    let Some((data, rest)) = take_up_to(buf, n) else {
                         return Ok(Step::More);
-                    }
-                    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    let rest = n - take as u64;
+                    };
                     self.state = if rest == 0 {
                         State::Done
                     } else {
                         State::Length(rest)
                     };
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                    return Ok(Step::Data(data));
                 }
                 State::UntilClose => {
                     if buf.is_empty() {
@@ -302,17 +300,15 @@ impl Decoder {
                     };
                 }
                 State::ChunkData(n) => {
-                    if buf.is_empty() {
+                    let Some((data, rest)) = take_up_to(buf, n) else {
                         return Ok(Step::More);
-                    }
-                    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-                    let rest = n - take as u64;
+                    };
                     self.state = if rest == 0 {
                         State::ChunkDataEnd
                     } else {
                         State::ChunkData(rest)
                     };
-                    return Ok(Step::Data(buf.split_to(take).freeze()));
+                    return Ok(Step::Data(data));
                 }
                 State::ChunkDataEnd => match buf.first() {
                     None => return Ok(Step::More),
@@ -358,6 +354,16 @@ impl Decoder {
             _ => Err(FramingError::Incomplete),
         }
     }
+}
+
+/// Up to `n` bytes split off the front of `buf` (none if it is empty), and how many of
+/// the `n` are still to come.
+fn take_up_to(buf: &mut BytesMut, n: u64) -> Option<(Bytes, u64)> {
+    if buf.is_empty() {
+        return None;
+    }
+    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+    Some((buf.split_to(take).freeze(), n - take as u64))
 }
 
 /// Split one line off the front of `buf`, without its line ending; `None` if no whole
