@@ -11,7 +11,7 @@ mod members;
 
 use std::sync::LazyLock;
 
-use memchr::memmem::Finder;
+use aho_corasick::{packed, AhoCorasick, MatchKind};
 use serde::Deserialize;
 
 /// Largest non-streaming body or single SSE event the scanner keeps for accounting.
@@ -226,27 +226,29 @@ impl Scanner {
     fn end_event(&mut self) {
         if !self.data.is_empty() && !self.overflow && self.data.as_slice() != b"[DONE]" {
             let data = std::mem::take(&mut self.data);
-            self.read_payload(&data, true);
+            self.read_payload(&data);
             self.data = data;
         }
         self.data.clear();
         self.overflow = false;
     }
 
-    fn read_payload(&mut self, data: &[u8], is_event: bool) {
-        if is_event && has_content(data) {
-            self.tally.content_events += 1;
-        }
+    /// Read one event's data, or a whole non-streamed body.
+    fn read_payload(&mut self, data: &[u8]) {
         // Only the values that carry accounting are parsed, not the whole payload: in a
         // non-streamed answer the generated text is most of the bytes.
-        let n = &*NEEDLES;
-        if value_at(data, &n.error)
+        let keys = Keys::find(data);
+        if keys.content {
+            self.tally.content_events += 1;
+        }
+        if keys
+            .error
             .and_then(parse::<Option<serde::de::IgnoredAny>>)
             .is_some_and(|e| e.is_some())
         {
             self.tally.saw_error = true;
         }
-        if let Some(t) = value_at(data, &n.timings).and_then(Timings::read) {
+        if let Some(t) = keys.timings.and_then(Timings::read) {
             if let (Some(n), c) = (t.prompt_n, t.cache_n) {
                 self.tally.prompt_tokens.get_or_insert(n + c.unwrap_or(0));
                 self.tally.evaluated_tokens = Some(n);
@@ -265,7 +267,7 @@ impl Scanner {
             }
         }
         // `usage` is the OpenAI-standard figure: it wins over `timings` when both appear.
-        if let Some(u) = value_at(data, &n.usage).and_then(Usage::read) {
+        if let Some(u) = keys.usage.and_then(Usage::read) {
             if u.prompt_tokens.is_some() {
                 self.tally.prompt_tokens = u.prompt_tokens;
             }
@@ -282,71 +284,112 @@ impl Scanner {
     pub fn finish(&mut self) -> Tally {
         if !self.sse && !self.overflow && !self.data.is_empty() {
             let data = std::mem::take(&mut self.data);
-            self.read_payload(&data, false);
-            if has_content(&data) {
-                self.tally.content_events = 1;
-            }
+            self.read_payload(&data);
         }
         self.tally.clone()
     }
 }
 
-/// The byte patterns the scanner looks for, built once: building a substring finder costs
-/// more than running it over one short SSE event, and a stream has one event per token.
-struct Needles {
-    usage: Finder<'static>,
-    timings: Finder<'static>,
-    error: Finder<'static>,
-    content: Finder<'static>,
-    text: Finder<'static>,
+/// What one payload holds of what the scanner reads.
+#[derive(Debug, Default, PartialEq)]
+struct Keys<'a> {
+    /// A chat or completion chunk with non-empty generated text: a `"content":"x` or
+    /// `"text":"x` with at least one character. Cheap, and exact enough for a fallback
+    /// count.
+    content: bool,
+    /// Where the values of the keys `error`, `timings` and `usage` start.
+    error: Option<&'a [u8]>,
+    timings: Option<&'a [u8]>,
+    usage: Option<&'a [u8]>,
 }
 
-static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
-    usage: Finder::new(b"\"usage\""),
-    timings: Finder::new(b"\"timings\""),
-    error: Finder::new(b"\"error\""),
-    content: Finder::new(b"\"content\":\""),
-    text: Finder::new(b"\"text\":\""),
-});
+/// The patterns [`Keys::find`] looks for, in the order of its match arms.
+const PATTERNS: [&[u8]; 5] = [
+    b"\"content\":\"",
+    b"\"text\":\"",
+    b"\"error\"",
+    b"\"timings\"",
+    b"\"usage\"",
+];
 
-/// Where the value of the key `key` (the quoted name, as the needle) starts in a JSON
-/// payload, found without parsing the rest. Inside a JSON string the name's quotes would
-/// be escaped, so a match is either a key or a whole string value (`"type":"error"`); the
-/// first match followed by a colon is the key.
-fn value_at<'a>(data: &'a [u8], key: &Finder<'_>) -> Option<&'a [u8]> {
-    let len = key.needle().len();
-    let mut from = 0;
-    loop {
-        // `find` on what is left rather than `find_iter`: most payloads hold no match,
-        // and the iterator's set-up costs more than the search of a short SSE event.
-        let at = from + key.find(&data[from..])?;
-        if let Some(value) = data[at + len..].trim_ascii_start().strip_prefix(b":") {
-            return Some(value);
+/// A search for all of [`PATTERNS`] at once.
+enum Search {
+    /// SIMD ("Teddy"), where the CPU has it: one pass over a llama-server token event
+    /// costs about two thirds of the four single-pattern searches it replaced.
+    Packed(packed::Searcher),
+    /// The general automaton, several times slower, for CPUs without it.
+    Automaton(AhoCorasick),
+}
+
+/// Built once: building it costs more than running it over one short SSE event, and a
+/// stream has one event per token.
+static SEARCH: LazyLock<Search> =
+    LazyLock::new(|| Search::packed().unwrap_or_else(Search::automaton));
+
+impl Search {
+    fn packed() -> Option<Search> {
+        packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder()
+            .extend(PATTERNS)
+            .build()
+            .map(Search::Packed)
+    }
+
+    fn automaton() -> Search {
+        Search::Automaton(
+            AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostFirst)
+                .build(PATTERNS)
+                .expect("five short literal patterns"),
+        )
+    }
+}
+
+impl<'a> Keys<'a> {
+    /// All of them in one pass over `data`, without parsing it. A search per pattern, one
+    /// after the other, was about 60 % of the scanner's work per streamed event.
+    ///
+    /// A key name's quotes would be escaped inside a JSON string, so a match of a quoted
+    /// name is either a key or a whole string value (`"type":"error"`): the first match
+    /// followed by a colon is the key. Matches do not overlap; none is lost by that,
+    /// since a key's opening quote follows `{` or `,`, never the end of another pattern.
+    fn find(data: &'a [u8]) -> Keys<'a> {
+        Keys::find_with(&SEARCH, data)
+    }
+
+    fn find_with(search: &Search, data: &'a [u8]) -> Keys<'a> {
+        let mut keys = Keys::default();
+        let mut each = |pattern: usize, end: usize| {
+            let after = &data[end..];
+            let slot = match pattern {
+                0 | 1 => {
+                    keys.content |= after.first().is_some_and(|&b| b != b'"');
+                    return;
+                }
+                2 => &mut keys.error,
+                3 => &mut keys.timings,
+                _ => &mut keys.usage,
+            };
+            if slot.is_none() {
+                *slot = after.trim_ascii_start().strip_prefix(b":");
+            }
+        };
+        match search {
+            Search::Packed(s) => s
+                .find_iter(data)
+                .for_each(|m| each(m.pattern().as_usize(), m.end())),
+            Search::Automaton(a) => a
+                .find_iter(data)
+                .for_each(|m| each(m.pattern().as_usize(), m.end())),
         }
-        from = at + 1;
+        keys
     }
 }
 
 /// The value at the start of `value` as a `T`, read by serde; `None` if it is not one.
 fn parse<'de, T: Deserialize<'de>>(value: &'de [u8]) -> Option<T> {
     T::deserialize(&mut serde_json::Deserializer::from_slice(value)).ok()
-}
-
-/// Whether a chat or completion chunk carries non-empty generated text: a `"content":"x`
-/// or `"text":"x` with at least one character. Cheap, and exact enough for a fallback count.
-fn has_content(data: &[u8]) -> bool {
-    let n = &*NEEDLES;
-    for key in [&n.content, &n.text] {
-        let mut rest = data;
-        while let Some(i) = key.find(rest) {
-            let after = &rest[i + key.needle().len()..];
-            if after.first().is_some_and(|&b| b != b'"') {
-                return true;
-            }
-            rest = after;
-        }
-    }
-    false
 }
 
 #[cfg(test)]
@@ -500,6 +543,67 @@ mod tests {
         assert_eq!(
             (t.prompt_tokens, t.completion_tokens, t.content_events),
             (Some(9), Some(1), 1)
+        );
+    }
+
+    #[test]
+    fn keys_are_found_in_one_pass_and_only_as_keys() {
+        let k = Keys::find(
+            br#"{"choices":[{"delta":{"content":"x"}}],"usage" : {"a":1},"timings":{"b":2}}"#,
+        );
+        assert!(k.content);
+        assert_eq!(k.usage, Some(&br#" {"a":1},"timings":{"b":2}}"#[..]));
+        assert_eq!(k.timings, Some(&br#"{"b":2}}"#[..]));
+        assert_eq!(k.error, None);
+
+        // A name as a string value is not the key; the first one followed by a colon is.
+        let k = Keys::find(br#"{"type":"error","error":{"code":1}}"#);
+        assert_eq!(k.error, Some(&br#"{"code":1}}"#[..]));
+        assert!(!k.content);
+
+        // Empty text is no content; escaped names inside text are not keys.
+        let k =
+            Keys::find(br#"{"content":"","text":"say \"usage\": 1, \"error\": 2,{\"timings\":3"}"#);
+        assert!(k.content, "the text is not empty");
+        assert_eq!((k.usage, k.error, k.timings), (None, None, None));
+        let k = Keys::find(br#"{"content":"","text":""}"#);
+        assert_eq!(k, Keys::default());
+    }
+
+    #[test]
+    fn the_fallback_search_finds_what_the_simd_one_does() {
+        let Some(packed) = Search::packed() else {
+            // This CPU runs the fallback for real; the other tests cover it.
+            return;
+        };
+        let automaton = Search::automaton();
+        // The patterns, pieces of them, and the bytes around keys, in random order.
+        let mut pieces: Vec<&[u8]> = PATTERNS.to_vec();
+        pieces.extend(PATTERNS.iter().map(|p| &p[..p.len() / 2]));
+        pieces.extend([&b":"[..], b" ", b"{", b",", b"\"", b"\\", b"x", b"1"]);
+        let mut rng = crate::fuzz::XorShift::new(0x1f12_3bb5_4f6c_2e45);
+        let mut inputs: Vec<Vec<u8>> = (0..5_000)
+            .map(|_| {
+                (0..rng.below(24))
+                    .flat_map(|_| pieces[rng.below(pieces.len())].iter().copied())
+                    .collect()
+            })
+            .collect();
+        inputs.push(STREAM.as_bytes().to_vec());
+        let mut found = 0;
+        for input in &inputs {
+            let a = Keys::find_with(&packed, input);
+            assert_eq!(
+                a,
+                Keys::find_with(&automaton, input),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            found += usize::from(a != Keys::default());
+        }
+        assert!(
+            found > 500,
+            "the inputs must hold the patterns often: {found}"
         );
     }
 
