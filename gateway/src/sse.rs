@@ -171,6 +171,10 @@ impl Scanner {
             let (head, rest) = chunk.split_at(nl);
             chunk = &rest[1..];
             if self.line.is_empty() {
+                if let Some(after) = self.whole_event(head, chunk) {
+                    chunk = after;
+                    continue;
+                }
                 self.on_line(head);
             } else {
                 self.push_line(head);
@@ -182,6 +186,31 @@ impl Scanner {
         }
         self.push_line(chunk);
         self.tally.content_events > before
+    }
+
+    /// The usual event, one `data:` line and the blank line after it, both in the frame
+    /// and nothing of another event pending: read where it lies instead of being copied
+    /// line by line (the same outcome as [`Scanner::on_line`] on both lines). `line` is
+    /// the first line without its `\n`, `rest` what follows; returns what follows the
+    /// blank line, or `None` to go the general way.
+    fn whole_event<'c>(&mut self, line: &[u8], rest: &'c [u8]) -> Option<&'c [u8]> {
+        if !self.data.is_empty() || self.overflow {
+            return None;
+        }
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let value = line.strip_prefix(b"data:")?;
+        let value = value.strip_prefix(b" ").unwrap_or(value);
+        let after = match rest {
+            [b'\n', after @ ..] | [b'\r', b'\n', after @ ..] => after,
+            _ => return None,
+        };
+        if value.len() > MAX_KEPT {
+            return None;
+        }
+        if !value.is_empty() && value != b"[DONE]" {
+            self.read_payload(value);
+        }
+        Some(after)
     }
 
     fn push_line(&mut self, part: &[u8]) {
@@ -605,6 +634,46 @@ mod tests {
             found > 500,
             "the inputs must hold the patterns often: {found}"
         );
+    }
+
+    #[test]
+    fn events_read_in_place_tally_as_events_read_line_by_line() {
+        // Whole frames take the in-place way for every complete one-line event; byte by
+        // byte, every line is built up first. Both must agree on any stream.
+        let pieces: [&[u8]; 14] = [
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}",
+            b"data:{\"text\":\"\"}",
+            b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}",
+            b"data: {\"timings\":{\"prompt_n\":2,\"predicted_n\":5}}",
+            b"data: {\"error\":{\"message\":\"x\"}}",
+            b"data: [DONE]",
+            b"data:",
+            b"data",
+            b": comment",
+            b"error: {}",
+            b"\n",
+            b"\r\n",
+            b"\n\n",
+            b"\r",
+        ];
+        let mut rng = crate::fuzz::XorShift::new(0x5851_f42d_4c95_7f2d);
+        for _ in 0..3_000 {
+            let stream: Vec<u8> = (0..rng.below(12))
+                .flat_map(|_| pieces[rng.below(pieces.len())].iter().copied())
+                .collect();
+            let mut whole = Scanner::new(true);
+            whole.feed(&stream);
+            let mut bytewise = Scanner::new(true);
+            for b in &stream {
+                bytewise.feed(std::slice::from_ref(b));
+            }
+            assert_eq!(
+                whole.finish(),
+                bytewise.finish(),
+                "{:?}",
+                String::from_utf8_lossy(&stream)
+            );
+        }
     }
 
     #[test]
