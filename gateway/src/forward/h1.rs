@@ -286,13 +286,14 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Step::More);
                     }
-                    return Ok(Step::Data(buf.split().freeze()));
+                    return Ok(Step::Data(take(buf, buf.len())));
                 }
                 State::ChunkSize => {
-                    let Some(line) = take_line(buf)? else {
+                    let Some((content, whole)) = next_line(buf)? else {
                         return Ok(Step::More);
                     };
-                    let size = chunk_size(&line)?;
+                    let size = chunk_size(&buf[..content])?;
+                    buf.advance(whole);
                     self.state = if size == 0 {
                         State::Trailers(0)
                     } else {
@@ -327,14 +328,15 @@ impl Decoder {
                     Some(_) => return Err(FramingError::Chunk("data longer than its size")),
                 },
                 State::Trailers(skipped) => {
-                    let Some(line) = take_line(buf)? else {
+                    let Some((content, whole)) = next_line(buf)? else {
                         return Ok(Step::More);
                     };
-                    if line.is_empty() {
+                    buf.advance(whole);
+                    if content == 0 {
                         self.state = State::Done;
                         continue;
                     }
-                    let skipped = skipped + line.len();
+                    let skipped = skipped + content;
                     if skipped > MAX_HEAD {
                         return Err(FramingError::Chunk("trailers too large"));
                     }
@@ -356,19 +358,37 @@ impl Decoder {
     }
 }
 
-/// Up to `n` bytes split off the front of `buf` (none if it is empty), and how many of
+/// Up to `n` bytes taken off the front of `buf` (none if it is empty), and how many of
 /// the `n` are still to come.
 fn take_up_to(buf: &mut BytesMut, n: u64) -> Option<(Bytes, u64)> {
     if buf.is_empty() {
         return None;
     }
-    let take = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-    Some((buf.split_to(take).freeze(), n - take as u64))
+    let len = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+    Some((take(buf, len), n - len as u64))
 }
 
-/// Split one line off the front of `buf`, without its line ending; `None` if no whole
-/// line is there yet.
-fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, FramingError> {
+/// Pieces up to this size are copied out of the read buffer rather than split off it.
+const COPY_MAX: usize = 4 * 1024;
+
+/// The first `len` bytes of `buf`, taken off it. A small piece (a streamed token, most
+/// answers) is copied: a piece split off would share the buffer's memory while the
+/// client's write holds it, so the next read could not reuse the buffer and had to
+/// allocate a new one, once per token. A large one is split off without copying.
+fn take(buf: &mut BytesMut, len: usize) -> Bytes {
+    if len <= COPY_MAX {
+        let piece = Bytes::copy_from_slice(&buf[..len]);
+        buf.advance(len);
+        piece
+    } else {
+        buf.split_to(len).freeze()
+    }
+}
+
+/// The next line in `buf`: the length of its content (without the line ending) and of
+/// the whole line; `None` if no whole line is there yet. Nothing is taken off `buf`:
+/// the caller reads `buf[..content]`, then advances past the line.
+fn next_line(buf: &[u8]) -> Result<Option<(usize, usize)>, FramingError> {
     let Some(end) = memchr::memchr(b'\n', buf) else {
         return if buf.len() > MAX_LINE {
             Err(FramingError::Chunk("line too long"))
@@ -379,12 +399,12 @@ fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, FramingError> {
     if end > MAX_LINE {
         return Err(FramingError::Chunk("line too long"));
     }
-    let mut line = buf.split_to(end + 1);
-    line.truncate(end);
-    if line.last() == Some(&b'\r') {
-        line.truncate(end - 1);
-    }
-    Ok(Some(line))
+    let content = if end > 0 && buf[end - 1] == b'\r' {
+        end - 1
+    } else {
+        end
+    };
+    Ok(Some((content, end + 1)))
 }
 
 /// The size from a chunk-size line: hex digits, then optional whitespace and extensions.
@@ -599,6 +619,33 @@ mod tests {
         );
         assert_eq!(d.decode(&mut buf), Ok(Step::Done));
         assert_eq!(&buf[..], b"HTTP/1.1");
+    }
+
+    #[test]
+    fn a_token_handed_on_leaves_the_read_buffer_free_for_the_next_read() {
+        let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let mut tokens = Vec::new();
+        for i in 0..3 {
+            buf.extend_from_slice(format!("8\r\ntoken {i:02}\r\n").as_bytes());
+            // The token is still held (by the write to the client) when the next read
+            // wants the buffer's memory back.
+            tokens.push(d.decode(&mut buf).unwrap());
+            assert_eq!(d.decode(&mut buf), Ok(Step::More));
+            assert!(buf.is_empty());
+            assert!(
+                buf.try_reclaim(16 * 1024),
+                "the buffer must not share its memory"
+            );
+        }
+        assert_eq!(tokens[2], Step::Data(Bytes::from_static(b"token 02")));
+
+        // A large piece is split off, not copied, and comes out whole all the same.
+        let big = vec![b'x'; 3 * COPY_MAX];
+        let mut d = Decoder::new(Framing::Length(big.len() as u64));
+        let mut buf = BytesMut::from(&big[..]);
+        assert_eq!(d.decode(&mut buf), Ok(Step::Data(Bytes::from(big))));
+        assert_eq!(d.decode(&mut buf), Ok(Step::Done));
     }
 
     #[test]
