@@ -198,8 +198,9 @@ impl Scanner {
             return None;
         }
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let value = line.strip_prefix(b"data:")?;
-        let value = value.strip_prefix(b" ").unwrap_or(value);
+        let (b"data", value) = field(line)? else {
+            return None;
+        };
         let after = match rest {
             [b'\n', after @ ..] | [b'\r', b'\n', after @ ..] => after,
             _ => return None,
@@ -227,14 +228,9 @@ impl Scanner {
             self.end_event();
             return;
         }
-        if line[0] == b':' {
+        let Some((field, value)) = field(line) else {
             return;
-        }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => (line, &b""[..]),
         };
-        let value = value.strip_prefix(b" ").unwrap_or(value);
         match field {
             b"data" => {
                 if !self.data.is_empty() {
@@ -317,6 +313,19 @@ impl Scanner {
         }
         self.tally.clone()
     }
+}
+
+/// A non-empty SSE line (without its line ending) as its field name and value; `None`
+/// for a comment.
+fn field(line: &[u8]) -> Option<(&[u8], &[u8])> {
+    if line.first() == Some(&b':') {
+        return None;
+    }
+    let (field, value) = match line.iter().position(|&b| b == b':') {
+        Some(i) => (&line[..i], &line[i + 1..]),
+        None => (line, &b""[..]),
+    };
+    Some((field, value.strip_prefix(b" ").unwrap_or(value)))
 }
 
 /// What one payload holds of what the scanner reads.
