@@ -45,9 +45,11 @@ fi
 if [ -n "${BIN_DIR:-}" ]; then
   bin_dir="$BIN_DIR"
 else
+  # cargo puts its output under CARGO_TARGET_DIR when that is set.
+  target_dir="${CARGO_TARGET_DIR:-target}"
   case "$PROFILE" in
-    release) bin_dir=target/release ;;
-    dev | debug) bin_dir=target/debug PROFILE=dev ;;
+    release) bin_dir="$target_dir/release" ;;
+    dev | debug) bin_dir="$target_dir/debug" PROFILE=dev ;;
     *) die "PROFILE must be release or dev, not '$PROFILE'" ;;
   esac
   echo "== building bitnet-gateway, bitnet-runner and llama-sim ($PROFILE; the first build takes a few minutes)"
