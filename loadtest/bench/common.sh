@@ -126,6 +126,13 @@ cpu_seconds() {
     sed 's/^.*) //' "/proc/$1/stat" | awk -v hz="$ticks" '{ printf "%.3f\n", ($12 + $13) / hz }'
 }
 
+# Seconds the machine's CPUs have spent idle (or waiting on I/O) and stolen by the
+# hypervisor since boot, summed over CPUs: "IDLE STEAL". Over a run, idle time is capacity no
+# process used, so a closed-loop throughput gap can be split into CPU spent and CPU left idle.
+machine_idle_steal_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '/^cpu / { printf "%.3f %.3f\n", ($5 + $6) / hz, $9 / hz }' /proc/stat
+}
+
 # The peak resident set size of a process, in MiB.
 peak_rss_mib() {
     awk '/^VmHWM:/ { printf "%.1f\n", $2 / 1024 }' "/proc/$1/status"

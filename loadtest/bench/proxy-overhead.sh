@@ -8,7 +8,9 @@
 # rotating order, so machine noise hits them all alike. Reports medians over the repeats of:
 #   - p50/p99 latency at fixed open-loop rates, and what each proxy adds to the direct path;
 #   - maximum throughput in a closed loop at high concurrency, the gateway/nginx ratio, and
-#     the CPU time each proxy spends per request.
+#     the CPU time each proxy spends per request, with the simulator's, the load
+#     generator's and the machine's idle time beside it, so a throughput gap can be traced
+#     to where it goes.
 #
 # Usage: loadtest/bench/proxy-overhead.sh
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
@@ -40,6 +42,7 @@ raise_fd_limit
 
 start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slots "$SLOTS"
 SIM_URL=$SERVER_URL
+SIM_PID=$SERVER_PID
 SIM_HOSTPORT=${SIM_URL#http://}
 
 if [ "${RELAY:-1}" = 1 ]; then
@@ -83,22 +86,36 @@ proxy_cpu() {
 }
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tmode\tload\tpath\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\trequests\tfailed\tproxy_cpu_s\n' >"$RAW"
+printf 'repeat\tmode\tload\tpath\tttft_p50\tttft_p99\te2e_p50\te2e_p99\trps\trequests\tfailed\tproxy_cpu_s\tsim_cpu_s\tloadgen_cpu_s\tidle_s\tsteal_s\n' >"$RAW"
 
 # run_one REPEAT MODE LOAD PATH ARGS... : one bitnet-loadtest run, one line of $RAW.
 run_one() {
     local repeat=$1 mode=$2 load=$3 path=$4
     shift 4
-    local json="$WORK/r$repeat-$mode-$load-$path.json" stream=() before after
+    local json="$WORK/r$repeat-$mode-$load-$path.json" stream=() before after sim_before sim_after
+    local idle_before idle_after TIMEFORMAT='%3U %3S'
     [ "$mode" = stream ] && stream=(--stream)
     before=$(proxy_cpu "$path")
-    "$BIN/bitnet-loadtest" --url "$(url_of "$path")" --model "$MODEL" --seed "$repeat" \
-        "${stream[@]}" "$@" --json "$json" -q >"$json.txt"
+    sim_before=$(cpu_seconds "$SIM_PID")
+    idle_before=$(machine_idle_steal_seconds)
+    # bash's `time` reports the load generator's own user and system seconds.
+    if ! { time "$BIN/bitnet-loadtest" --url "$(url_of "$path")" --model "$MODEL" --seed "$repeat" \
+        "${stream[@]}" "$@" --json "$json" -q >"$json.txt" 2>"$json.err"; } 2>"$json.time"; then
+        cat "$json.err" >&2
+        return 1
+    fi
     after=$(proxy_cpu "$path")
+    sim_after=$(cpu_seconds "$SIM_PID")
+    idle_after=$(machine_idle_steal_seconds)
     jq -r --arg r "$repeat" --arg m "$mode" --arg l "$load" --arg p "$path" \
         --arg cpu "$(awk -v a="$before" -v b="$after" 'BEGIN { printf "%.3f", b - a }')" \
+        --arg sim "$(awk -v a="$sim_before" -v b="$sim_after" 'BEGIN { printf "%.3f", b - a }')" \
+        --arg gen "$(awk '{ printf "%.3f", $1 + $2 }' "$json.time")" \
+        --arg idle "$(echo "$idle_before $idle_after" | awk '{ printf "%.3f", $3 - $1 }')" \
+        --arg steal "$(echo "$idle_before $idle_after" | awk '{ printf "%.3f", $4 - $2 }')" \
         '.summary | [$r, $m, $l, $p, .ttft_us.p50, .ttft_us.p99, .e2e_us.p50, .e2e_us.p99,
-          .requests_per_s, .requests, .failed + .dropped_arrivals, $cpu] | @tsv' "$json" >>"$RAW"
+          .requests_per_s, .requests, .failed + .dropped_arrivals, $cpu, $sim, $gen, $idle, $steal]
+          | @tsv' "$json" >>"$RAW"
     log "repeat $repeat $mode $load $path: $(tail -1 "$RAW" | cut -f5-)"
 }
 
@@ -140,14 +157,14 @@ SECTION="$WORK/section.md"
     echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" loadtest/bench/proxy-overhead.sh"
     echo '```'
     echo
-    python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "${PATHS[@]}" <<'PY'
+    python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "$(nproc)" "${PATHS[@]}" <<'PY'
 import csv
 import statistics
 import sys
 from collections import defaultdict
 
-raw, repeats, concurrency = sys.argv[1], sys.argv[2], sys.argv[3]
-paths = sys.argv[4:]
+raw, repeats, concurrency, cpus = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+paths = sys.argv[5:]
 # The first gateway is the one the targets judge; the others are shown beside it.
 judged = next(p for p in paths if p.startswith("gateway-w"))
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
@@ -222,24 +239,43 @@ for mode in modes:
 print()
 print(f"### Maximum throughput (closed loop, {concurrency} concurrent requests)")
 print()
-print("| mode | path | req/s | vs direct | proxy CPU µs/request | E2E p50 | E2E p99 | failed |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("The CPU columns are microseconds per request: the proxy's, the simulator's and the load generator's CPU time")
+print(f"(user + system), and the time the machine's {cpus} CPUs sat idle, over the run divided by its requests.")
+print(f"Together with whatever else ran, they add up to the machine time a request took: {cpus} CPUs ÷ req/s.")
+print()
+print("| mode | path | req/s | vs direct | proxy CPU | simulator CPU | load generator CPU | idle | E2E p50 | E2E p99 | failed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 ratios = {}
 cpu_med = {}
+# (mode, path) -> {part: median µs per request}, for the split of the gap to nginx.
+parts = {}
+PARTS = {"proxy": "proxy_cpu_s", "simulator": "sim_cpu_s", "load generator": "loadgen_cpu_s", "idle": "idle_s"}
+
+
+def per_request(mode, path, key):
+    out = []
+    for r in reps:
+        c = cell.get((r, mode, "max", path))
+        if c and c.get(key) not in (None, ""):
+            out.append(float(c[key]) * 1e6 / max(1.0, float(c["requests"])))
+    return out
+
+
 for mode in modes:
     for path in paths:
         rps = series(mode, "max", path, "rps")
         if not rps:
             continue
         rel = [float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "direct")]["rps"]) for r in reps]
-        cpu = [
-            float(cell[(r, mode, "max", path)]["proxy_cpu_s"]) * 1e6 / max(1.0, float(cell[(r, mode, "max", path)]["requests"]))
-            for r in reps
+        parts[(mode, path)] = {name: med(per_request(mode, path, key)) for name, key in PARTS.items()}
+        parts[(mode, path)]["machine"] = med([cpus * 1e6 / x for x in rps])
+        cpu_med[(mode, path)] = parts[(mode, path)]["proxy"]
+        cols = [
+            "—" if name == "proxy" and path == "direct" else f"{parts[(mode, path)][name]:.0f}"
+            for name in PARTS
         ]
-        cpu_med[(mode, path)] = med(cpu)
-        cpu_cell = "—" if path == "direct" else f"{med(cpu):.0f}"
         print(
-            f"| {mode} | {label(path)} | {med(rps):.0f} | {med(rel):.2f} | {cpu_cell} "
+            f"| {mode} | {label(path)} | {med(rps):.0f} | {med(rel):.2f} | {' | '.join(cols)} "
             f"| {ms(med(series(mode, 'max', path, 'e2e_p50')))} | {ms(med(series(mode, 'max', path, 'e2e_p99')))} "
             f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
         )
@@ -252,6 +288,15 @@ print()
 for (mode, path), ratio in ratios.items():
     target = f"; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'}" if path == judged else ""
     print(f"- Throughput ratio {label(path)}/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios{target})")
+for mode in modes:
+    if (mode, judged) in parts and (mode, "nginx") in parts:
+        g, n = parts[(mode, judged)], parts[(mode, "nginx")]
+        split = ", ".join(f"{name} {g[name] - n[name]:+.0f}" for name in PARTS)
+        rest = (g["machine"] - sum(g[k] for k in PARTS)) - (n["machine"] - sum(n[k] for k in PARTS))
+        print(
+            f"- {label(judged)} against nginx, {mode}: {g['machine'] - n['machine']:+.0f} µs of machine time per request "
+            f"({g['machine']:.0f} against {n['machine']:.0f}): {split}, everything else {rest:+.0f}"
+        )
 for mode in modes:
     if (mode, judged) in cpu_med and (mode, "hyper-relay") in cpu_med:
         own = cpu_med[(mode, judged)] - cpu_med[(mode, "hyper-relay")]
