@@ -245,6 +245,18 @@ async fn rate_limits_and_unavailability_are_counted_apart() {
             .contains("rate_limit_error says no"),
         "{limited:?}"
     );
+    // The summary says why each kind failed, not only how often.
+    assert!(
+        s.error_examples[&ErrorKind::ClientError].contains("invalid_request_error says no"),
+        "{:?}",
+        s.error_examples
+    );
+    let table = gen::report::table(&result);
+    assert!(
+        table.contains("invalid_request_error says no")
+            && table.contains("unavailable_error says no"),
+        "{table}"
+    );
     // Failed requests must not pollute the latency figures.
     assert_eq!(s.ttft_us.count, 2);
 }

@@ -24,7 +24,11 @@ Workloads:
   long-prompt  a 2,000-5,000 token document and a question (max_tokens 128)
   agent        multi-turn sessions: a long system prompt identical across sessions and runs, the
                whole growing history (assistant replies included) re-sent every turn, with
-               --think-time between turns (max_tokens 192)
+               --think-time between turns (max_tokens 192). The system prompt is OpenClaw's size
+               by default, about 8,000 tokens by llama-sim's count: a server with a 4,096-token
+               context refuses it (upstream) or truncates it (BitNet), as it would OpenClaw's.
+               Give the server a larger context (llama-sim --ctx, llama-server -c) or the
+               workload a shorter --system-prompt-chars.
   mix:K=W,...  sessions drawn with weights, e.g. mix:short-chat=70,agent=30
 
 The same --seed gives the same prompts and, with --rate, the same arrival schedule.";
@@ -120,7 +124,8 @@ struct RunArgs {
     /// Agent workload: turns per session.
     #[arg(long, value_name = "N", default_value_t = 5)]
     turns: u32,
-    /// Agent workload: length of the shared system prompt in characters (about 4 per token).
+    /// Agent workload: length of the shared system prompt in characters (about 4 per token;
+    /// the default is the size of OpenClaw's).
     #[arg(long, value_name = "CHARS", default_value_t = 38_000)]
     system_prompt_chars: usize,
     /// Seconds one request may take from sending to its last byte before it counts as a timeout.

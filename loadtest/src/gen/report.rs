@@ -112,6 +112,9 @@ pub fn table(result: &RunResult) -> String {
     } else {
         let list: Vec<String> = s.errors.iter().map(|(k, n)| format!("{k} {n}")).collect();
         let _ = writeln!(out, "  errors      {}", list.join(", "));
+        for (kind, message) in &s.error_examples {
+            let _ = writeln!(out, "              first {kind}: {message}");
+        }
     }
     if !s.statuses.is_empty() {
         let list: Vec<String> = s

@@ -115,6 +115,10 @@ pub struct Summary {
     pub errors: BTreeMap<ErrorKind, u64>,
     /// Responses by HTTP status.
     pub statuses: BTreeMap<u16, u64>,
+    /// The message of the first failure of each kind, so a summary says why requests failed
+    /// and not only how many (a context overflow and a missing model are both a 400).
+    #[serde(default)]
+    pub error_examples: BTreeMap<ErrorKind, String>,
     /// Per-kind figures, for runs that mix kinds.
     pub by_workload: BTreeMap<WorkloadKind, KindSummary>,
 }
@@ -133,9 +137,15 @@ impl Summary {
         let completion_tokens = ok().map(|r| r.completion_tokens).sum();
         let mut errors = BTreeMap::new();
         let mut statuses = BTreeMap::new();
+        let mut error_examples = BTreeMap::new();
         for r in records {
             if let Some(kind) = r.error.filter(|_| !r.cancelled()) {
                 *errors.entry(kind).or_insert(0) += 1;
+                if let Some(message) = &r.error_message {
+                    error_examples
+                        .entry(kind)
+                        .or_insert_with(|| message.clone());
+                }
             }
             if let Some(status) = r.status {
                 *statuses.entry(status).or_insert(0) += 1;
@@ -185,6 +195,7 @@ impl Summary {
             e2e_us: LatencyStats::from_values(ok().map(|r| r.e2e_us)),
             errors,
             statuses,
+            error_examples,
             by_workload,
         }
     }
@@ -240,10 +251,14 @@ mod tests {
         let mut records: Vec<_> = (1..=100)
             .map(|i| record(i * 1000, i * 10_000, None))
             .collect();
-        records.push(record(1, 1, Some(ErrorKind::Unavailable)));
-        records.push(record(1, 1, Some(ErrorKind::Unavailable)));
+        let failed = |kind, message: &str| RequestRecord {
+            error_message: Some(message.to_string()),
+            ..record(1, 1, Some(kind))
+        };
+        records.push(failed(ErrorKind::Unavailable, "first 503"));
+        records.push(failed(ErrorKind::Unavailable, "second 503"));
         records.push(record(1, 1, Some(ErrorKind::RateLimited)));
-        records.push(record(1, 1, Some(ErrorKind::Cancelled)));
+        records.push(failed(ErrorKind::Cancelled, "cut at the end"));
         let s = Summary::compute(&records, &latency_histogram(), 2.0, 0);
         assert_eq!(s.requests, 104);
         assert_eq!(s.succeeded, 100);
@@ -256,6 +271,10 @@ mod tests {
         assert_eq!(s.statuses[&503], 2);
         assert_eq!(s.statuses[&429], 1);
         assert_eq!(s.statuses.len(), 3);
+        // The first message of each kind that had one; cancelled requests are not failures.
+        let examples: BTreeMap<ErrorKind, String> =
+            [(ErrorKind::Unavailable, "first 503".to_string())].into();
+        assert_eq!(s.error_examples, examples);
         // The failed requests' 1 µs latencies must not drag the minimum down.
         assert_eq!(s.ttft_us.min, 1000);
         let near = |a: u64, b: u64| a.abs_diff(b) * 100 <= b;
@@ -272,7 +291,13 @@ mod tests {
 
     #[test]
     fn summary_survives_a_json_round_trip() {
-        let records = vec![record(5, 9, None), record(1, 1, Some(ErrorKind::MidStream))];
+        let records = vec![
+            record(5, 9, None),
+            RequestRecord {
+                error_message: Some("stream cut".into()),
+                ..record(1, 1, Some(ErrorKind::MidStream))
+            },
+        ];
         let s = Summary::compute(&records, &latency_histogram(), 1.0, 4);
         let back: Summary = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s);
