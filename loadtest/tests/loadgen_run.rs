@@ -257,6 +257,8 @@ async fn rate_limits_and_unavailability_are_counted_apart() {
             && table.contains("unavailable_error says no"),
         "{table}"
     );
+    let html = gen::html::render(&result);
+    assert!(html.contains("invalid_request_error says no"), "{html}");
     // Failed requests must not pollute the latency figures.
     assert_eq!(s.ttft_us.count, 2);
 }

@@ -60,9 +60,15 @@ pub fn render(result: &RunResult) -> String {
         s.requests_per_s, s.tokens_per_s, s.prompt_tokens, s.cached_tokens
     );
     if !s.errors.is_empty() {
-        page.push_str("<table><tr><th>error</th><th>count</th></tr>");
+        page.push_str("<table><tr><th>error</th><th>count</th><th>first message</th></tr>");
         for (kind, n) in &s.errors {
-            let _ = write!(page, "<tr><td>{kind}</td><td>{n}</td></tr>");
+            // The message is the server's text: escaped like everything else that came in.
+            let first = s.error_examples.get(kind).map_or("", String::as_str);
+            let _ = write!(
+                page,
+                "<tr><td>{kind}</td><td>{n}</td><td style=\"text-align:left\">{}</td></tr>",
+                escape(first)
+            );
         }
         page.push_str("</table>\n");
     }
