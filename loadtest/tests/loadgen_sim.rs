@@ -154,6 +154,12 @@ async fn errors_injected_by_the_simulator_are_counted_by_kind() {
     assert_eq!(s.succeeded, 3, "{:?}", s.errors);
     assert_eq!(s.errors.get(&ErrorKind::MidStream), Some(&3));
     assert_eq!(s.statuses.get(&200), Some(&6));
+    // The fork says how many prompt tokens it took but nothing of its cache: no hit rate is
+    // made up for it.
+    assert!(s.prompt_tokens > 0);
+    assert_eq!(s.cache_hit_ratio(), None);
+    let table = gen::report::table(&result);
+    assert!(table.contains("did not report cache hits"), "{table}");
 
     let unavailable = start_sim(&["--fail-503", "--fault-every", "3"]);
     let mut cfg = RunConfig::new(&unavailable.url, "m");

@@ -57,7 +57,13 @@ pub fn render(result: &RunResult) -> String {
          <tr><td>requests/s</td><td>{:.2}</td></tr>\
          <tr><td>completion tokens/s</td><td>{:.1}</td></tr>\
          <tr><td>prompt tokens (cached)</td><td>{} ({})</td></tr></table>",
-        s.requests_per_s, s.tokens_per_s, s.prompt_tokens, s.cached_tokens
+        s.requests_per_s,
+        s.tokens_per_s,
+        s.prompt_tokens,
+        match s.cache_hit_ratio() {
+            Some(_) => s.cached_tokens.to_string(),
+            None => "not reported".to_string(),
+        }
     );
     if !s.errors.is_empty() {
         page.push_str("<table><tr><th>error</th><th>count</th><th>first message</th></tr>");

@@ -84,6 +84,12 @@ pub fn table(result: &RunResult) -> String {
             s.prompt_tokens,
             ratio * 100.0
         );
+    } else if s.prompt_tokens > 0 {
+        let _ = writeln!(
+            out,
+            "  prompt      {} tokens (the server did not report cache hits)",
+            s.prompt_tokens
+        );
     }
     let _ = writeln!(
         out,

@@ -103,6 +103,13 @@ pub struct Summary {
     pub prompt_tokens: u64,
     /// Of those, served from the server's prompt cache.
     pub cached_tokens: u64,
+    /// Prompt tokens of the successful requests whose server also said how many came from
+    /// its cache: the base of [`cache_hit_ratio`](Self::cache_hit_ratio). The older BitNet
+    /// server reports no cache figure at all, and counting its prompts as all uncached would
+    /// show a 0 % hit rate for a cache that may be working. `None` in results written before
+    /// this field existed, whose ratio is taken over all prompt tokens.
+    #[serde(default)]
+    pub cache_reported_prompt_tokens: Option<u64>,
     /// Mean per-request generation speed after the first token.
     pub decode_tokens_per_s_mean: Option<f64>,
     /// Time to first token, microseconds.
@@ -188,6 +195,11 @@ impl Summary {
             tokens_per_s: per_second(completion_tokens as f64),
             prompt_tokens: ok().filter_map(|r| r.prompt_tokens).sum(),
             cached_tokens: ok().filter_map(|r| r.cached_tokens).sum(),
+            cache_reported_prompt_tokens: Some(
+                ok().filter(|r| r.cached_tokens.is_some())
+                    .filter_map(|r| r.prompt_tokens)
+                    .sum(),
+            ),
             decode_tokens_per_s_mean: (!decode.is_empty())
                 .then(|| decode.iter().sum::<f64>() / decode.len() as f64),
             ttft_us: LatencyStats::from_values(ok().filter_map(|r| r.ttft_us)),
@@ -211,8 +223,13 @@ impl Summary {
     }
 
     /// Share of prompt tokens served from cache, when prompt tokens were reported.
+    /// Share of prompt tokens served from the server's cache, over the requests that reported
+    /// it; `None` when none did.
     pub fn cache_hit_ratio(&self) -> Option<f64> {
-        (self.prompt_tokens > 0).then(|| self.cached_tokens as f64 / self.prompt_tokens as f64)
+        let base = self
+            .cache_reported_prompt_tokens
+            .unwrap_or(self.prompt_tokens);
+        (base > 0).then(|| self.cached_tokens as f64 / base as f64)
     }
 }
 
@@ -287,6 +304,31 @@ mod tests {
         assert!((s.tokens_per_s - 500.0).abs() < 1e-9);
         assert_eq!(s.cache_hit_ratio(), Some(0.25));
         assert!((s.error_rate() - 3.0 / 103.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_cache_hit_ratio_counts_only_requests_that_reported_their_cache() {
+        // 100 prompt tokens with 25 cached, and 100 more from a server that says nothing of
+        // its cache (the older BitNet server): 25 %, not 12.5 %.
+        let silent = RequestRecord {
+            cached_tokens: None,
+            ..record(1000, 2000, None)
+        };
+        let records = vec![record(1000, 2000, None), silent.clone()];
+        let s = Summary::compute(&records, &latency_histogram(), 1.0, 0);
+        assert_eq!(s.prompt_tokens, 200);
+        assert_eq!(s.cache_hit_ratio(), Some(0.25));
+        // Nobody reported: no ratio at all rather than 0 %.
+        let s = Summary::compute(&[silent.clone(), silent], &latency_histogram(), 1.0, 0);
+        assert_eq!(s.cache_hit_ratio(), None);
+        // Results written before the field existed keep their old ratio.
+        let mut old =
+            serde_json::to_value(Summary::compute(&records, &latency_histogram(), 1.0, 0)).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .remove("cache_reported_prompt_tokens");
+        let old: Summary = serde_json::from_value(old).unwrap();
+        assert_eq!(old.cache_hit_ratio(), Some(0.125));
     }
 
     #[test]
