@@ -78,7 +78,7 @@ impl RequestMetrics {
             duration: histogram(r, "bitnet_gateway_request_duration_seconds", "Time from a request's arrival to the end of its response body.", &["backend", "model", "endpoint"], LATENCY_BUCKETS),
             ttft: histogram(r, "bitnet_gateway_time_to_first_token_seconds", "Time from arrival to the first content-bearing chunk (streams) or to the response head (non-streaming).", &["backend", "model"], LATENCY_BUCKETS),
             prompt_tokens: counter(r, "bitnet_gateway_prompt_tokens_total", "Prompt tokens, as reported by the backend, including cached ones.", &["backend", "model"]),
-            cached_tokens: counter(r, "bitnet_gateway_prompt_tokens_cached_total", "Prompt tokens the backend served from its prompt cache.", &["backend", "model"]),
+            cached_tokens: counter(r, "bitnet_gateway_prompt_tokens_cached_total", "Prompt tokens the backend served from its prompt cache, as it reports them. The older BitNet server's streamed answers carry no such figure, so for it this stays 0 whatever its cache does.", &["backend", "model"]),
             completion_tokens: counter(r, "bitnet_gateway_completion_tokens_total", "Generated tokens, as reported by the backend (or counted content chunks when it reports none).", &["backend", "model"]),
             by_key: counter(r, "bitnet_gateway_requests_by_key_total", "Requests that presented a valid key, by the key's configured name.", &["key"]),
             auth_failures: counter(r, "bitnet_gateway_auth_failures_total", "Requests refused for their key: reason is missing or invalid.", &["reason"]),

@@ -105,8 +105,8 @@ pub struct Summary {
     pub cached_tokens: u64,
     /// Prompt tokens of the successful requests whose server also said how many came from
     /// its cache: the base of [`cache_hit_ratio`](Self::cache_hit_ratio). The older BitNet
-    /// server reports no cache figure at all, and counting its prompts as all uncached would
-    /// show a 0 % hit rate for a cache that may be working. `None` in results written before
+    /// server's streamed answers carry no cache figure, and counting their prompts as all
+    /// uncached would show a 0 % hit rate for a cache that may be working. `None` in results written before
     /// this field existed, whose ratio is taken over all prompt tokens.
     #[serde(default)]
     pub cache_reported_prompt_tokens: Option<u64>,
