@@ -106,8 +106,8 @@ pub struct Summary {
     /// Prompt tokens of the successful requests whose server also said how many came from
     /// its cache: the base of [`cache_hit_ratio`](Self::cache_hit_ratio). The older BitNet
     /// server's streamed answers carry no cache figure, and counting their prompts as all
-    /// uncached would show a 0 % hit rate for a cache that may be working. `None` in results written before
-    /// this field existed, whose ratio is taken over all prompt tokens.
+    /// uncached would show a 0 % hit rate for a cache that may be working. `None` in results
+    /// written before this field existed, whose ratio is taken over all prompt tokens.
     #[serde(default)]
     pub cache_reported_prompt_tokens: Option<u64>,
     /// Mean per-request generation speed after the first token.
@@ -222,7 +222,6 @@ impl Summary {
         }
     }
 
-    /// Share of prompt tokens served from cache, when prompt tokens were reported.
     /// Share of prompt tokens served from the server's cache, over the requests that reported
     /// it; `None` when none did.
     pub fn cache_hit_ratio(&self) -> Option<f64> {
