@@ -21,7 +21,7 @@ use crate::state::Gateway;
 /// std's) `bind` asks for 128: a thousand agents reconnecting at once overflow that, and the
 /// ones dropped wait for the client's SYN retransmission, a whole second, before the gateway
 /// even sees them. The kernel caps this at `net.core.somaxconn`, the knob to turn for more.
-const LISTEN_BACKLOG: u32 = 4096;
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Bind the gateway's listening socket to `addr`, with a backlog of [`LISTEN_BACKLOG`].
 pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
