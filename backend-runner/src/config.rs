@@ -43,7 +43,7 @@
 //! cpus = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
 //! ```
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -488,7 +488,7 @@ impl RawConfig {
                 cpus,
             });
         }
-        check_unique(&instances)?;
+        check_unique(&instances, control)?;
 
         Ok(Config {
             llama_server: self
@@ -640,9 +640,15 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_unique(instances: &[InstanceConfig]) -> Result<(), ConfigError> {
+/// Names and listening addresses must not collide: two listeners on one port fail at
+/// start, and an instance on the control port would have the control API's `/health`
+/// answer for it.
+fn check_unique(instances: &[InstanceConfig], control: SocketAddr) -> Result<(), ConfigError> {
     let mut names = HashSet::new();
-    let mut ports: HashMap<(IpAddr, u16), &str> = HashMap::new();
+    let mut taken: Vec<(SocketAddr, &str)> = Vec::new();
+    if control.port() != 0 {
+        taken.push((control, "the control API"));
+    }
     for (i, inst) in instances.iter().enumerate() {
         if !names.insert(inst.name.as_str()) {
             return Err(invalid(
@@ -653,17 +659,33 @@ fn check_unique(instances: &[InstanceConfig]) -> Result<(), ConfigError> {
         if inst.port == 0 {
             continue;
         }
-        if let Some(other) = ports.insert((inst.host, inst.port), &inst.name) {
+        let addr = SocketAddr::new(inst.host, inst.port);
+        if let Some((other_addr, other)) = taken.iter().find(|(a, _)| overlap(*a, addr)) {
             return Err(invalid(
                 format!("instance[{i}].port"),
                 format!(
-                    "{} and {} would both listen on {}:{}",
-                    other, inst.name, inst.host, inst.port
+                    "{} on {addr} and {other} on {other_addr} would listen on the same port",
+                    inst.name
                 ),
             ));
         }
+        taken.push((addr, &inst.name));
     }
     Ok(())
+}
+
+/// Whether two listeners would clash: the same port on the same address, or on any address
+/// of a family when either is that family's wildcard (`::` takes IPv4 too, by default).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() {
+        return false;
+    }
+    let dual_stack = |ip: IpAddr| matches!(ip, IpAddr::V6(v6) if v6.is_unspecified());
+    let (x, y) = (a.ip(), b.ip());
+    x == y
+        || dual_stack(x)
+        || dual_stack(y)
+        || (x.is_ipv4() == y.is_ipv4() && (x.is_unspecified() || y.is_unspecified()))
 }
 
 #[cfg(test)]
@@ -778,6 +800,40 @@ mod tests {
             err.contains("instance[1].port") && err.contains("8102"),
             "{err}"
         );
+        // A wildcard listener clashes with any address of its family.
+        let err = parse(
+            "model = \"/m\"\n[[instance]]\nhost = \"0.0.0.0\"\nport = 8200\n\
+             [[instance]]\nport = 8200",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("instance[1].port"), "{err}");
+        // Different addresses of one family, or an IPv4 wildcard beside IPv6 loopback, do not.
+        for pair in [("127.0.0.1", "127.0.0.2"), ("0.0.0.0", "::1")] {
+            let text = format!(
+                "model = \"/m\"\n[[instance]]\nhost = {:?}\nport = 8200\n\
+                 [[instance]]\nhost = {:?}\nport = 8200",
+                pair.0, pair.1
+            );
+            assert!(parse(&text).is_ok(), "{pair:?}");
+        }
+    }
+
+    #[test]
+    fn an_instance_on_the_control_port_is_rejected() {
+        // Its health check would be answered by the control API.
+        let err = parse("model = \"/m\"\ncontrol = \"127.0.0.1:8101\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instance[0].port") && err.contains("control API"),
+            "{err}"
+        );
+        let err = parse("model = \"/m\"\ncontrol = \"0.0.0.0:8102\"\ninstances = 2")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("instance[1].port"), "{err}");
+        assert!(parse("model = \"/m\"\ncontrol = \"127.0.0.1:0\"\nbase_port = 0").is_ok());
     }
 
     #[test]

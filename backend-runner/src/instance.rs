@@ -190,6 +190,11 @@ impl Instance {
         }
     }
 
+    /// The current process's port, once known.
+    pub fn port(&self) -> Option<u16> {
+        self.lock().port
+    }
+
     /// The current process's base URL, once its port is known.
     pub fn url(&self) -> Option<String> {
         let port = self.lock().port?;

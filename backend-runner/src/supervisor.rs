@@ -348,16 +348,28 @@ impl Supervisor {
     ) -> Result<(), Ended> {
         let timing = self.shared.timing.clone();
         let deadline = spawned + timing.startup_timeout;
+        let mut stranger_warned = false;
         loop {
-            if let Some(url) = self.inst.url() {
+            if let Some((url, port)) = self.inst.url().zip(self.inst.port()) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 let probe = timing
                     .health_timeout
                     .min(left)
                     .max(Duration::from_millis(1));
                 if self.shared.prober.health(&url, probe).await == Health::Ok {
-                    tracing::info!(instance = self.name(), url = %url, secs = spawned.elapsed().as_secs_f64(), "ready");
-                    return Ok(());
+                    // Another process may have taken the port: then the answer is its, and
+                    // this instance is about to fail to bind. Ready it is not. The runner
+                    // itself is no stranger: nothing of its own listens on an instance's
+                    // port (config refuses the control API there), and in-process tests
+                    // serve an instance's port from inside it.
+                    let own = std::process::id();
+                    if procfs::port_held_by(port, proc.pid, own) != Some(false) {
+                        tracing::info!(instance = self.name(), url = %url, secs = spawned.elapsed().as_secs_f64(), "ready");
+                        return Ok(());
+                    }
+                    if !std::mem::replace(&mut stranger_warned, true) {
+                        tracing::warn!(instance = self.name(), port, pid = proc.pid, "another process listens on this instance's port and answers its health check; not ready");
+                    }
                 }
             }
             let now = Instant::now();

@@ -119,6 +119,87 @@ fn instance_that_exits_with_an_error_on_its_first_start_stops_the_runner() {
     assert!(out.contains("model.gguf"), "{out}");
 }
 
+/// Kills every process whose pid a test's scripts appended to `path`, when dropped: they
+/// run in sessions of their own, out of the runner's reach.
+struct KillPidFile(std::path::PathBuf);
+
+impl Drop for KillPidFile {
+    fn drop(&mut self) {
+        let pids = std::fs::read_to_string(&self.0).unwrap_or_default();
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+#[test]
+fn a_health_answer_from_another_process_on_the_port_is_not_readiness() {
+    // The instance announces a port that a stranger (another session, another process
+    // group) serves, answering 200 to everything; then it fails to bind, as llama-server
+    // does when its port was taken after the runner's check. The stranger's answers must
+    // not make the instance ready: its first start fails, and the runner says why.
+    let dir = TempDir::new("stranger");
+    let d = dir.path().display();
+    let _stranger = KillPidFile(dir.path().join("stranger.pid"));
+    let server = r#"
+import http.server, os, sys
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+    def log_message(self, *args):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", 0), Ok)
+open(sys.argv[1] + ".tmp", "w").write(str(s.server_address[1]))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+s.serve_forever()
+"#;
+    let mut runner = start(
+        &dir,
+        &format!(
+            "setsid python3 -c '{server}' {d}/stranger.port &\n\
+             echo $! >> {d}/stranger.pid\n\
+             while [ ! -s {d}/stranger.port ]; do sleep 0.05; done\n\
+             echo \"listening on http://127.0.0.1:$(cat {d}/stranger.port)\" >&2\n\
+             sleep 2\n\
+             echo \"error: couldn't bind HTTP server socket\" >&2\n\
+             exit 1"
+        ),
+        "",
+    );
+    let status = runner
+        .child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
+    std::thread::sleep(Duration::from_millis(50));
+    let out = runner.child.output_so_far();
+    assert!(
+        std::fs::read_to_string(dir.path().join("stranger.port")).is_ok(),
+        "the stranger never served:\n{out}"
+    );
+    let messages: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(!messages.iter().any(|m| m == "ready"), "{out}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("another process listens")),
+        "{out}"
+    );
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("instance i0 could not start"), "{out}");
+    assert!(out.contains("couldn't bind"), "{out}");
+}
+
 #[test]
 fn instance_output_goes_to_a_rotated_file() {
     let dir = TempDir::new("log-file");
