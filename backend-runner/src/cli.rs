@@ -112,7 +112,10 @@ pub struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
 
-    /// Print the resolved configuration and exit without starting anything.
+    /// Check the configuration (binary, model files, core plan, log directory, which it
+    /// creates), print it resolved with the core plan, and exit without starting any
+    /// instance. Ports held by another process now are warnings here, not errors: the old
+    /// instances may still hold them until the runner replaces them.
     #[arg(long)]
     pub check_config: bool,
 

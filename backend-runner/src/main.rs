@@ -33,6 +33,23 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
+    if check_only {
+        return match preflight::check_config(&config) {
+            Ok((plan, busy)) => {
+                println!("{config:#?}\n{plan:#?}");
+                for err in busy {
+                    eprintln!(
+                        "bitnet-runner: warning: {err}; it must be free when the runner starts"
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("bitnet-runner: {err}");
+                ExitCode::from(EXIT_BAD_INPUT)
+            }
+        };
+    }
     let plan = match preflight::check(&config) {
         Ok(p) => p,
         Err(err) => {
@@ -40,10 +57,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_INPUT);
         }
     };
-    if check_only {
-        println!("{config:#?}\n{plan:#?}");
-        return ExitCode::SUCCESS;
-    }
 
     // A current-thread runtime: instances are spawned from the main thread, which lives as
     // long as the process, so their parent-death signal fires only when the runner dies.

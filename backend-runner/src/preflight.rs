@@ -53,19 +53,20 @@ pub enum PreflightError {
     /// The affinity mask could not be read.
     #[error("cannot read this process's CPU affinity: {0}")]
     Affinity(nix::Error),
-    /// Another process listens on an instance's port.
-    #[error("port {} on {} for instance {instance} is already in use by another process", addr.port(), addr.ip())]
+    /// Another process listens on an instance's port (or, for `--check-config`, the
+    /// control API's).
+    #[error("port {} on {} for {owner} is already in use by another process", addr.port(), addr.ip())]
     PortInUse {
-        /// Instance.
-        instance: String,
+        /// `instance NAME`, or `the control API`.
+        owner: String,
         /// Host and port.
         addr: SocketAddr,
     },
     /// The port cannot be bound for another reason (address not on this host, privileged).
-    #[error("instance {instance} cannot listen on {addr}: {source}")]
+    #[error("{owner} cannot listen on {addr}: {source}")]
     PortUnusable {
-        /// Instance.
-        instance: String,
+        /// `instance NAME`, or `the control API`.
+        owner: String,
         /// Host and port.
         addr: SocketAddr,
         /// Why.
@@ -83,6 +84,31 @@ pub enum PreflightError {
 
 /// Runs every check, in the order a user would fix things.
 pub fn check(config: &Config) -> Result<Plan, PreflightError> {
+    let (plan, busy) = check_with(config, false)?;
+    debug_assert!(busy.is_empty());
+    Ok(plan)
+}
+
+/// The checks for `--check-config`, which may run while the ports are still held: by the
+/// old llama-server units a new install replaces, or by this runner itself before a
+/// restart with an edited file. A port in use now is returned as a warning (the control
+/// API's included, which a start checks by binding it); everything else fails as in
+/// [`check`].
+pub fn check_config(config: &Config) -> Result<(Plan, Vec<PreflightError>), PreflightError> {
+    let (plan, mut busy) = check_with(config, true)?;
+    match check_port("the control API", config.control) {
+        Err(e @ PreflightError::PortInUse { .. }) => busy.push(e),
+        other => other?,
+    }
+    Ok((plan, busy))
+}
+
+/// Runs the checks; with `busy_is_warning`, ports in use are collected instead of failing.
+fn check_with(
+    config: &Config,
+    busy_is_warning: bool,
+) -> Result<(Plan, Vec<PreflightError>), PreflightError> {
+    let mut busy = Vec::new();
     let llama_server = find_binary(&config.llama_server)?;
     for inst in &config.instances {
         check_model(&inst.name, &inst.model)?;
@@ -93,7 +119,11 @@ pub fn check(config: &Config) -> Result<Plan, PreflightError> {
         // something takes it in between, the instance's first start fails with llama-server's
         // own bind error, which the runner reports just as clearly.
         if inst.port != 0 {
-            check_port(&inst.name, SocketAddr::new(inst.host, inst.port))?;
+            let owner = format!("instance {}", inst.name);
+            match check_port(&owner, SocketAddr::new(inst.host, inst.port)) {
+                Err(e @ PreflightError::PortInUse { .. }) if busy_is_warning => busy.push(e),
+                other => other?,
+            }
         }
     }
     if let Some(files) = &config.log_files {
@@ -102,7 +132,7 @@ pub fn check(config: &Config) -> Result<Plan, PreflightError> {
             source,
         })?;
     }
-    Ok(Plan { llama_server, cpus })
+    Ok((Plan { llama_server, cpus }, busy))
 }
 
 /// Resolves `binary` as a path if it has a `/`, else on `PATH`, and checks it can be run.
@@ -172,15 +202,15 @@ fn plan_cpus(config: &Config) -> Result<Vec<Option<Vec<usize>>>, PreflightError>
     Ok(cpus)
 }
 
-fn check_port(instance: &str, addr: SocketAddr) -> Result<(), PreflightError> {
+fn check_port(owner: &str, addr: SocketAddr) -> Result<(), PreflightError> {
     match TcpListener::bind(addr) {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(PreflightError::PortInUse {
-            instance: instance.to_owned(),
+            owner: owner.to_owned(),
             addr,
         }),
         Err(source) => Err(PreflightError::PortUnusable {
-            instance: instance.to_owned(),
+            owner: owner.to_owned(),
             addr,
             source,
         }),
@@ -222,10 +252,44 @@ mod tests {
     #[test]
     fn a_listening_port_is_reported_as_in_use() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = check_port("i0", taken.local_addr().unwrap()).unwrap_err();
+        let err = check_port("instance i0", taken.local_addr().unwrap()).unwrap_err();
         let port = taken.local_addr().unwrap().port();
         assert!(matches!(err, PreflightError::PortInUse { .. }));
         assert!(err.to_string().contains(&port.to_string()), "{err}");
+    }
+
+    #[test]
+    fn check_config_warns_of_busy_ports_where_a_start_refuses() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let model =
+            std::env::temp_dir().join(format!("bitnet-runner-model-{}", std::process::id()));
+        std::fs::write(&model, "GGUF").unwrap();
+        let model = model.to_str().unwrap().to_owned();
+        let instance_busy = config(&format!(
+            "llama_server = \"sh\"\nmodel = {model:?}\nbase_port = {port}\ncontrol = \"127.0.0.1:0\""
+        ));
+        let control_busy = config(&format!(
+            "llama_server = \"sh\"\nmodel = {model:?}\nbase_port = 0\ncontrol = \"127.0.0.1:{port}\""
+        ));
+        let outcomes = (
+            check(&instance_busy),
+            check_config(&instance_busy),
+            check_config(&control_busy),
+        );
+        let _ = std::fs::remove_file(&model);
+        let (start, checked, control) = outcomes;
+        assert!(matches!(start, Err(PreflightError::PortInUse { .. })));
+        let (_, busy) = checked.unwrap();
+        assert_eq!(busy.len(), 1, "{busy:?}");
+        assert!(busy[0].to_string().contains("instance i0"), "{}", busy[0]);
+        let (_, busy) = control.unwrap();
+        assert_eq!(busy.len(), 1, "{busy:?}");
+        assert!(
+            busy[0].to_string().contains("the control API"),
+            "{}",
+            busy[0]
+        );
     }
 
     #[test]

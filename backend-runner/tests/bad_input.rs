@@ -216,6 +216,35 @@ fn impossible_pinning_is_refused_at_start() {
 }
 
 #[test]
+fn check_config_warns_of_a_port_in_use_that_a_start_refuses() {
+    // An install checks its config while the old instances still hold their ports.
+    let dir = TempDir::new("check-busy");
+    let script = dir.script("llama-server", "sleep 30");
+    let model = dir.write("model.gguf", "GGUF");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let mut base = vec![
+        "--llama-server",
+        script.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--no-pin",
+        "--base-port",
+        &port,
+    ];
+    let (start, start_out) = run_to_exit(&base);
+    base.push("--check-config");
+    let (check, check_out) = run_to_exit(&base);
+    assert_eq!(start, Some(2), "{start_out}");
+    assert_eq!(check, Some(0), "{check_out}");
+    assert!(
+        check_out.contains("warning") && check_out.contains(&format!("port {port}")),
+        "{check_out}"
+    );
+    assert!(check_out.contains("InstanceConfig {"), "{check_out}");
+}
+
+#[test]
 fn help_explains_every_option() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
