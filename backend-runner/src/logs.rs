@@ -1,5 +1,5 @@
 //! Instance output: every line of a llama-server's stdout and stderr goes to the runner's log
-//! prefixed with `[NAME]`, optionally to a size-rotated file per instance, and into a short
+//! prefixed with `[NAME]`, at the level the line itself shows ([`level_of`]), optionally to a size-rotated file per instance, and into a short
 //! in-memory tail that explains a failed start. Lines announcing the listening port are also
 //! read back, for instances started on port 0.
 //!
@@ -150,7 +150,12 @@ async fn forward(
         // A model's output can be any bytes; keep the line rather than drop it.
         let text = String::from_utf8_lossy(&buf);
         let line = text.trim_end_matches(['\n', '\r']);
-        tracing::info!(target: "llama_server", "[{}] {line}", inst.name());
+        // One macro per level: tracing fixes an event's level where it is written.
+        match level_of(line) {
+            Level::Error => tracing::error!(target: "llama_server", "[{}] {line}", inst.name()),
+            Level::Warn => tracing::warn!(target: "llama_server", "[{}] {line}", inst.name()),
+            Level::Info => tracing::info!(target: "llama_server", "[{}] {line}", inst.name()),
+        }
         tail.push(line);
         if let Some(file) = file {
             let _ = file.send(line.to_owned());
@@ -164,9 +169,102 @@ async fn forward(
     }
 }
 
+/// How a line of llama-server's output is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Error,
+    Warn,
+    Info,
+}
+
+/// The level a line of llama-server's output shows, so that a filter such as
+/// `llama_server=warn` keeps its errors and drops its chatter.
+///
+/// - Upstream writes `0.00.009.038 E gguf_init_from_file: ...`: a timestamp, then `E`, `W`,
+///   `I` or `D`.
+/// - The older BitNet server writes JSON lines with `"level":"ERR"` (or `WARN`, `INFO`,
+///   `VERB`), and plain lines from the model loader such as `llama_model_load: error
+///   loading model: ...`, which have no level: those mentioning an error or a failure are
+///   taken as warnings.
+fn level_of(line: &str) -> Level {
+    let mut words = line.split_ascii_whitespace();
+    if let (Some(stamp), Some(letter)) = (words.next(), words.next()) {
+        if !stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            match letter {
+                "E" => return Level::Error,
+                "W" => return Level::Warn,
+                "I" | "D" => return Level::Info,
+                _ => {}
+            }
+        }
+    }
+    if line.starts_with('{') {
+        if line.contains(r#""level":"ERR""#) {
+            return Level::Error;
+        }
+        if line.contains(r#""level":"WARN""#) {
+            return Level::Warn;
+        }
+        if line.contains(r#""level":""#) {
+            return Level::Info;
+        }
+    }
+    let lower = line.to_ascii_lowercase();
+    if lower.contains("error") || lower.contains("failed") {
+        Level::Warn
+    } else {
+        Level::Info
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_logged_at_the_level_they_show() {
+        for (line, level) in [
+            (
+                "0.00.009.038 E gguf_init_from_file: failed to open GGUF file",
+                Level::Error,
+            ),
+            (
+                "0.00.006.567 W srv  llama_server: security: no API key is set",
+                Level::Warn,
+            ),
+            (
+                "0.00.025.148 I srv  llama_server: listening on http://127.0.0.1:1",
+                Level::Info,
+            ),
+            // A debug line about an error is still a debug line.
+            (
+                "0.00.025.148 D srv  update_slots: error count 0",
+                Level::Info,
+            ),
+            (
+                r#"{"tid":"1","timestamp":1,"level":"ERR","function":"main","msg":"x"}"#,
+                Level::Error,
+            ),
+            (
+                r#"{"tid":"1","timestamp":1,"level":"WARN","function":"main","msg":"x"}"#,
+                Level::Warn,
+            ),
+            (
+                r#"{"tid":"1","timestamp":1,"level":"INFO","msg":"error count 0"}"#,
+                Level::Info,
+            ),
+            (
+                "llama_model_load: error loading model: bad magic",
+                Level::Warn,
+            ),
+            ("main: failed to load model", Level::Warn),
+            ("llm_load_print_meta: n_ctx_train = 4096", Level::Info),
+            ("", Level::Info),
+            ("12 E", Level::Error),
+        ] {
+            assert_eq!(level_of(line), level, "{line:?}");
+        }
+    }
 
     #[test]
     fn tail_keeps_only_the_last_lines() {
