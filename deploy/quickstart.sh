@@ -114,9 +114,13 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+trap 'exit 129' HUP
 
+# The runner and the gateway run in sessions of their own (setsid), so that a Ctrl-C at the
+# terminal reaches only this script. cleanup() then stops them once each, in order: a
+# signal from the terminal as well would be their second, which means "stop now" to both.
 echo "== starting bitnet-runner: $INSTANCES x $kind (log: $runner_log)"
-"$bin_dir/bitnet-runner" \
+setsid "$bin_dir/bitnet-runner" \
   --llama-server "$backend_bin" --model "$model" \
   --instances "$INSTANCES" --threads "$threads" --ctx "$CTX" \
   --base-port 0 --control "$RUNNER_CONTROL" \
@@ -143,7 +147,7 @@ while :; do
 done
 
 echo "== starting bitnet-gateway on $LISTEN (log: $gateway_log)"
-"$bin_dir/bitnet-gateway" --listen "$LISTEN" --model "$MODEL_ID" --alias bitnet \
+setsid "$bin_dir/bitnet-gateway" --listen "$LISTEN" --model "$MODEL_ID" --alias bitnet \
   --policy predicted-ttft --runner "$control" >"$gateway_log" 2>&1 &
 gateway_pid=$!
 

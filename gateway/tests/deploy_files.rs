@@ -514,15 +514,31 @@ fn quickstart_brings_up_the_stack_answers_its_curl_and_leaves_nothing_on_ctrl_c(
         "max_tokens of the curl"
     );
 
-    // Everything that must be gone afterwards: the script's process group (the script, the
-    // runner, the gateway) and the instances, which the runner puts in groups of their own.
-    let group = run(Command::new("pgrep")
-        .arg("-g")
-        .arg(script.pid().to_string()));
-    let mut pids: Vec<u32> = text(&group.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    // Everything that must be gone afterwards: the script's process group, its children (the
+    // runner and the gateway, in sessions of their own) and the instances, which the runner
+    // puts in groups of their own.
+    let pids_of = |flag: &str| -> Vec<u32> {
+        let out = run(Command::new("pgrep")
+            .arg(flag)
+            .arg(script.pid().to_string()));
+        text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let children = pids_of("-P");
+    assert_eq!(
+        children.len(),
+        2,
+        "the runner and the gateway: {children:?}"
+    );
+    let mut pids = pids_of("-g");
+    assert!(pids.contains(&script.pid()), "{pids:?}");
+    assert!(
+        children.iter().all(|c| !pids.contains(c)),
+        "a Ctrl-C at the terminal must reach only the script, which stops the others in order"
+    );
+    pids.extend(children);
     let instances = run(Command::new("curl").args(["-fsS", &format!("{control}/instances")]));
     let instances: serde_json::Value =
         serde_json::from_slice(&instances.stdout).expect("runner /instances");
@@ -533,7 +549,6 @@ fn quickstart_brings_up_the_stack_answers_its_curl_and_leaves_nothing_on_ctrl_c(
         .filter_map(|i| i["pid"].as_u64().map(|p| p as u32))
         .collect();
     assert_eq!(instance_pids.len(), 2, "{instances}");
-    assert!(pids.len() >= 3, "script, runner and gateway: {pids:?}");
     pids.extend(instance_pids);
 
     // Ctrl-C: SIGINT to the whole foreground process group, as a terminal sends it.
@@ -546,6 +561,14 @@ fn quickstart_brings_up_the_stack_answers_its_curl_and_leaves_nothing_on_ctrl_c(
         .expect("wait")
         .unwrap_or_else(|| panic!("still running after Ctrl-C:\n{}", script.output_so_far()));
     assert_eq!(status.code(), Some(130), "{}", script.output_so_far());
+    // One signal each: the runner drained and stopped its instances rather than killing them.
+    let runner_log = std::fs::read_to_string(logs.0.join("runner.log")).expect("runner.log");
+    assert!(!runner_log.contains("second signal"), "{runner_log}");
+    assert!(
+        !script.output_so_far().contains("exited (status"),
+        "{}",
+        script.output_so_far()
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !pids.iter().all(|&p| process_gone(p)) {
         assert!(
