@@ -222,8 +222,15 @@ pub async fn forward(
         let bitnet = backend.dialect.get() == Dialect::Bitnet;
         let mut dropped_tools = false;
         let mut body = if bitnet && out.is_openai_generation() {
-            let r = bitnet::rewrite_request(&out.body, &pool.id, cfg.tools)
-                .map_err(|e| GatewayError::ToolsUnsupported(e.to_string()))?;
+            let r =
+                bitnet::rewrite_request(&out.body, &pool.id, cfg.tools).map_err(|e| match e {
+                    bitnet::RewriteError::ToolsUnsupported => {
+                        GatewayError::ToolsUnsupported(e.to_string())
+                    }
+                    bitnet::RewriteError::NotAnObject(_) => {
+                        GatewayError::InvalidRequest(e.to_string())
+                    }
+                })?;
             dropped_tools = r.dropped_tools;
             r.body
         } else {

@@ -29,8 +29,12 @@ struct Peek<'a> {
 
 /// Read `model` and `stream` from a JSON object body.
 pub fn inspect(body: &[u8]) -> Result<Inspected<'_>, String> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err("the request body is empty; expected a JSON object".into());
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err("the request body is empty; expected a JSON object".into()),
+        Some(b'{') => {}
+        // serde reads a struct from an array too, by position: `["m", true]` would be
+        // model "m", streamed. Only an object is a request.
+        Some(_) => return Err("the request body must be a JSON object ({...})".into()),
     }
     let peek: Peek<'_> = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON for this endpoint: {e}"))?;
@@ -66,6 +70,11 @@ mod tests {
             b"  ",
             b"{",
             b"[1,2]",
+            b"[]",
+            br#"["falcon3-10b", true]"#,
+            br#""hi""#,
+            b"null",
+            b"5",
             b"{\"model\":5}",
             b"{\"stream\":\"yes\"}",
             b"\xff\xfe",
@@ -77,6 +86,12 @@ mod tests {
         assert!(inspect(br#"{"model":5}"#)
             .unwrap_err()
             .contains("invalid type"));
+        for not_object in [&br#" ["m", true]"#[..], b"null", b"\"hi\""] {
+            assert_eq!(
+                inspect(not_object).unwrap_err(),
+                "the request body must be a JSON object ({...})"
+            );
+        }
     }
 
     #[test]

@@ -292,7 +292,14 @@ async fn proxy(
     let seen = inspect(&body).map_err(GatewayError::InvalidRequest)?;
     let pool = gw
         .resolve(seen.model.as_deref())
-        .map_err(|name| GatewayError::ModelNotFound(clip(&name, 64)))?;
+        .map_err(|name| match name {
+            Some(name) => GatewayError::ModelNotFound(clip(&name, 64)),
+            None => GatewayError::InvalidRequest(
+                "the request names no model, and several are served here: set `model` \
+                 (GET /v1/models lists them)"
+                    .into(),
+            ),
+        })?;
     let stream = seen.stream;
     let generation = GENERATION.contains(&endpoint);
     if cfg.context_guard && generation {
@@ -412,10 +419,7 @@ fn admin(gw: &Gateway, method: &Method, rest: &str) -> Result<Response<GatewayBo
                     .map(|b| (p.clone(), b.clone()))
             });
             let Some((pool, backend)) = found else {
-                return Err(GatewayError::NotFound(format!(
-                    "/admin/backends/{}",
-                    clip(name, 64)
-                )));
+                return Err(GatewayError::BackendNotFound(clip(name, 64)));
             };
             let hold = *action == "drain";
             backend.set_held(hold);

@@ -122,8 +122,9 @@ impl Gateway {
     ///
     /// A named model is looked up by id or alias; a missing one goes to the default model,
     /// or to the only model when there is just one (there is nothing to choose between).
-    /// `Err` carries the unknown name.
-    pub fn resolve(&self, model: Option<&str>) -> Result<Arc<ModelPool>, String> {
+    /// `Err` carries the unknown name, or `None` when the request named no model and there
+    /// are several to choose from.
+    pub fn resolve(&self, model: Option<&str>) -> Result<Arc<ModelPool>, Option<String>> {
         if let Some(name) = model {
             if let Some(p) = self.names.get(name) {
                 return Ok(p.clone());
@@ -136,8 +137,8 @@ impl Gateway {
         }
         match (model, self.pools().as_slice()) {
             (None, [only]) => Ok(only.clone()),
-            (None, _) => Err("(none)".to_string()),
-            (Some(name), _) => Err(name.to_string()),
+            (None, _) => Err(None),
+            (Some(name), _) => Err(Some(name.to_string())),
         }
     }
 

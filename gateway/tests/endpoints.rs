@@ -103,11 +103,39 @@ async fn with_a_default_model_unknown_and_missing_models_go_to_it() {
 }
 
 #[tokio::test]
+async fn without_a_default_a_request_naming_no_model_is_told_to_name_one() {
+    let a = FakeBackend::start("a", 2, |_| Reply::Json(200, "{}".into())).await;
+    let b = FakeBackend::start("b", 2, |_| Reply::Json(200, "{}".into())).await;
+    let toml = format!(
+        "[[models]]\nid = \"first\"\nbackends = [{{ url = \"{}\" }}]\n[[models]]\nid = \"second\"\nbackends = [{{ url = \"{}\" }}]\n",
+        a.url(),
+        b.url()
+    );
+    let gw = TestGateway::start(&toml).await;
+    let got = post_json(&gw.url("/v1/chat/completions"), r#"{"messages":[]}"#).await;
+    got.assert_openai_error(400, "invalid_request");
+    let message = got.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("names no model"), "{message}");
+    assert_eq!(a.count() + b.count(), 0);
+}
+
+#[tokio::test]
 async fn malformed_json_is_400_and_never_reaches_a_backend() {
     let be = echo_backend().await;
     let gw = TestGateway::over(&[be.url()], "").await;
     let url = gw.url("/v1/chat/completions");
-    for bad in ["{", "", "[1]", r#"{"model":7}"#, r#"{"stream":"yes"}"#] {
+    // Arrays too: serde would read `["m", true]` as a struct by position.
+    for bad in [
+        "{",
+        "",
+        "[1]",
+        "[]",
+        r#"["m", true]"#,
+        "null",
+        r#""hi""#,
+        r#"{"model":7}"#,
+        r#"{"stream":"yes"}"#,
+    ] {
         post_json(&url, bad)
             .await
             .assert_openai_error(400, "invalid_request");
