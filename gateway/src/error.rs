@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// The body is not the JSON this endpoint needs.
     #[error("{0}")]
     InvalidRequest(String),
+    /// An admin request names a backend no model has.
+    #[error("no backend is named '{0}'; GET /admin/backends lists them")]
+    BackendNotFound(String),
     /// The `model` names no configured model or alias, and there is no default.
     #[error("the model '{0}' does not exist; GET /v1/models lists the models served here")]
     ModelNotFound(String),
@@ -54,7 +57,7 @@ pub enum GatewayError {
         retry_after: Duration,
     },
     /// The request waited in the queue for the whole queue timeout.
-    #[error("no slot of model '{model}' became free within {waited:?}; retry later")]
+    #[error("no slot of model '{model}' became free within {}; retry later", seconds(*waited))]
     QueueTimeout {
         model: String,
         waited: Duration,
@@ -67,7 +70,7 @@ pub enum GatewayError {
     #[error("backend {backend} is unreachable: {reason}")]
     Upstream { backend: String, reason: String },
     /// The backend sent no response head within the first-byte timeout.
-    #[error("backend {backend} sent nothing within {waited:?}")]
+    #[error("backend {backend} sent nothing within {}", seconds(*waited))]
     UpstreamTimeout { backend: String, waited: Duration },
     /// The backend has no tool calling and `compat.tools = "reject"`.
     #[error("{0}")]
@@ -116,6 +119,11 @@ impl GatewayError {
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
+            ),
+            BackendNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "backend_not_found",
             ),
             QueueFull { .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -219,6 +227,11 @@ impl GatewayError {
     }
 }
 
+/// A wait as a person reads it: `2.0s`, not `2.000602489s`.
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
 /// `{"error":{"message":...,"type":...,"code":...}}` as bytes.
 pub fn error_body(message: &str, kind: &str, code: &str) -> Bytes {
     let v = serde_json::json!({ "error": { "message": message, "type": kind, "code": code } });
@@ -264,6 +277,19 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("queue is full"));
+    }
+
+    #[test]
+    fn waits_are_written_in_tenths_of_a_second() {
+        let e = GatewayError::QueueTimeout {
+            model: "m".into(),
+            waited: Duration::from_nanos(2_000_602_489),
+            retry_after: Duration::from_secs(1),
+        };
+        assert_eq!(
+            e.to_string(),
+            "no slot of model 'm' became free within 2.0s; retry later"
+        );
     }
 
     #[tokio::test]

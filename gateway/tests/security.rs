@@ -175,9 +175,10 @@ async fn admin_endpoints_need_the_admin_key_and_drain_a_backend() {
     )
     .await;
     assert_eq!(got.headers["x-fake-backend"], "a");
-    read(send(admin("POST", "/admin/backends/nope/drain", "adm")).await)
-        .await
-        .assert_openai_error(404, "not_found");
+    let got = read(send(admin("POST", "/admin/backends/nope/drain", "adm")).await).await;
+    got.assert_openai_error(404, "backend_not_found");
+    let message = got.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("'nope'"), "{message}");
 }
 
 #[test]
