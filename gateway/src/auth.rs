@@ -48,7 +48,10 @@ const MAX_NAME_LEN: usize = 64;
 ///
 /// Exactly one of `key` and `key_env` must be set.
 #[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a key table such as { name = \"openclaw\", key_env = \"OPENCLAW_KEY\" }"
+)]
 pub struct RawApiKey {
     /// The name logs and metrics show for requests made with this key.
     pub name: String,
@@ -116,7 +119,7 @@ impl std::str::FromStr for PublicEndpoints {
             "always" => Ok(PublicEndpoints::Always),
             "never" => Ok(PublicEndpoints::Never),
             other => Err(format!(
-                "unknown policy '{other}' (expected loopback, always or never)"
+                "unknown public_health_metrics value '{other}' (expected loopback, always or never)"
             )),
         }
     }

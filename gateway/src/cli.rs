@@ -31,10 +31,13 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
 
-    /// A backend base URL, repeatable. Append #slots=N to fix its slot count (otherwise it
-    /// is read from the backend's GET /props) and #name=NAME to name it. The backends
-    /// serve the model given by --model; they replace that model's backends from the file.
-    #[arg(long = "backend", value_name = "URL[#slots=N]", value_parser = RawBackend::from_flag)]
+    /// A backend base URL, repeatable. Options follow a '#', joined by '&':
+    /// slots=N fixes its slot count (otherwise read from the backend's GET /props),
+    /// name=NAME names it, dialect=auto|llama.cpp|bitnet sets its dialect (auto detects it
+    /// from /props). E.g. http://127.0.0.1:8101#slots=1&name=i0&dialect=bitnet. The
+    /// backends serve the model given by --model; they replace that model's backends from
+    /// the file.
+    #[arg(long = "backend", value_name = "URL[#slots=N][&name=NAME][&dialect=D]", value_parser = RawBackend::from_flag)]
     pub backends: Vec<RawBackend>,
 
     /// A bitnet-runner control API (e.g. http://127.0.0.1:8099) whose ready instances serve
@@ -98,14 +101,10 @@ pub struct Cli {
     pub workers: Option<usize>,
 
     /// A client API key, repeatable. Clients send it as `Authorization: Bearer KEY` or
-    /// `x-api-key: KEY`. With no key configured anywhere the gateway is open.
-    #[arg(
-        long = "api-key",
-        value_name = "KEY",
-        env = "BITNET_GATEWAY_API_KEYS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
+    /// `x-api-key: KEY`. With no key configured anywhere the gateway is open. Without this
+    /// flag, the environment variable BITNET_GATEWAY_API_KEYS is read: keys separated by
+    /// commas. A flag's value is one key, commas included.
+    #[arg(long = "api-key", value_name = "KEY")]
     pub api_keys: Vec<String>,
 
     /// A file of client API keys, one per line (`name:key` or `key`; `#` comments),
@@ -192,7 +191,13 @@ impl Cli {
         if let Some(v) = self.workers {
             raw.workers = Some(v);
         }
-        raw.cli_api_keys = self.api_keys.clone();
+        raw.cli_api_keys = if self.api_keys.is_empty() {
+            std::env::var(API_KEYS_ENV)
+                .map(|v| split_keys(&v))
+                .unwrap_or_default()
+        } else {
+            self.api_keys.clone()
+        };
         raw.cli_admin_keys = self.admin_keys.clone();
         raw.api_key_files.extend(self.api_key_files.iter().cloned());
         if let Some(v) = self.public_health_metrics {
@@ -257,9 +262,29 @@ impl Cli {
     }
 }
 
+/// Client keys from the environment, when no `--api-key` is given.
+const API_KEYS_ENV: &str = "BITNET_GATEWAY_API_KEYS";
+
+/// The keys in a comma-separated list. Only the environment variable is split: a flag
+/// that was split would turn a key with a comma into two shorter keys, each accepted.
+fn split_keys(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_is_one_key_and_the_environment_a_list() {
+        assert_eq!(cli(&["--api-key", "a,b"]).api_keys, ["a,b"]);
+        assert_eq!(split_keys(" k1, k2,,k3 "), ["k1", "k2", "k3"]);
+        assert!(split_keys("").is_empty());
+    }
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("bitnet-gateway").chain(args.iter().copied())).unwrap()

@@ -243,7 +243,7 @@ impl RawConfig {
 }
 
 impl RawBackend {
-    /// Parse the command-line form `URL` or `URL#slots=N`.
+    /// Parse the command-line form `URL[#slots=N][&name=NAME][&dialect=D]`.
     pub fn from_flag(s: &str) -> Result<RawBackend, String> {
         let (url, frag) = match s.split_once('#') {
             Some((u, f)) => (u, Some(f)),
@@ -258,14 +258,14 @@ impl RawBackend {
                 match kv.split_once('=') {
                     Some(("slots", n)) => {
                         b.slots = Some(n.parse().map_err(|_| {
-                            format!("'{n}' in '{s}' is not a slot count (expected URL#slots=N)")
+                            format!("'{n}' in '{s}' is not a slot count (expected URL#slots=N; join options with '&')")
                         })?)
                     }
                     Some(("name", n)) => b.name = Some(n.to_string()),
                     Some(("dialect", d)) => b.dialect = Some(d.parse()?),
                     _ => {
                         return Err(format!(
-                            "unknown backend option '{kv}' in '{s}' (expected URL#slots=N, URL#name=NAME or URL#dialect=auto|llama.cpp|bitnet)"
+                            "unknown backend option '{kv}' in '{s}' (expected URL#slots=N&name=NAME&dialect=auto|llama.cpp|bitnet, each optional)"
                         ))
                     }
                 }
@@ -482,9 +482,16 @@ impl RawConfig {
                 None => None,
             };
             if let Some(d) = &m.dns {
-                let ok = d
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if d.contains("://") {
+                    return Err(invalid(
+                        format!("{key}.dns"),
+                        format!("'{d}' is a URL; give HOST:PORT, as in 'bitnet-backends:8080'"),
+                    ));
+                }
+                // A host holds no '/' (nor, bracketed IPv6 aside, a ':').
+                let ok = d.rsplit_once(':').is_some_and(|(h, p)| {
+                    !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p > 0)
+                });
                 if !ok {
                     return Err(invalid(
                         format!("{key}.dns"),
@@ -718,6 +725,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_len"), "{err}");
+        // A bare string where a key table belongs says what a key table looks like.
+        let err = RawConfig::from_toml("admin_keys = [\"adm-1\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected a key table such as {"), "{err}");
     }
 
     #[test]
@@ -752,6 +764,15 @@ mod tests {
             (
                 "workers=100000\n[[models]]\nid='m'\nbackends=[{url='http://a:1'}]",
                 "workers: 100000 is out of range",
+            ),
+            (
+                "[[models]]\nid='m'\ndns='http://backends:8080'",
+                "models[0].dns: 'http://backends:8080' is a URL; give HOST:PORT",
+            ),
+            ("[[models]]\nid='m'\ndns='backends'", "is not HOST:PORT"),
+            (
+                "[[models]]\nid='m'\ndns='backends/x:80'",
+                "is not HOST:PORT",
             ),
         ];
         for (toml, needle) in cases {

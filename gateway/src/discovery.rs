@@ -52,6 +52,7 @@ async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>) {
     let mut from_runner: Option<Vec<Found>> = None;
     let mut from_dns: Option<Vec<Found>> = None;
     let mut runner_failing = false;
+    let mut dns_failing = false;
     while !pool.is_removed() {
         // Read the sources afresh each round: a reload may change or remove them.
         let config = gw.config();
@@ -82,9 +83,19 @@ async fn discovery_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>) {
         }
         match &model.dns {
             Some(name) => match resolve(name).await {
-                Ok(found) => from_dns = Some(found),
+                Ok(found) => {
+                    if dns_failing {
+                        tracing::info!(dns = %name, "DNS lookups succeed again");
+                    }
+                    dns_failing = false;
+                    from_dns = Some(found);
+                }
+                // Once per outage, as for the runner: a line every interval says nothing new.
                 Err(e) => {
-                    tracing::warn!(dns = %name, error = %e, "DNS lookup failed; keeping the last known set")
+                    if !dns_failing {
+                        tracing::warn!(dns = %name, error = %e, "DNS lookup failed; keeping the last known set");
+                    }
+                    dns_failing = true;
                 }
             },
             None => from_dns = None,

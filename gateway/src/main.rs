@@ -20,6 +20,17 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
+        // The files a start reads: a check that passes them by would pass a start that fails.
+        let files = gateway::tls::upstream_tls(config.upstream_ca_file.as_deref()).and_then(|_| {
+            match &config.tls {
+                Some((cert, key)) => gateway::tls::TlsReloader::load(cert, key).map(drop),
+                None => Ok(()),
+            }
+        });
+        if let Err(err) = files {
+            eprintln!("bitnet-gateway: {err}");
+            return ExitCode::from(2);
+        }
         println!("{config:#?}");
         return ExitCode::SUCCESS;
     }

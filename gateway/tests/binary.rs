@@ -97,6 +97,44 @@ fn an_invalid_config_exits_non_zero_naming_the_problem() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+#[test]
+fn check_config_reads_the_files_a_start_reads() {
+    let dir = std::env::temp_dir().join(format!("gw-check-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("no-such.pem");
+    let missing = missing.to_str().unwrap();
+    let with_ca = dir.join("ca.toml");
+    std::fs::write(
+        &with_ca,
+        format!("[upstream]\nca_file = {missing:?}\n[[models]]\nid = \"m\"\nbackends = [{{ url = \"http://127.0.0.1:1\" }}]\n"),
+    )
+    .unwrap();
+    for (args, file) in [
+        (
+            vec![
+                "--backend",
+                "http://127.0.0.1:1",
+                "--tls-cert",
+                missing,
+                "--tls-key",
+                missing,
+            ],
+            "certificate file",
+        ),
+        (vec!["--config", with_ca.to_str().unwrap()], "CA file"),
+    ] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(file) && err.contains(missing), "{err}");
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[tokio::test]
 async fn sigterm_stops_accepting_lets_the_stream_finish_and_exits_zero() {
     sigterm_drains(1, 1).await;
