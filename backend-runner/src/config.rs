@@ -522,7 +522,7 @@ impl RawConfig {
 
 fn timing(h: &RawHealth, r: &RawRestart, s: &RawStop) -> Result<Timing, ConfigError> {
     let d = Timing::default();
-    let t = Timing {
+    let mut t = Timing {
         startup_timeout: secs(
             "health.startup_timeout_secs",
             h.startup_timeout_secs,
@@ -575,6 +575,11 @@ fn timing(h: &RawHealth, r: &RawRestart, s: &RawStop) -> Result<Timing, ConfigEr
         )?,
         stop_timeout: secs("stop.timeout_secs", s.timeout_secs, d.stop_timeout, false)?,
     };
+    // Unset, the ceiling rises to a longer first delay (`--restart-delay 120`, say) rather
+    // than refuse it: only a ceiling someone wrote down can be in the way.
+    if r.max_delay_secs.is_none() {
+        t.max_restart_delay = t.max_restart_delay.max(t.restart_delay);
+    }
     if t.max_restart_delay < t.restart_delay {
         return Err(invalid(
             "restart.max_delay_secs",
@@ -597,11 +602,12 @@ fn secs(
         return Ok(default);
     };
     // A year is far past any sensible timeout and keeps Duration::from_secs_f64 from panicking.
-    if !(0.0..=365.0 * 86400.0).contains(&v) || (nonzero && v == 0.0) {
+    const YEAR: f64 = 365.0 * 86400.0;
+    if !(0.0..=YEAR).contains(&v) || (nonzero && v == 0.0) {
         let want = if nonzero { "above 0" } else { "0 or more" };
         return Err(invalid(
             key,
-            format!("{v} is not a number of seconds {want}"),
+            format!("{v} is not a number of seconds {want} and at most a year ({YEAR})"),
         ));
     }
     Ok(Duration::from_secs_f64(v))
@@ -820,6 +826,15 @@ mod tests {
     }
 
     #[test]
+    fn a_first_restart_delay_past_the_default_ceiling_raises_it() {
+        let c = parse("model = \"/m\"\n[restart]\ndelay_secs = 120").unwrap();
+        assert_eq!(c.timing.restart_delay, Duration::from_secs(120));
+        assert_eq!(c.timing.max_restart_delay, Duration::from_secs(120));
+        let c = parse("model = \"/m\"\n[restart]\ndelay_secs = 2").unwrap();
+        assert_eq!(c.timing.max_restart_delay, Duration::from_secs(60));
+    }
+
+    #[test]
     fn an_instance_on_the_control_port_is_rejected() {
         // Its health check would be answered by the control API.
         let err = parse("model = \"/m\"\ncontrol = \"127.0.0.1:8101\"")
@@ -855,6 +870,7 @@ mod tests {
                 "[restart]\ndelay_secs = 10\nmax_delay_secs = 5",
                 "restart.max_delay_secs",
             ),
+            ("[health]\nstartup_timeout_secs = 1e8", "at most a year"),
             ("host = \"localhost\"", "host"),
             ("control = \"8099\"", "control"),
             ("base_port = 65535\ninstances = 2", "base_port"),

@@ -74,22 +74,19 @@ fn handle(state: &RunnerState, req: Request<Incoming>) -> Response<Full<Bytes>> 
             };
             json_response(
                 status,
-                &json!({"status": word, "instances": views.len(), "ready": ready}),
+                &Health {
+                    status: word,
+                    instances: views.len(),
+                    ready,
+                },
             )
         }
-        (&Method::GET, ["instances"]) => {
-            // Serialized from the struct, not through a `Value`, so fields keep their
-            // documented order.
-            let body = serde_json::to_vec(&InstanceList {
+        (&Method::GET, ["instances"]) => json_response(
+            StatusCode::OK,
+            &InstanceList {
                 instances: state.views(),
-            })
-            .unwrap_or_default();
-            Response::builder()
-                .status(StatusCode::OK)
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body)))
-                .unwrap_or_default()
-        }
+            },
+        ),
         (&Method::POST, ["instances", name, "restart"]) => match state.instance(name) {
             None => error(
                 StatusCode::NOT_FOUND,
@@ -105,7 +102,12 @@ fn handle(state: &RunnerState, req: Request<Incoming>) -> Response<Full<Bytes>> 
                         instance = inst.name(),
                         "restart requested through the control API"
                     );
-                    json_response(StatusCode::ACCEPTED, &json!({"instance": inst.view()}))
+                    json_response(
+                        StatusCode::ACCEPTED,
+                        &Restarting {
+                            instance: inst.view(),
+                        },
+                    )
                 }
                 Err(refused) => error(StatusCode::CONFLICT, &refused.to_string()),
             },
@@ -122,17 +124,36 @@ fn handle(state: &RunnerState, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
+// The documents are serialized from structs, not through a `serde_json::Value` (whose map
+// sorts its keys), so that fields keep their documented order.
+
+/// The `GET /health` document.
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    instances: usize,
+    ready: usize,
+}
+
 /// The `GET /instances` document.
 #[derive(Serialize)]
 struct InstanceList {
     instances: Vec<InstanceView>,
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+/// The `202` answer to `POST /instances/NAME/restart`.
+#[derive(Serialize)]
+struct Restarting {
+    instance: InstanceView,
+}
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(value.to_string())))
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec(value).unwrap_or_default(),
+        )))
         .unwrap_or_default()
 }
 
@@ -141,4 +162,25 @@ fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
         status,
         &json!({"error": {"message": message, "code": status.as_u16()}}),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn health_keeps_its_documented_field_order() {
+        let resp = json_response(
+            StatusCode::OK,
+            &Health {
+                status: "ok",
+                instances: 2,
+                ready: 1,
+            },
+        );
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], br#"{"status":"ok","instances":2,"ready":1}"#);
+    }
 }
