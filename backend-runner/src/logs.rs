@@ -1,7 +1,8 @@
 //! Instance output: every line of a llama-server's stdout and stderr goes to the runner's log
-//! prefixed with `[NAME]`, at the level the line itself shows ([`level_of`]), optionally to a size-rotated file per instance, and into a short
-//! in-memory tail that explains a failed start. Lines announcing the listening port are also
-//! read back, for instances started on port 0.
+//! prefixed with `[NAME]`, at the level the line itself shows (`level_of`), optionally to a
+//! size-rotated file per instance, and into a short in-memory tail that explains a failed
+//! start. Lines announcing the listening port are also read back, for instances started on
+//! port 0.
 //!
 //! - [`rotating`]: the rotated file.
 
