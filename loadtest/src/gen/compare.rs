@@ -3,7 +3,7 @@
 use std::fmt::{self, Write};
 
 use super::report::describe;
-use super::stats::Summary;
+use super::stats::{LatencyStats, Summary};
 use super::RunResult;
 
 /// One compared figure.
@@ -11,18 +11,50 @@ use super::RunResult;
 pub struct Row {
     /// What is compared, with its unit.
     pub name: &'static str,
-    /// Run A's value.
-    pub a: f64,
-    /// Run B's value.
-    pub b: f64,
-    /// Whether a smaller value is the better one (latencies, errors).
-    pub lower_is_better: bool,
+    /// Run A's value; `None` when the run measured nothing for it (no successful request,
+    /// or inter-token latency of a run that did not stream).
+    pub a: Option<f64>,
+    /// Run B's value, the same way.
+    pub b: Option<f64>,
+    /// Which way is better, if either is.
+    pub better: Better,
+}
+
+/// Which way a compared figure improves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Better {
+    /// Smaller is better: latencies, errors.
+    Lower,
+    /// Larger is better: throughput, successes.
+    Higher,
+    /// A setting of the run rather than an outcome (how many requests it sent).
+    Neither,
 }
 
 impl Row {
-    /// B divided by A; `None` when A is zero.
+    /// B divided by A; `None` when either was not measured or A is zero.
     pub fn ratio(&self) -> Option<f64> {
-        (self.a != 0.0).then(|| self.b / self.a)
+        match (self.a, self.b) {
+            (Some(a), Some(b)) if a != 0.0 => Some(b / a),
+            _ => None,
+        }
+    }
+
+    /// "better", "worse", or nothing for a change under 2 %, a figure that is not an
+    /// outcome, or one only one run measured. From zero, any rise counts: 0 errors
+    /// becoming some is the change a comparison most has to show.
+    pub fn verdict(&self) -> Option<&'static str> {
+        let rose = match (self.a, self.b, self.ratio()) {
+            (_, _, Some(r)) if (r - 1.0).abs() < 0.02 => return None,
+            (_, _, Some(r)) => r > 1.0,
+            (Some(a), Some(b), None) if a == 0.0 && b > 0.0 => true,
+            _ => return None,
+        };
+        match self.better {
+            Better::Neither => None,
+            Better::Lower => Some(if rose { "worse" } else { "better" }),
+            Better::Higher => Some(if rose { "better" } else { "worse" }),
+        }
     }
 }
 
@@ -42,44 +74,71 @@ impl Comparison {
 
 /// Compares the main figures of two summaries.
 pub fn compare(a: &Summary, b: &Summary) -> Comparison {
-    let ms = |us: u64| us as f64 / 1000.0;
+    use Better::{Higher, Lower, Neither};
+    // A latency only where the run measured one: an empty histogram's 0 is no figure.
+    let ms =
+        |l: &LatencyStats, q: fn(&LatencyStats) -> u64| (l.count > 0).then(|| q(l) as f64 / 1000.0);
     let mut rows = Vec::new();
-    let mut add = |name, a: f64, b: f64, lower_is_better| {
-        rows.push(Row {
-            name,
-            a,
-            b,
-            lower_is_better,
-        })
-    };
-    add("requests", a.requests as f64, b.requests as f64, false);
-    add("succeeded", a.succeeded as f64, b.succeeded as f64, false);
+    let mut add =
+        |name, a: Option<f64>, b: Option<f64>, better| rows.push(Row { name, a, b, better });
+    add(
+        "requests",
+        Some(a.requests as f64),
+        Some(b.requests as f64),
+        Neither,
+    );
+    add(
+        "succeeded",
+        Some(a.succeeded as f64),
+        Some(b.succeeded as f64),
+        Higher,
+    );
     add(
         "error rate %",
-        a.error_rate() * 100.0,
-        b.error_rate() * 100.0,
-        true,
+        Some(a.error_rate() * 100.0),
+        Some(b.error_rate() * 100.0),
+        Lower,
     );
     add(
         "throughput req/s",
-        a.requests_per_s,
-        b.requests_per_s,
-        false,
+        Some(a.requests_per_s),
+        Some(b.requests_per_s),
+        Higher,
     );
-    add("throughput tok/s", a.tokens_per_s, b.tokens_per_s, false);
-    add("TTFT p50 ms", ms(a.ttft_us.p50), ms(b.ttft_us.p50), true);
-    add("TTFT p90 ms", ms(a.ttft_us.p90), ms(b.ttft_us.p90), true);
-    add("TTFT p99 ms", ms(a.ttft_us.p99), ms(b.ttft_us.p99), true);
-    add("ITL p50 ms", ms(a.itl_us.p50), ms(b.itl_us.p50), true);
-    add("ITL p99 ms", ms(a.itl_us.p99), ms(b.itl_us.p99), true);
-    add("E2E p50 ms", ms(a.e2e_us.p50), ms(b.e2e_us.p50), true);
-    add("E2E p90 ms", ms(a.e2e_us.p90), ms(b.e2e_us.p90), true);
-    add("E2E p99 ms", ms(a.e2e_us.p99), ms(b.e2e_us.p99), true);
-    if let (Some(x), Some(y)) = (a.decode_tokens_per_s_mean, b.decode_tokens_per_s_mean) {
-        add("decode tok/s per stream", x, y, false);
+    add(
+        "throughput tok/s",
+        Some(a.tokens_per_s),
+        Some(b.tokens_per_s),
+        Higher,
+    );
+    let latencies: [(
+        &'static str,
+        fn(&Summary) -> &LatencyStats,
+        fn(&LatencyStats) -> u64,
+    ); 8] = [
+        ("TTFT p50 ms", |s| &s.ttft_us, |l| l.p50),
+        ("TTFT p90 ms", |s| &s.ttft_us, |l| l.p90),
+        ("TTFT p99 ms", |s| &s.ttft_us, |l| l.p99),
+        ("ITL p50 ms", |s| &s.itl_us, |l| l.p50),
+        ("ITL p99 ms", |s| &s.itl_us, |l| l.p99),
+        ("E2E p50 ms", |s| &s.e2e_us, |l| l.p50),
+        ("E2E p90 ms", |s| &s.e2e_us, |l| l.p90),
+        ("E2E p99 ms", |s| &s.e2e_us, |l| l.p99),
+    ];
+    for (name, of, q) in latencies {
+        add(name, ms(of(a), q), ms(of(b), q), Lower);
     }
-    if let (Some(x), Some(y)) = (a.cache_hit_ratio(), b.cache_hit_ratio()) {
-        add("prompt cache hit %", x * 100.0, y * 100.0, false);
+    if a.decode_tokens_per_s_mean.is_some() || b.decode_tokens_per_s_mean.is_some() {
+        add(
+            "decode tok/s per stream",
+            a.decode_tokens_per_s_mean,
+            b.decode_tokens_per_s_mean,
+            Higher,
+        );
+    }
+    let cache = |s: &Summary| s.cache_hit_ratio().map(|r| r * 100.0);
+    if cache(a).is_some() || cache(b).is_some() {
+        add("prompt cache hit %", cache(a), cache(b), Higher);
     }
     Comparison { rows }
 }
@@ -91,12 +150,7 @@ impl fmt::Display for Comparison {
             let ratio = row
                 .ratio()
                 .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
-            let verdict = match row.ratio() {
-                Some(r) if (r - 1.0).abs() < 0.02 => "",
-                Some(r) if (r < 1.0) == row.lower_is_better => "  better",
-                Some(_) => "  worse",
-                None => "",
-            };
+            let verdict = row.verdict().map_or(String::new(), |v| format!("  {v}"));
             writeln!(
                 f,
                 "{:<26}{:>14}{:>14}{:>10}{verdict}",
@@ -110,7 +164,10 @@ impl fmt::Display for Comparison {
     }
 }
 
-fn number(v: f64) -> String {
+fn number(v: Option<f64>) -> String {
+    let Some(v) = v else {
+        return "-".to_owned();
+    };
     if v.fract() == 0.0 && v.abs() < 1e12 {
         format!("{v:.0}")
     } else {
@@ -125,4 +182,57 @@ pub fn render(a_label: &str, a: &RunResult, b_label: &str, b: &RunResult) -> Str
     let _ = writeln!(out, "B: {b_label}  ({})", describe(b));
     let _ = write!(out, "{}", compare(&a.summary, &b.summary));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(a: Option<f64>, b: Option<f64>, better: Better) -> Row {
+        Row {
+            name: "x",
+            a,
+            b,
+            better,
+        }
+    }
+
+    #[test]
+    fn verdicts_follow_the_better_direction_and_count_a_rise_from_zero() {
+        use Better::*;
+        assert_eq!(row(Some(10.0), Some(20.0), Lower).verdict(), Some("worse"));
+        assert_eq!(row(Some(10.0), Some(5.0), Lower).verdict(), Some("better"));
+        assert_eq!(
+            row(Some(10.0), Some(20.0), Higher).verdict(),
+            Some("better")
+        );
+        assert_eq!(row(Some(10.0), Some(10.1), Lower).verdict(), None);
+        // 0 % errors becoming 33 % has no ratio, and is still the worst news in the table.
+        assert_eq!(row(Some(0.0), Some(33.3), Lower).verdict(), Some("worse"));
+        assert_eq!(row(Some(0.0), Some(5.0), Higher).verdict(), Some("better"));
+        assert_eq!(row(Some(0.0), Some(0.0), Lower).verdict(), None);
+        // How many requests a run sent is a setting, not an outcome.
+        assert_eq!(row(Some(20.0), Some(45.0), Neither).verdict(), None);
+        // A figure only one run measured has neither ratio nor verdict.
+        assert_eq!(row(None, Some(3.0), Lower).ratio(), None);
+        assert_eq!(row(None, Some(3.0), Lower).verdict(), None);
+    }
+
+    #[test]
+    fn unmeasured_figures_print_as_a_dash() {
+        let table = Comparison {
+            rows: vec![Row {
+                name: "ITL p50 ms",
+                a: None,
+                b: Some(12.5),
+                better: Better::Lower,
+            }],
+        }
+        .to_string();
+        let line = table.lines().nth(1).unwrap();
+        assert_eq!(
+            line.split_whitespace().collect::<Vec<_>>(),
+            ["ITL", "p50", "ms", "-", "12.50", "-"]
+        );
+    }
 }
