@@ -62,10 +62,18 @@ CALIB_PID=$SERVER_PID
 wait_ready "$CALIB_URL/health"
 CAPACITY="$WORK/capacity.tsv"
 printf 'workload\trequests\tprompt_mean\tcached_mean\tcompletion_mean\tservice_s\tfleet_req_s_real\tsession_requests\n' >"$CAPACITY"
+# The agent flags for a workload with agent sessions (the load generator refuses them for one
+# without). $1: the workload; $2: the think time.
+agent_flags() {
+    case $1 in
+    *agent*) echo --turns "$TURNS" --think-time "$2" --system-prompt-chars "$SYSTEM_PROMPT_CHARS" ;;
+    esac
+}
+
 for workload in "${WORKLOADS[@]}"; do
+    # shellcheck disable=SC2046 # agent_flags' words are meant to split
     "$BIN/bitnet-loadtest" --url "$CALIB_URL" --model "$MODEL" --workload "$workload" \
-        --concurrency 1 --requests 50 --think-time 0 --turns "$TURNS" --seed 1000 \
-        --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
+        --concurrency 1 --requests 50 --seed 1000 $(agent_flags "$workload" 0) \
         --json "$WORK/calib-$workload.json" -q >/dev/null 2>&1
     session_requests=1
     [ "$workload" = agent ] && session_requests=$TURNS
@@ -156,9 +164,10 @@ run_one() {
     wait_ready "$gw_url/health"
     busy_before=$(busy_seconds)
     evaluated_before=$(fleet_counter prompt_tokens_total)
+    # shellcheck disable=SC2046 # agent_flags' words are meant to split
     "$BIN/bitnet-loadtest" --url "$gw_url" --model "$MODEL" --workload "$workload" --stream \
         --rate "$rate" --duration "$duration" --drain 120 --seed "$repeat" \
-        --turns "$TURNS" --think-time "$THINK_TIME" --system-prompt-chars "$SYSTEM_PROMPT_CHARS" \
+        $(agent_flags "$workload" "$THINK_TIME") \
         --json "$json" -q >"$json.txt" 2>&1
     busy_after=$(busy_seconds)
     # The bitnet dialect reports no cached tokens, so the cached share is what the clients sent

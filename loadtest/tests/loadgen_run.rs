@@ -756,6 +756,12 @@ async fn results_are_written_as_json_and_a_self_contained_html_report() {
 }
 
 fn run_binary(args: &[&str]) -> (bool, String) {
+    let (code, out) = run_binary_code(args);
+    (code == Some(0), out)
+}
+
+/// The binary's exit code and everything it wrote.
+fn run_binary_code(args: &[&str]) -> (Option<i32>, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bitnet-loadtest"));
     cmd.args(args);
     let mut child = ChildGuard::spawn(cmd).unwrap();
@@ -765,7 +771,65 @@ fn run_binary(args: &[&str]) -> (bool, String) {
         .expect("bitnet-loadtest should exit");
     // Let the output readers drain the closed pipes.
     child.wait_for_line(|_| false, Duration::from_secs(2));
-    (status.success(), child.output_so_far())
+    (status.code(), child.output_so_far())
+}
+
+#[tokio::test]
+async fn flags_that_would_be_ignored_and_unwritable_outputs_are_refused_before_any_load() {
+    let server = FakeBackend::start("fake", 1, |_| ok_stream()).await;
+    let url = server.url();
+    let base = [
+        "--url",
+        url.as_str(),
+        "--model",
+        "m",
+        "--requests",
+        "2",
+        "-q",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    for (extra, needle) in [
+        (
+            &["--think-time", "1"][..],
+            "--think-time applies to agent sessions",
+        ),
+        (
+            &["--workload", "long-prompt", "--turns", "3"],
+            "--turns applies",
+        ),
+        (&["--concurrency", "2", "--max-in-flight", "3"], "--rate"),
+        (&["--drain", "5"], "--duration"),
+        (&["--json", "/nonexistent-dir/x.json"], "does not exist"),
+        (&["--report", "/nonexistent-dir/x.html"], "does not exist"),
+    ] {
+        let args = with(extra);
+        let out = tokio::task::spawn_blocking(move || {
+            run_binary_code(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+        assert!(matches!(out.0, Some(1 | 2)), "{extra:?}: {out:?}");
+        assert!(out.1.contains(needle), "{extra:?}: {}", out.1);
+    }
+    assert_eq!(server.count(), 0, "a refused command line sent requests");
+}
+
+#[tokio::test]
+async fn a_run_where_nothing_succeeds_exits_3() {
+    let server = FakeBackend::start("fake", 1, |_| {
+        Reply::Json(503, r#"{"error":{"message":"busy"}}"#.into())
+    })
+    .await;
+    let url = server.url();
+    let (code, out) = tokio::task::spawn_blocking(move || {
+        run_binary_code(&["--url", &url, "--model", "m", "--requests", "2", "-q"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains("none of the 2 requests succeeded"), "{out}");
 }
 
 #[tokio::test]

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
-use loadtest::gen::{self, compare, Load, RunConfig, RunResult, WorkloadSpec};
+use loadtest::gen::{self, compare, Load, RunConfig, RunResult, WorkloadKind, WorkloadSpec};
 
 const LONG_ABOUT: &str = "\
 Drives OpenAI-compatible chat-completion load (POST URL/v1/chat/completions) and measures time to \
@@ -18,6 +18,11 @@ Running load is the default action: `bitnet-loadtest --url ... --model ... --req
 same as `bitnet-loadtest run --url ...`. A run must be bounded by --duration, --requests or both, \
 and only loopback targets are accepted unless --allow-remote is given. Ctrl-C ends a run early: \
 requests in flight are cancelled, and the results so far are reported and written.
+
+Exit status: 0 when the run finished and at least one request succeeded; 3 when requests were \
+sent and none succeeded (the target was down or refused everything); 130 after Ctrl-C (the \
+results so far are still written); 2 for a command line that does not parse; 1 for other bad \
+arguments or a file that cannot be read or written.
 
 Workloads:
   short-chat   a short question, a short answer (max_tokens 64)
@@ -96,9 +101,10 @@ struct RunArgs {
     /// follow its own replies and think times.
     #[arg(long, value_name = "PER_SEC")]
     rate: Option<f64>,
-    /// Open loop: sessions allowed in flight at once; arrivals beyond it are dropped and counted.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    max_in_flight: usize,
+    /// Open loop: sessions allowed in flight at once; arrivals beyond it are dropped and
+    /// counted [default: 10000].
+    #[arg(long, value_name = "N")]
+    max_in_flight: Option<usize>,
     /// Stop starting requests after this many seconds.
     #[arg(long, value_name = "SECS")]
     duration: Option<f64>,
@@ -118,23 +124,24 @@ struct RunArgs {
     /// Seed for prompts, workload choice and arrival times.
     #[arg(long, value_name = "N", default_value_t = 1)]
     seed: u64,
-    /// Agent workload: seconds between receiving a reply and sending the next turn.
-    #[arg(long, value_name = "SECS", default_value_t = 2.0)]
-    think_time: f64,
-    /// Agent workload: turns per session.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    turns: u32,
+    /// Agent workload: seconds between receiving a reply and sending the next turn
+    /// [default: 2].
+    #[arg(long, value_name = "SECS")]
+    think_time: Option<f64>,
+    /// Agent workload: turns per session [default: 5].
+    #[arg(long, value_name = "N")]
+    turns: Option<u32>,
     /// Agent workload: length of the shared system prompt in characters (about 4 per token;
-    /// the default is the size of OpenClaw's).
-    #[arg(long, value_name = "CHARS", default_value_t = 38_000)]
-    system_prompt_chars: usize,
+    /// the default is the size of OpenClaw's) [default: 38000].
+    #[arg(long, value_name = "CHARS")]
+    system_prompt_chars: Option<usize>,
     /// Seconds one request may take from sending to its last byte before it counts as a timeout.
     #[arg(long, value_name = "SECS", default_value_t = 600.0)]
     timeout: f64,
     /// With --duration: seconds requests still running at the end may take to finish before
-    /// they are cut and counted as cancelled.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    drain: f64,
+    /// they are cut and counted as cancelled [default: 10].
+    #[arg(long, value_name = "SECS")]
+    drain: Option<f64>,
     /// Allow targets outside the loopback network.
     #[arg(long)]
     allow_remote: bool,
@@ -148,6 +155,9 @@ struct RunArgs {
     #[arg(long, short)]
     quiet: bool,
 }
+
+/// `--max-in-flight` when not given.
+const DEFAULT_MAX_IN_FLIGHT: usize = 10_000;
 
 fn seconds(flag: &str, secs: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(secs)
@@ -163,7 +173,7 @@ impl RunArgs {
         cfg.load = match self.rate {
             Some(rate) => Load::Open {
                 rate,
-                max_in_flight: self.max_in_flight,
+                max_in_flight: self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
             },
             None => Load::Closed {
                 concurrency: self.concurrency.unwrap_or(1),
@@ -178,24 +188,94 @@ impl RunArgs {
         cfg.workload = self.workload;
         cfg.max_tokens = self.max_tokens;
         cfg.seed = self.seed;
-        cfg.think_time = seconds("--think-time", self.think_time)?;
-        cfg.turns = self.turns;
-        cfg.system_prompt_chars = self.system_prompt_chars;
+        // Settings for something the run does not do would be silently ignored.
+        if self.max_in_flight.is_some() && self.rate.is_none() {
+            bail!("--max-in-flight applies to the open loop, which --rate chooses");
+        }
+        if self.drain.is_some() && self.duration.is_none() {
+            bail!("--drain applies to a run bounded by --duration");
+        }
+        let has_agent = cfg
+            .workload
+            .entries()
+            .iter()
+            .any(|(kind, _)| *kind == WorkloadKind::Agent);
+        let agent_flags = [
+            ("--think-time", self.think_time.is_some()),
+            ("--turns", self.turns.is_some()),
+            ("--system-prompt-chars", self.system_prompt_chars.is_some()),
+        ];
+        if let Some((flag, _)) = agent_flags.iter().find(|(_, given)| *given && !has_agent) {
+            bail!(
+                "{flag} applies to agent sessions, and --workload {} has none",
+                cfg.workload
+            );
+        }
+        if let Some(t) = self.think_time {
+            cfg.think_time = seconds("--think-time", t)?;
+        }
+        if let Some(n) = self.turns {
+            cfg.turns = n;
+        }
+        if let Some(n) = self.system_prompt_chars {
+            cfg.system_prompt_chars = n;
+        }
         cfg.timeout = seconds("--timeout", self.timeout)?;
-        cfg.drain = seconds("--drain", self.drain)?;
+        if let Some(d) = self.drain {
+            cfg.drain = seconds("--drain", d)?;
+        }
         cfg.allow_remote = self.allow_remote;
         cfg.progress = !self.quiet;
         Ok((cfg, self.json, self.report))
     }
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// How a run ended, for the exit status.
+enum Ended {
+    /// Finished, with at least one success (or nothing sent).
+    Ran,
+    /// Requests were sent and none succeeded.
+    NothingSucceeded,
+    /// Ctrl-C.
+    Interrupted,
+}
+
+/// Fails now, not after the run, if `path` cannot be written: a long run's records must not
+/// be lost to a typo in a directory name.
+fn check_writable(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("{flag} {}: is a directory", path.display());
+    }
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<Ended> {
     let (cfg, json, report) = args.into_config()?;
-    let result = gen::run_until(cfg, async {
+    if let Some(path) = &json {
+        check_writable("--json", path)?;
+    }
+    if let Some(path) = &report {
+        check_writable("--report", path)?;
+    }
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let result = gen::run_until(cfg, async move {
         // A failure to listen for Ctrl-C must not end the run.
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!("\ninterrupted: cancelling requests in flight");
     })
     .await?;
@@ -208,10 +288,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         result.write_html(&path)?;
         eprintln!("report written to {}", path.display());
     }
-    Ok(())
+    let s = &result.summary;
+    Ok(if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+        Ended::Interrupted
+    } else if s.requests > 0 && s.succeeded == 0 {
+        eprintln!(
+            "bitnet-loadtest: none of the {} requests succeeded",
+            s.requests
+        );
+        Ended::NothingSucceeded
+    } else {
+        Ended::Ran
+    })
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+async fn dispatch(cli: Cli) -> anyhow::Result<Ended> {
     match cli.command {
         None => run(cli.run).await,
         Some(Command::Run(args)) => run(*args).await,
@@ -222,16 +313,17 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 compare::render(&a.display().to_string(), &ra, &b.display().to_string(), &rb)
             );
-            Ok(())
+            Ok(Ended::Ran)
         }
         Some(Command::Report { results, html }) => {
             let result = RunResult::read_json(&results)?;
             print!("{}", result.table());
             if let Some(path) = html {
+                check_writable("--html", &path)?;
                 result.write_html(&path)?;
                 eprintln!("report written to {}", path.display());
             }
-            Ok(())
+            Ok(Ended::Ran)
         }
     }
 }
@@ -239,10 +331,26 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     match dispatch(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Ended::Ran) => ExitCode::SUCCESS,
+        Ok(Ended::NothingSucceeded) => ExitCode::from(3),
+        Ok(Ended::Interrupted) => ExitCode::from(130),
         Err(err) => {
-            eprintln!("bitnet-loadtest: {err:#}");
+            eprintln!("bitnet-loadtest: {}", message(&err));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each once: messages that already quote their cause (as
+/// `PATH: ERROR` does) would otherwise print it twice.
+fn message(err: &anyhow::Error) -> String {
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }

@@ -72,6 +72,27 @@ impl Comparison {
     }
 }
 
+/// One quantile of a latency distribution.
+type Quantile = fn(&LatencyStats) -> u64;
+
+/// Which latency distribution of a summary.
+#[derive(Clone, Copy)]
+enum Dist {
+    Ttft,
+    Itl,
+    E2e,
+}
+
+impl Dist {
+    fn of(self, s: &Summary) -> &LatencyStats {
+        match self {
+            Dist::Ttft => &s.ttft_us,
+            Dist::Itl => &s.itl_us,
+            Dist::E2e => &s.e2e_us,
+        }
+    }
+}
+
 /// Compares the main figures of two summaries.
 pub fn compare(a: &Summary, b: &Summary) -> Comparison {
     use Better::{Higher, Lower, Neither};
@@ -111,22 +132,18 @@ pub fn compare(a: &Summary, b: &Summary) -> Comparison {
         Some(b.tokens_per_s),
         Higher,
     );
-    let latencies: [(
-        &'static str,
-        fn(&Summary) -> &LatencyStats,
-        fn(&LatencyStats) -> u64,
-    ); 8] = [
-        ("TTFT p50 ms", |s| &s.ttft_us, |l| l.p50),
-        ("TTFT p90 ms", |s| &s.ttft_us, |l| l.p90),
-        ("TTFT p99 ms", |s| &s.ttft_us, |l| l.p99),
-        ("ITL p50 ms", |s| &s.itl_us, |l| l.p50),
-        ("ITL p99 ms", |s| &s.itl_us, |l| l.p99),
-        ("E2E p50 ms", |s| &s.e2e_us, |l| l.p50),
-        ("E2E p90 ms", |s| &s.e2e_us, |l| l.p90),
-        ("E2E p99 ms", |s| &s.e2e_us, |l| l.p99),
-    ];
-    for (name, of, q) in latencies {
-        add(name, ms(of(a), q), ms(of(b), q), Lower);
+    let (p50, p90, p99): (Quantile, Quantile, Quantile) = (|l| l.p50, |l| l.p90, |l| l.p99);
+    for (name, dist, q) in [
+        ("TTFT p50 ms", Dist::Ttft, p50),
+        ("TTFT p90 ms", Dist::Ttft, p90),
+        ("TTFT p99 ms", Dist::Ttft, p99),
+        ("ITL p50 ms", Dist::Itl, p50),
+        ("ITL p99 ms", Dist::Itl, p99),
+        ("E2E p50 ms", Dist::E2e, p50),
+        ("E2E p90 ms", Dist::E2e, p90),
+        ("E2E p99 ms", Dist::E2e, p99),
+    ] {
+        add(name, ms(dist.of(a), q), ms(dist.of(b), q), Lower);
     }
     if a.decode_tokens_per_s_mean.is_some() || b.decode_tokens_per_s_mean.is_some() {
         add(
