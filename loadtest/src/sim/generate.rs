@@ -97,6 +97,9 @@ impl Out for Collect {
     }
 }
 
+/// How often a request that does not stream updates its progress in `/slots` and `/metrics`.
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+
 /// Runs `job` (generation request number `seq`) to its end, or to `fault`.
 pub(crate) async fn run(
     sim: &Sim,
@@ -141,9 +144,13 @@ pub(crate) async fn run(
         let upto = if !timed {
             limit
         } else if !job.stream {
-            // Nobody sees tokens before the end, so one timer covers them all.
-            out.watch(sleep_until(due(limit))).await?;
-            limit
+            // The client sees no token before the end, but `/slots` and `/metrics` show the
+            // real server's progress as it goes: count them every PROGRESS_TICK or so, not
+            // one timer per token.
+            let per_tick = (PROGRESS_TICK.as_secs_f64() / decode_time(1).as_secs_f64()) as usize;
+            let target = done.saturating_add(per_tick.max(1)).min(limit);
+            out.watch(sleep_until(due(target))).await?;
+            target
         } else {
             out.watch(sleep_until(due(done + 1))).await?;
             let now = Instant::now();

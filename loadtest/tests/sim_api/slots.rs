@@ -136,3 +136,35 @@ async fn bitnet_keeps_evaluating_for_a_departed_client_until_it_writes() {
         (1.0, 0.0)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_does_not_stream_shows_its_progress_as_it_goes() {
+    // Like the real server's, a non-streamed answer's tokens show in /slots and /metrics
+    // while it is generated, not only at its end.
+    let sim = TestSim::start(SimConfig::new(Dialect::LlamaCpp)).await;
+    let api = sim.api();
+    let run = tokio::spawn(async move {
+        // 6 prompt tokens (0.1 s), then 36 tokens at 18 tok/s (2 s).
+        let body = json!({"prompt": words(6), "n_predict": 36, "stream": false});
+        api.post("/completion", &body).await.json()
+    });
+    sleep(Duration::from_millis(100 + 1000 + 10)).await;
+    let slots = sim.get("/slots").await.json();
+    let busy = slots
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|s| s["is_processing"] == true)
+        .unwrap_or_else(|| panic!("no slot busy: {slots}"))
+        .clone();
+    let decoded = busy["next_token"]["n_decoded"].as_u64().expect("n_decoded");
+    assert!(
+        (14..=18).contains(&decoded),
+        "halfway, {decoded} decoded: {busy}"
+    );
+    let predicted = sim.metric("tokens_predicted_total").await;
+    assert_eq!(predicted, decoded as f64);
+    let answer = run.await.expect("run");
+    assert_eq!(answer["tokens_predicted"], 36, "{answer}");
+    assert_eq!(sim.metric("tokens_predicted_total").await, 36.0);
+}
