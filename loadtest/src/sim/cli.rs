@@ -2,7 +2,8 @@
 //!
 //! Besides its own flags, `llama-sim` accepts the llama-server command line that launchers such
 //! as `bitnet-runner` and BitNet's `run_inference_server.py` pass (`-t`, `-ngl`, `--no-perf`,
-//! `--metrics`, `--slots`, `-np`, `-cb`), so it can stand in for the real binary unchanged.
+//! `--metrics`, `--slots`, `-np`, `-cb`, `-n`, `--temp`, `--api-key`, ...), so it can stand in
+//! for the real binary unchanged.
 //! llama-server spells some flags as several letters after one dash (`-np`, `-ngl`, `-cb`),
 //! which clap reads as bundled short flags; [`SimArgs`] implements [`Parser`] by hand to
 //! respell them before clap sees them.
@@ -88,6 +89,42 @@ pub struct SimArgs {
     #[arg(long)]
     pub cont_batching: bool,
 
+    /// The most tokens any request generates, as llama-server's `-n`: a request's own limit
+    /// above it is cut to it. BitNet's launcher passes `-n 4096`, which the bitnet dialect
+    /// assumes when this flag is absent. [default: none for llama.cpp, 4096 for bitnet]
+    #[arg(short = 'n', long, value_name = "N")]
+    pub n_predict: Option<usize>,
+
+    /// Require `Authorization: Bearer KEY` (upstream also takes `X-Api-Key: KEY`) on every
+    /// endpoint but /health and the model list, as llama-server's --api-key does; others get
+    /// 401 "Invalid API Key".
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+
+    /// Switch GET /slots off (501), as llama-server's --no-slots does.
+    #[arg(long, conflicts_with = "slots")]
+    pub no_slots: bool,
+
+    /// Accepted for llama-server compatibility and ignored: the simulator's text is not
+    /// sampled, so sampling settings change nothing.
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub temp: Option<f64>,
+
+    /// Accepted for llama-server compatibility and ignored: the simulator serves HTTP on its
+    /// own runtime, not on a pool of HTTP threads.
+    #[arg(long, value_name = "N")]
+    pub threads_http: Option<usize>,
+
+    /// Accepted for llama-server compatibility (`-to SECS` too) and ignored: the simulator
+    /// never times out a client's connection.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+
+    /// Accepted for llama-server compatibility (`-sps F` too) and ignored: a request always
+    /// goes to the free slot holding the longest prefix of its prompt.
+    #[arg(long, value_name = "F")]
+    pub slot_prompt_similarity: Option<f64>,
+
     /// Context size of each slot, in tokens. Upstream refuses longer prompts with 400
     /// exceed_context_size_error and stops generating at the end of the context; bitnet
     /// truncates the prompt and shifts the context.
@@ -102,11 +139,21 @@ pub struct SimArgs {
 
     /// Prompt evaluation speed, tokens per second. Only prompt tokens a slot does not already
     /// hold are evaluated.
-    #[arg(long, default_value_t = 60.0, value_name = "TOK_PER_S")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 60.0,
+        value_name = "TOK_PER_S"
+    )]
     pub prefill_rate: f64,
 
     /// Generation speed of each slot, tokens per second.
-    #[arg(long, default_value_t = 18.0, value_name = "TOK_PER_S")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 18.0,
+        value_name = "TOK_PER_S"
+    )]
     pub decode_rate: f64,
 
     /// Tokens generated when a request sets no max_tokens / max_completion_tokens / n_predict;
@@ -116,21 +163,32 @@ pub struct SimArgs {
 
     /// Multiplies every delay: prompt evaluation, generation, --load-time and --slow-start
     /// (0.01 runs 100 times faster). Reported timings are the scaled durations.
-    #[arg(long, default_value_t = 1.0, value_name = "F")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 1.0,
+        value_name = "F"
+    )]
     pub time_scale: f64,
 
-    /// Answer at once, without any sleep, to measure the overhead of whatever sits in front.
-    /// Reported timings still show the modelled durations.
+    /// Answer at once, without the modelled prompt evaluation and generation time, to measure
+    /// the overhead of whatever sits in front. Reported timings still show the modelled
+    /// durations; --load-time and the --slow-start fault still wait.
     #[arg(long)]
     pub zero_latency: bool,
 
     /// Seconds during which every endpoint, /health included, answers 503 "Loading model".
-    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 0.0,
+        value_name = "SECS"
+    )]
     pub load_time: f64,
 
     /// Fault: exit abruptly (status 134, as after an abort) when generation request N arrives.
-    /// Generation requests (chat, completions, /completion) are numbered from 1; no other
-    /// endpoint counts.
+    /// Generation requests (chat, completions, /completion) are numbered from 1 as they
+    /// arrive, refused ones (bad JSON, say) included; no other endpoint counts.
     #[arg(long, value_name = "N")]
     pub crash_after: Option<u64>,
 
@@ -157,7 +215,12 @@ pub struct SimArgs {
     pub error_mid_stream_after: Option<usize>,
 
     /// Fault: delay before selected generation requests get any byte of an answer, in seconds.
-    #[arg(long, default_value_t = 0.0, value_name = "SECS")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        default_value_t = 0.0,
+        value_name = "SECS"
+    )]
     pub slow_start: f64,
 
     /// Fault: answer selected generation requests with 503 "Loading model" (/health stays 200).
@@ -191,6 +254,11 @@ impl SimArgs {
         if self.slots.is_some() {
             cfg.slots_endpoint = true;
         }
+        if self.no_slots {
+            cfg.slots_endpoint = false;
+        }
+        cfg.n_predict = self.n_predict;
+        cfg.api_key.clone_from(&self.api_key);
         cfg.ctx = self.ctx;
         cfg.prefill_rate = self.prefill_rate;
         cfg.decode_rate = self.decode_rate;
@@ -214,13 +282,15 @@ impl SimArgs {
 }
 
 /// llama-server flags written as several letters after a single dash, and their spelling here.
-const SINGLE_DASH_WORDS: [(&str, &str); 3] = [
+const SINGLE_DASH_WORDS: [(&str, &str); 5] = [
     ("-np", "--parallel"),
     ("-ngl", "--n-gpu-layers"),
     ("-cb", "--cont-batching"),
+    ("-to", "--timeout"),
+    ("-sps", "--slot-prompt-similarity"),
 ];
 
-/// Respells `-np 2`, `-np=2`, `-ngl 0` and `-cb` as their long forms; everything else passes
+/// Respells `-np 2`, `-np=2`, `-ngl 0`, `-cb`, `-to 600` and `-sps 0.5` as their long forms; everything else passes
 /// unchanged, so bundled short flags of llama-sim's own keep working.
 fn respell<I, T>(args: I) -> Vec<OsString>
 where
@@ -359,6 +429,66 @@ mod tests {
         assert_eq!(cfg.dialect, Dialect::Bitnet);
         assert_eq!(cfg.model_path, "/models/x.gguf");
         assert_eq!((cfg.slots, cfg.slots_endpoint, cfg.ctx), (2, true, 2048));
+    }
+
+    #[test]
+    fn bitnets_launcher_flags_are_taken_and_those_that_matter_act() {
+        // run_inference_server.py's command line, plus flags both servers take.
+        let args = [
+            "llama-sim",
+            "-m",
+            "/m.gguf",
+            "-c",
+            "2048",
+            "-t",
+            "8",
+            "-n",
+            "4096",
+            "--temp",
+            "0.8",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "-cb",
+            "--threads-http",
+            "2",
+            "-to",
+            "600",
+            "-sps",
+            "0.5",
+            "--api-key",
+            "k",
+            "--dialect",
+            "bitnet",
+        ];
+        let cfg = SimArgs::try_parse_from(args).unwrap().to_config().unwrap();
+        assert_eq!(cfg.n_predict, Some(4096));
+        assert_eq!(cfg.api_key.as_deref(), Some("k"));
+        let cfg = SimArgs::try_parse_from(["llama-sim", "--no-slots"])
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert!(!cfg.slots_endpoint);
+        assert!(SimArgs::try_parse_from(["llama-sim", "--no-slots", "--slots"]).is_err());
+    }
+
+    #[test]
+    fn negative_numbers_are_refused_by_name() {
+        for (flag, name) in [
+            ("--time-scale", "time_scale"),
+            ("--decode-rate", "decode_rate"),
+            ("--prefill-rate", "prefill_rate"),
+            ("--load-time", "load_time"),
+            ("--slow-start", "slow_start"),
+        ] {
+            let err = SimArgs::try_parse_from(["llama-sim", flag, "-1"])
+                .unwrap()
+                .to_config()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(name), "{flag}: {err}");
+        }
     }
 
     #[test]

@@ -57,6 +57,11 @@ pub struct SimConfig {
     pub slots: usize,
     /// Whether `/slots` answers. The bitnet fork only serves it when started with `--slots`.
     pub slots_endpoint: bool,
+    /// The server-wide cap on tokens generated per request (`-n`); `None` leaves the
+    /// dialect's own (none upstream, 4096 for the fork).
+    pub n_predict: Option<usize>,
+    /// The key every endpoint but /health and the model list requires (`--api-key`).
+    pub api_key: Option<String>,
     /// Context size of each slot, in tokens.
     pub ctx: usize,
     /// Prompt evaluation speed, tokens per second.
@@ -85,6 +90,8 @@ impl SimConfig {
             alias: None,
             slots: dialect.default_slots(),
             slots_endpoint: dialect == Dialect::LlamaCpp,
+            n_predict: None,
+            api_key: None,
             ctx: 4096,
             prefill_rate: 60.0,
             decode_rate: 18.0,

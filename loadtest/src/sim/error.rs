@@ -12,6 +12,9 @@ pub(crate) enum ApiError {
     /// 400 `exceed_context_size_error`: the prompt does not fit a slot (upstream only).
     #[error("request ({n_prompt} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it")]
     ExceedContext { n_prompt: usize, n_ctx: usize },
+    /// 401 `authentication_error`: `--api-key` is set and the request lacks it.
+    #[error("Invalid API Key")]
+    Unauthorized,
     /// 404 `not_found_error`.
     #[error("File Not Found")]
     NotFound,
@@ -30,6 +33,7 @@ impl ApiError {
     pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::InvalidRequest(_) | ApiError::ExceedContext { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Server(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::NotSupported(_) => StatusCode::NOT_IMPLEMENTED,
@@ -41,6 +45,7 @@ impl ApiError {
         match self {
             ApiError::InvalidRequest(_) => "invalid_request_error",
             ApiError::ExceedContext { .. } => "exceed_context_size_error",
+            ApiError::Unauthorized => "authentication_error",
             ApiError::NotFound => "not_found_error",
             ApiError::Server(_) => "server_error",
             ApiError::NotSupported(_) => "not_supported_error",

@@ -123,12 +123,17 @@ pub(crate) fn parse(cfg: &SimConfig, endpoint: Endpoint, body: &[u8]) -> Result<
             n_predict = n_ctx - prompt.len();
             limited = true;
         }
-        // The fork shifts the context and goes on, up to its server-wide limit.
-        Dialect::Bitnet if n_predict > BITNET_MAX_PREDICT => {
-            n_predict = BITNET_MAX_PREDICT;
-            limited = true;
-        }
         _ => {}
+    }
+    // The server-wide `-n`; the fork shifts the context and goes on up to it, its
+    // launcher's 4096 when none was given.
+    let cap = match dialect {
+        Dialect::LlamaCpp => cfg.n_predict,
+        Dialect::Bitnet => Some(cfg.n_predict.unwrap_or(BITNET_MAX_PREDICT)),
+    };
+    if let Some(cap) = cap.filter(|&cap| n_predict > cap) {
+        n_predict = cap;
+        limited = true;
     }
 
     let id_slot = match body.get("id_slot").and_then(Value::as_i64) {
@@ -326,6 +331,24 @@ mod tests {
         let body = json!({"prompt": "x", "n_predict": 1_000_000_000});
         let j = job(Dialect::Bitnet, Endpoint::Native, body).unwrap();
         assert_eq!((j.n_predict, j.limited), (4096, true));
+    }
+
+    #[test]
+    fn a_server_wide_n_predict_caps_both_dialects() {
+        for dialect in [Dialect::LlamaCpp, Dialect::Bitnet] {
+            let mut cfg = SimConfig::new(dialect);
+            cfg.n_predict = Some(10);
+            let body = json!({"prompt": "x", "n_predict": 100});
+            let j = parse(&cfg, Endpoint::Native, body.to_string().as_bytes()).unwrap();
+            assert_eq!((j.n_predict, j.limited), (10, true), "{dialect:?}");
+            let body = json!({"prompt": "x", "n_predict": 5});
+            let j = parse(&cfg, Endpoint::Native, body.to_string().as_bytes()).unwrap();
+            assert_eq!((j.n_predict, j.limited), (5, true), "{dialect:?}");
+        }
+        // Without -n, upstream has no cap beyond the context.
+        let body = json!({"prompt": "x", "n_predict": 5000, "stream": false});
+        let j = job(Dialect::LlamaCpp, Endpoint::Native, body).unwrap();
+        assert_eq!(j.n_predict, 4095);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::body::{self, Msg, SimBody};
-use super::config::Dialect;
+use super::config::{Dialect, SimConfig};
 use super::error::ApiError;
 use super::generate::{self, Channel, Collect};
 use super::request::{self, Endpoint};
@@ -34,6 +34,9 @@ pub(crate) async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Si
             return body::json(StatusCode::OK, &br#"{"status":"ok"}"#[..]);
         }
         (&Method::GET, "/v1/models" | "/models") => return models(&sim),
+        _ if !authorized(&sim.cfg, req.headers()) => {
+            return body::error(&ApiError::Unauthorized);
+        }
         (&Method::GET, "/props") => return props(&sim),
         (&Method::GET, "/slots") => return slots(&sim, req.uri().query()),
         (&Method::GET, "/metrics") => return metrics(&sim),
@@ -47,6 +50,23 @@ pub(crate) async fn handle(sim: Arc<Sim>, req: Request<Incoming>) -> Response<Si
         _ => return body::error(&ApiError::NotFound),
     };
     completion(&sim, endpoint, req).await
+}
+
+/// Whether the request carries the `--api-key` key, when there is one: as a bearer token,
+/// or (upstream only) in `X-Api-Key`.
+fn authorized(cfg: &SimConfig, headers: &http::HeaderMap) -> bool {
+    let Some(key) = cfg.api_key.as_deref() else {
+        return true;
+    };
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| cfg.dialect == Dialect::LlamaCpp);
+    bearer == Some(key) || x_api_key == Some(key)
 }
 
 /// Reads the request body, within [`MAX_BODY`].
@@ -286,4 +306,37 @@ async fn tokenize(sim: &Sim, req: Request<Incoming>) -> Response<SimBody> {
         })
         .collect();
     body::json_value(StatusCode::OK, &json!({ "tokens": list }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_api_key_is_taken_as_the_dialect_takes_it() {
+        let mut up = SimConfig::new(Dialect::LlamaCpp);
+        assert!(authorized(&up, &headers(&[])), "no key configured: open");
+        up.api_key = Some("k".into());
+        let mut bn = SimConfig::new(Dialect::Bitnet);
+        bn.api_key = Some("k".into());
+        for cfg in [&up, &bn] {
+            assert!(authorized(cfg, &headers(&[("authorization", "Bearer k")])));
+            assert!(!authorized(cfg, &headers(&[("authorization", "Bearer x")])));
+            assert!(!authorized(cfg, &headers(&[])));
+        }
+        assert!(authorized(&up, &headers(&[("x-api-key", "k")])));
+        assert!(!authorized(&bn, &headers(&[("x-api-key", "k")])));
+    }
 }
