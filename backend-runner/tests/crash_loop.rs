@@ -32,6 +32,18 @@ fn start(dir: &TempDir, script_body: &str, extra_config: &str) -> Runner {
     ])
 }
 
+/// Waits for a runner that must stop on its own; its exit code and everything it wrote.
+fn wait_exit(runner: &mut Runner) -> (Option<i32>, String) {
+    let status = runner
+        .child
+        .wait_timeout(Duration::from_secs(20))
+        .unwrap()
+        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
+    // Output threads may still be draining the pipes right after exit.
+    std::thread::sleep(Duration::from_millis(50));
+    (status.code(), runner.child.output_so_far())
+}
+
 /// The `delay_secs` of every "restarting" log event, in order.
 fn restart_delays(output: &str) -> Vec<f64> {
     output
@@ -104,14 +116,8 @@ fn instance_is_left_failed_after_max_failures_until_restarted_by_hand() {
 fn instance_that_exits_with_an_error_on_its_first_start_stops_the_runner() {
     let dir = TempDir::new("first-start");
     let mut runner = start(&dir, "echo \"error: cannot load model $2\" >&2\nexit 3", "");
-    let status = runner
-        .child
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
-    std::thread::sleep(Duration::from_millis(50));
-    let out = runner.child.output_so_far();
-    assert_eq!(status.code(), Some(1), "{out}");
+    let (code, out) = wait_exit(&mut runner);
+    assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("instance i0 could not start"), "{out}");
     assert!(out.contains("exit 3"), "{out}");
     // The process's own last words are part of the message.
@@ -172,13 +178,7 @@ s.serve_forever()
         ),
         "",
     );
-    let status = runner
-        .child
-        .wait_timeout(Duration::from_secs(20))
-        .unwrap()
-        .unwrap_or_else(|| panic!("runner still running:\n{}", runner.child.output_so_far()));
-    std::thread::sleep(Duration::from_millis(50));
-    let out = runner.child.output_so_far();
+    let (code, out) = wait_exit(&mut runner);
     assert!(
         std::fs::read_to_string(dir.path().join("stranger.port")).is_ok(),
         "the stranger never served:\n{out}"
@@ -195,7 +195,7 @@ s.serve_forever()
             .any(|m| m.contains("another process listens")),
         "{out}"
     );
-    assert_eq!(status.code(), Some(1), "{out}");
+    assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("instance i0 could not start"), "{out}");
     assert!(out.contains("couldn't bind"), "{out}");
 }
