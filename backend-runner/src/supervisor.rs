@@ -419,6 +419,7 @@ impl Supervisor {
         let mut cpu = CpuMeter::default();
         cpu.sample(Instant::now(), procfs::cpu_time(proc.pid));
         let mut stable = false;
+        let mut next_probe = ready_at + timing.health_interval;
         loop {
             if !stable && ready_at.elapsed() >= timing.stable {
                 stable = true;
@@ -435,8 +436,18 @@ impl Supervisor {
                     s.restart_delay = delay;
                 });
             }
+            // Wake for the next probe, or sooner for the moment the instance counts as stable:
+            // its failure count and restart delay reset then, not up to a probe interval later.
+            let wake = if stable {
+                next_probe
+            } else {
+                next_probe.min(ready_at + timing.stable)
+            };
             match self
-                .next_event(Some(&mut proc.child), timing.health_interval)
+                .next_event(
+                    Some(&mut proc.child),
+                    wake.saturating_duration_since(Instant::now()),
+                )
                 .await
             {
                 Event::Exited(status) => {
@@ -453,6 +464,10 @@ impl Supervisor {
                 }
                 Event::Tick => {}
             }
+            if Instant::now() < next_probe {
+                continue;
+            }
+            next_probe = Instant::now() + timing.health_interval;
             let Some(url) = self.inst.url() else { continue };
             let health = self.shared.prober.health(&url, timing.health_timeout).await;
             let cpu_busy = cpu.sample(Instant::now(), procfs::cpu_time(proc.pid));
@@ -466,6 +481,8 @@ impl Supervisor {
                         .await,
                 )
             };
+            // The interval runs from the end of a probe, however long the probe took.
+            next_probe = Instant::now() + timing.health_interval;
             match liveness.observe(health, cpu_busy, activity) {
                 Verdict::Healthy => {}
                 Verdict::Busy => {

@@ -34,6 +34,11 @@ struct Setup {
 impl Setup {
     /// A runner supervising `script_body` as its one instance, probing the fake backend.
     async fn start(tag: &str, script_body: &str) -> Setup {
+        Setup::start_with(tag, script_body, "interval_secs = 0.1", "").await
+    }
+
+    /// The same, with `health` lines for the probe interval and more `[restart]` lines.
+    async fn start_with(tag: &str, script_body: &str, health: &str, restart: &str) -> Setup {
         let busy = Arc::new(AtomicBool::new(false));
         let slots_busy = busy.clone();
         let fake = FakeBackend::start("instance", 1, move |seen| match seen.path.as_str() {
@@ -50,7 +55,8 @@ impl Setup {
         let port = fake.url().rsplit(':').next().unwrap().to_owned();
 
         let dir = TempDir::new(tag);
-        let script = dir.script("llama-server", script_body);
+        let script_body = script_body.replace("{dir}", dir.path().to_str().unwrap());
+        let script = dir.script("llama-server", &script_body);
         let model = dir.write("model.gguf", "");
         let config = RawConfig::from_toml(&format!(
             r#"
@@ -59,11 +65,12 @@ impl Setup {
             port = {port}
             [health]
             startup_timeout_secs = 30
-            interval_secs = 0.1
+            {health}
             timeout_secs = 0.2
             failure_threshold = 3
             [restart]
             delay_secs = 0.1
+            {restart}
             [stop]
             timeout_secs = 1
             "#
@@ -213,5 +220,34 @@ async fn instance_burning_cpu_is_not_restarted_for_a_slow_health() {
     let v = s.view();
     assert_eq!((v.state, v.pid, v.restarts), (State::Ready, Some(pid), 0));
     assert_eq!(s.liveness_exits(), 0.0);
+    s.shut_down().await;
+}
+
+#[tokio::test]
+async fn the_failure_count_resets_when_stable_not_at_the_next_probe() {
+    // The first process dies soon after it is ready; the second stays. With probes a minute
+    // apart, the reset after stable_secs must not wait for one.
+    let s = Setup::start_with(
+        "liveness-stable",
+        "if [ -e {dir}/started ]; then exec sleep 600; fi\ntouch {dir}/started\nsleep 0.5\nkill -KILL $$",
+        "interval_secs = 60",
+        "stable_secs = 0.5",
+    )
+    .await;
+    let failures = || s.metric(r#"bitnet_runner_instance_consecutive_failures{instance="i0"}"#);
+    s.wait_for("ready again", Duration::from_secs(10), |v| {
+        v.state == State::Ready && v.restarts == 1
+    })
+    .await;
+    assert_eq!(failures(), Some(1.0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while failures() != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "no reset within 5 s of stable_secs 0.5"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.view().state, State::Ready);
     s.shut_down().await;
 }
