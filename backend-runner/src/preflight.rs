@@ -114,6 +114,9 @@ fn check_with(
         check_model(&inst.name, &inst.model)?;
     }
     let cpus = plan_cpus(config)?;
+    for warning in crowded_cores(config) {
+        tracing::warn!("{warning}");
+    }
     for inst in &config.instances {
         // A port is only borrowed here and released at once, so llama-server can bind it. If
         // something takes it in between, the instance's first start fails with llama-server's
@@ -171,6 +174,26 @@ fn check_model(instance: &str, path: &Path) -> Result<(), PreflightError> {
         });
     }
     Ok(())
+}
+
+/// Instances given fewer cores (`cpus`) than threads: not wrong, but their threads take
+/// turns on those cores, which costs most of the speed the threads were meant to add.
+fn crowded_cores(config: &Config) -> Vec<String> {
+    config
+        .instances
+        .iter()
+        .filter_map(|inst| {
+            let cores = inst.cpus.as_ref()?.len();
+            (cores < inst.threads as usize).then(|| {
+                let noun = if cores == 1 { "core" } else { "cores" };
+                format!(
+                    "instance {} runs {} threads on {cores} {noun} (cpus); they will take turns \
+                     on them: set threads = {cores} unless that is meant",
+                    inst.name, inst.threads
+                )
+            })
+        })
+        .collect()
 }
 
 fn plan_cpus(config: &Config) -> Result<Vec<Option<Vec<usize>>>, PreflightError> {
@@ -289,6 +312,20 @@ mod tests {
             busy[0].to_string().contains("the control API"),
             "{}",
             busy[0]
+        );
+    }
+
+    #[test]
+    fn fewer_cores_than_threads_is_named() {
+        let c = config(
+            "model = \"/m\"\nthreads = 8\n[[instance]]\ncpus = [0]\n[[instance]]\ncpus = [1]\nthreads = 1",
+        );
+        let warnings = crowded_cores(&c);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("instance i0 runs 8 threads on 1 core (cpus)"),
+            "{}",
+            warnings[0]
         );
     }
 
