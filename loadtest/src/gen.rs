@@ -227,6 +227,7 @@ pub async fn run_until(
             None => std::future::pending().await,
         }
     };
+    let mut interrupted = false;
     let collected = tokio::select! {
         collected = &mut work => collected,
         () = drain_end => {
@@ -235,11 +236,21 @@ pub async fn run_until(
             work.await
         }
         () = interrupt => {
+            interrupted = true;
             let _ = stop_tx.send(true);
             work.await
         }
     };
-    let wall_secs = start.elapsed().as_secs_f64();
+    let mut wall = start.elapsed();
+    // A run that went to its --duration lasted at least that long, even when its last
+    // answer came before the end (an open loop's last arrival rarely falls on it).
+    let budget_spent = cfg
+        .max_requests
+        .is_some_and(|m| collected.records.len() as u64 >= m);
+    if let Some(deadline) = driver.deadline().filter(|_| !interrupted && !budget_spent) {
+        wall = wall.max(deadline.saturating_duration_since(start));
+    }
+    let wall_secs = wall.as_secs_f64();
     if let Some(progress) = progress {
         progress.finish();
     }

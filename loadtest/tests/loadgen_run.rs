@@ -506,6 +506,35 @@ async fn the_same_seed_repeats_prompts_and_arrival_schedule() {
 }
 
 #[tokio::test]
+async fn a_run_to_its_duration_is_timed_over_all_of_it() {
+    // At 4 arrivals a second over 1.5 s, the last one lands well before the end, and its
+    // answer is instant: the rate is still over the whole 1.5 s, not up to that answer.
+    let server = FakeBackend::start("fake", 1, |_| Reply::Json(200, completion_json("hi"))).await;
+    let mut cfg = config(&server);
+    cfg.load = Load::Open {
+        rate: 4.0,
+        max_in_flight: 100,
+    };
+    cfg.duration = Some(Duration::from_millis(1500));
+    cfg.seed = 5;
+    let result = gen::run(cfg).await.unwrap();
+    let s = result.summary();
+    assert!(s.wall_secs >= 1.5, "wall {} s", s.wall_secs);
+    let expected = s.succeeded as f64 / s.wall_secs;
+    assert!((s.requests_per_s - expected).abs() < 1e-9);
+    // A request budget spent before the deadline ends the run, and its time, early.
+    let mut cfg = config(&server);
+    cfg.max_requests = Some(2);
+    cfg.duration = Some(Duration::from_secs(30));
+    let result = gen::run(cfg).await.unwrap();
+    assert!(
+        result.summary().wall_secs < 5.0,
+        "{}",
+        result.summary().wall_secs
+    );
+}
+
+#[tokio::test]
 async fn open_loop_arrivals_follow_a_poisson_process_at_the_requested_rate() {
     let server = FakeBackend::start("fake", 1, |_| ok_stream()).await;
     let mut cfg = config(&server);

@@ -91,7 +91,9 @@ pub struct Summary {
     pub cancelled: u64,
     /// Open loop only: arrivals not sent because `max_in_flight` sessions were already running.
     pub dropped_arrivals: u64,
-    /// From the start of the run until the last request ended.
+    /// From the start of the run until the last request ended, or until the end of its
+    /// `--duration` if that came later (and the run was neither interrupted nor ended by its
+    /// request budget).
     pub wall_secs: f64,
     /// Successful requests per second of wall time.
     pub requests_per_s: f64,
