@@ -92,6 +92,10 @@ pub struct RunResult {
     pub summary: Summary,
     /// One record per request, ordered by send time.
     pub records: Vec<RequestRecord>,
+    /// The run was interrupted (Ctrl-C) rather than ending by its bounds. Files written
+    /// before this was recorded read as not interrupted.
+    #[serde(default)]
+    pub interrupted: bool,
 }
 
 impl RunResult {
@@ -267,5 +271,6 @@ pub async fn run_until(
         started_unix_ms,
         summary,
         records: collected.records,
+        interrupted,
     })
 }

@@ -518,6 +518,7 @@ async fn a_run_to_its_duration_is_timed_over_all_of_it() {
     cfg.duration = Some(Duration::from_millis(1500));
     cfg.seed = 5;
     let result = gen::run(cfg).await.unwrap();
+    assert!(!result.interrupted);
     let s = result.summary();
     assert!(s.wall_secs >= 1.5, "wall {} s", s.wall_secs);
     let expected = s.succeeded as f64 / s.wall_secs;
@@ -686,6 +687,7 @@ async fn an_interrupt_cancels_requests_in_flight_and_returns_the_results_so_far(
         1
     );
     assert_eq!(server.count(), 4, "nothing starts after the interrupt");
+    assert!(result.interrupted);
 }
 
 // === files and comparison ===

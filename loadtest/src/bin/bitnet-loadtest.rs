@@ -268,14 +268,11 @@ async fn run(args: RunArgs) -> anyhow::Result<Ended> {
     if let Some(path) = &report {
         check_writable("--report", path)?;
     }
-    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = interrupted.clone();
-    let result = gen::run_until(cfg, async move {
+    let result = gen::run_until(cfg, async {
         // A failure to listen for Ctrl-C must not end the run.
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
         eprintln!("\ninterrupted: cancelling requests in flight");
     })
     .await?;
@@ -289,7 +286,7 @@ async fn run(args: RunArgs) -> anyhow::Result<Ended> {
         eprintln!("report written to {}", path.display());
     }
     let s = &result.summary;
-    Ok(if interrupted.load(std::sync::atomic::Ordering::Relaxed) {
+    Ok(if result.interrupted {
         Ended::Interrupted
     } else if s.requests > 0 && s.succeeded == 0 {
         eprintln!(
