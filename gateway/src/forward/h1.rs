@@ -105,6 +105,9 @@ pub struct Head {
     pub keep_alive: bool,
 }
 
+/// How many headers the gateway may add to a backend's response before relaying it.
+const ADDED_HEADERS: usize = 5;
+
 /// Parse a response head at the start of `buf`. `Ok(None)` means more bytes are needed;
 /// `Ok(Some((head, n)))` that the head took the first `n` bytes.
 pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<(Head, usize)>, FramingError> {
@@ -135,7 +138,10 @@ pub fn parse_response(buf: &[u8], method: &Method) -> Result<Option<(Head, usize
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for what the gateway adds on the way out (`X-Backend`, `X-Request-Id`, and for a
+    // stream `Cache-Control` and `X-Accel-Buffering`): a map built to the exact size grows,
+    // rehashing every entry, at the first of them.
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + ADDED_HEADERS);
     let mut close = version == Version::HTTP_10;
     let mut chunked_last = None;
     let mut length: Option<u64> = None;
