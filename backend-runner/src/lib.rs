@@ -15,6 +15,8 @@
 //!    ([`logs`]), waits for readiness, probes liveness ([`probe`], [`procfs`]), drains and
 //!    restarts it.
 //! 5. [`metrics`]: what Prometheus scrapes from `GET /metrics`.
+//!
+//! `--check-config` stops after step 2 and prints the [`summary`] of what would run.
 
 pub mod cli;
 pub mod command;
@@ -29,6 +31,7 @@ pub mod preflight;
 pub mod probe;
 pub mod procfs;
 pub mod runner;
+pub mod summary;
 pub mod supervisor;
 
 pub use config::Config;

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     if check_only {
         return match preflight::check_config(&config) {
             Ok((plan, busy)) => {
-                println!("{config:#?}\n{plan:#?}");
+                print!("{}", backend_runner::summary::render(&config, &plan));
                 for err in busy {
                     eprintln!(
                         "bitnet-runner: warning: {err}; it must be free when the runner starts"

@@ -241,7 +241,10 @@ fn check_config_warns_of_a_port_in_use_that_a_start_refuses() {
         check_out.contains("warning") && check_out.contains(&format!("port {port}")),
         "{check_out}"
     );
-    assert!(check_out.contains("InstanceConfig {"), "{check_out}");
+    assert!(
+        check_out.contains(&format!("--port {port} -t ")),
+        "{check_out}"
+    );
 }
 
 #[test]
