@@ -372,7 +372,7 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// The key names, in configuration order, for the start-up log.
+    /// The key names, in configuration order: what `--check-config` shows instead of keys.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.keys.iter().map(|k| k.name.as_str())
     }

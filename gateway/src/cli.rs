@@ -134,7 +134,8 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
-    /// Check the configuration, print it, and exit.
+    /// Check the configuration and the files it names, print a summary of it (API keys by
+    /// name only), and exit.
     #[arg(long)]
     pub check_config: bool,
 }

@@ -25,7 +25,8 @@
 //!    the oldest waiter, once.
 //!
 //! Around it:
-//! - configuration: [`config`] and [`cli`] (TOML plus flags), [`reload`] (SIGHUP);
+//! - configuration: [`config`] and [`cli`] (TOML plus flags), [`reload`] (SIGHUP),
+//!   [`summary`] (what `--check-config` prints);
 //! - shared state: [`state`] (the [`Gateway`]), [`backend`] (per-backend
 //!   atomics and health), [`health`] (probes and each backend's own load), [`discovery`]
 //!   (backends from a bitnet-runner or DNS);
@@ -65,6 +66,7 @@ pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod summary;
 pub mod tls;
 pub mod waiting;
 

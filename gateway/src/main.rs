@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             eprintln!("bitnet-gateway: {err}");
             return ExitCode::from(2);
         }
-        println!("{config:#?}");
+        print!("{}", gateway::summary::render(&config));
         return ExitCode::SUCCESS;
     }
     // This thread is the first serving thread; `workers - 1` more start in serve_threads,

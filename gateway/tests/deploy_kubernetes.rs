@@ -102,7 +102,17 @@ fn kubernetes_manifests_agree_and_the_gateway_accepts_its_config() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains(&dns), "{printed}");
+    assert!(
+        printed
+            .lines()
+            .any(|l| l.starts_with("  dns ") && l.contains(&format!(" {dns}, "))),
+        "{printed}"
+    );
+    assert!(printed.contains("1 key: openclaw\n"), "{printed}");
+    assert!(
+        !printed.contains("bitnet-local"),
+        "a key was printed:\n{printed}"
+    );
     let deploy = kind(&gateway, "Deployment");
     let grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
