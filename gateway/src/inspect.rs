@@ -21,10 +21,42 @@ pub struct Inspected<'a> {
 
 #[derive(Deserialize)]
 struct Peek<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "borrowed")]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     stream: Option<bool>,
+}
+
+/// A string borrowed from the body unless it has escapes. serde's own `Option<Cow<str>>`
+/// always copies, `borrow` or not: a `Cow` inside an `Option` is read by `Cow`'s general
+/// impl, which owns.
+fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct Text;
+    impl<'de> serde::de::Visitor<'de> for Text {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(v)))
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v.to_owned())))
+        }
+        fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(v)))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(Text)
+        }
+    }
+    d.deserialize_option(Text)
 }
 
 /// Read `model` and `stream` from a JSON object body.
@@ -58,8 +90,10 @@ mod tests {
                 stream: true
             }
         );
+        assert!(matches!(i.model, Some(Cow::Borrowed(_))));
         let i = inspect(br#"{"model":"esc\u00e9aped"}"#).unwrap();
         assert_eq!(i.model.as_deref(), Some("esc\u{e9}aped"));
+        assert_eq!(inspect(br#"{"model":null}"#).unwrap().model, None);
         assert_eq!(inspect(b"{}").unwrap(), Inspected::default());
     }
 
