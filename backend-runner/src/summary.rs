@@ -20,17 +20,16 @@ pub fn render(config: &Config, plan: &Plan) -> String {
     };
     line("llama-server", plan.llama_server.display().to_string());
     line("control API", format!("http://{}", config.control));
+    // An instance with its own `cpus` list is pinned whatever `pin` says: count the plan.
+    let pinned = plan.cpus.iter().filter(|c| c.is_some()).count();
+    let n = config.instances.len();
     line(
         "instances",
-        format!(
-            "{}, {}",
-            config.instances.len(),
-            if config.pin {
-                "each on cores of its own"
-            } else {
-                "not pinned to cores"
-            }
-        ),
+        match pinned {
+            0 => format!("{n}, not pinned to cores"),
+            p if p == n => format!("{n}, each on cores of its own"),
+            p => format!("{n}, {p} of them on cores of their own, the others on any core"),
+        },
     );
     line(
         "readiness",
@@ -247,6 +246,31 @@ mod tests {
         ] {
             assert!(s.contains(expected), "{expected:?} in\n{s}");
         }
+    }
+
+    #[test]
+    fn an_instance_with_its_own_cores_is_pinned_without_pin() {
+        let c = config(
+            r#"
+            llama_server = "llama-server"
+            model = "/m.gguf"
+            instances = 2
+            pin = false
+            [[instance]]
+            cpus = [1]
+            "#,
+        );
+        let plan = Plan {
+            llama_server: "/usr/bin/llama-server".into(),
+            cpus: vec![Some(vec![1]), None],
+        };
+        let s = render(&c, &plan);
+        assert!(
+            s.contains(
+                "instances        2, 1 of them on cores of their own, the others on any core\n"
+            ),
+            "{s}"
+        );
     }
 
     #[test]
