@@ -50,8 +50,8 @@ pub struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     pub dns: Option<String>,
 
-    /// Model id that --backend and --alias apply to. Defaults to the file's only model, or
-    /// "default" when there is no file.
+    /// Model id that --backend, --alias, --runner and --dns apply to. Defaults to the file's
+    /// only model, or "default" when there is no file.
     #[arg(long, value_name = "ID")]
     pub model: Option<String>,
 
@@ -72,7 +72,8 @@ pub struct Cli {
     #[arg(long, value_name = "N")]
     pub max_queue: Option<usize>,
 
-    /// Seconds a request may wait in the queue before it gets 503 [default: 180].
+    /// Seconds a request may wait in the queue before it gets 503 [default: 180]. Under
+    /// predicted-ttft, a request predicted to wait longer gets 429 at once instead.
     #[arg(long, value_name = "SECS")]
     pub queue_timeout: Option<f64>,
 
