@@ -43,7 +43,7 @@ pub fn init(format: LogFormat) -> LogWriter {
         .with_writer(writer.handle());
     match format {
         LogFormat::Text if !ansi => builder.fmt_fields(PlainFields).init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.fmt_fields(TerminalFields).init(),
         LogFormat::Json => builder.json().init(),
     }
     writer
@@ -134,7 +134,8 @@ impl Access<'_> {
         let mut line = String::with_capacity(512);
         let _ = Clock.format_time(&mut Writer::new(&mut line));
         line.push_str("  INFO access: request request_id=");
-        line.push_str(self.request_id);
+        // Written as `%request_id` is: as it is, bar control characters.
+        let _ = write_escaped(&mut line, self.request_id);
         for (name, value) in [
             (" model=", self.model),
             (" backend=", self.backend),
@@ -219,6 +220,55 @@ fn debug_str(line: &mut String, value: &str) {
         line.push('"');
     } else {
         let _ = write!(line, "{value:?}");
+    }
+}
+
+/// Whether `s` may hold a control character: a C0 byte (`\n`, `\r`, `\t`, ESC…), DEL, or
+/// 0xC2, the first byte of U+0080–U+00BF in UTF-8, which include the C1 controls
+/// U+0080–U+009F. One pass over the bytes, so that text without any (nearly all of it)
+/// costs no more than that.
+fn may_hold_controls(s: &str) -> bool {
+    s.bytes().any(|b| b < 0x20 || b == 0x7f || b == 0xc2)
+}
+
+/// Write `s` with its control characters (C0, DEL, C1: [`char::is_control`]) escaped as
+/// [`char::escape_debug`] writes them (`\n`, `\r`, `\t`, `\0`, `\u{1b}`, `\u{85}`), and
+/// everything else, non-ASCII letters included, as it is. Text from clients reaches log
+/// lines (a model name in an error message, say): written raw, a newline in it would
+/// start a forged line of its own, and an ESC would drive the terminal that shows the log.
+fn write_escaped(out: &mut (impl std::fmt::Write + ?Sized), s: &str) -> std::fmt::Result {
+    if !may_hold_controls(s) {
+        return out.write_str(s);
+    }
+    let mut plain = 0;
+    for (i, c) in s.char_indices() {
+        if c.is_control() {
+            out.write_str(&s[plain..i])?;
+            for e in c.escape_debug() {
+                out.write_char(e)?;
+            }
+            plain = i + c.len_utf8();
+        }
+    }
+    out.write_str(&s[plain..])
+}
+
+/// A writer that passes text on with its control characters escaped ([`write_escaped`]).
+struct Escaping<W>(W);
+
+impl<W: std::fmt::Write> std::fmt::Write for Escaping<W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        write_escaped(&mut self.0, s)
+    }
+}
+
+/// A value whose `Debug` form is the inner value's with control characters escaped.
+struct Escaped<T>(T);
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Escaped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        write!(Escaping(f), "{:?}", self.0)
     }
 }
 
@@ -445,11 +495,15 @@ impl Drop for LogWriter {
     }
 }
 
-/// Formats an event's fields exactly as tracing-subscriber's default does without colours,
-/// at a fraction of the cost: the default styles every field name, even with styling off,
+/// Formats an event's fields as tracing-subscriber's default does without colours, at a
+/// fraction of the cost: the default styles every field name, even with styling off,
 /// through several layers of formatting machinery, and the access log writes a dozen fields
 /// per request. The message and error values, which the default sanitises, and anything
 /// unusual are handed to the default formatter itself.
+///
+/// Unlike the default, no value writes a control character ([`write_escaped`]): the
+/// default writes `%value` fields as they are, and the message and errors with their line
+/// breaks, so a client's text in an error could forge log lines of its own.
 struct PlainFields;
 
 impl<'a> MakeVisitor<Writer<'a>> for PlainFields {
@@ -492,12 +546,15 @@ impl PlainVisitor<'_> {
             .and_then(|()| value(w));
     }
 
-    /// Let the default formatter write one field, for the cases that it sanitises.
+    /// Let the default formatter write one field, for the cases that it sanitises, with
+    /// the control characters it leaves (line breaks, tabs) escaped on the way out. Its
+    /// writer has no colours, as this one has none: nothing it writes is an escape code.
     fn default(&mut self, record: impl FnOnce(&mut DefaultVisitor<'_>)) {
         if self.result.is_err() {
             return;
         }
-        let mut v = DefaultVisitor::new(self.writer.by_ref(), self.is_empty);
+        let mut escaping = Escaping(self.writer.by_ref());
+        let mut v = DefaultVisitor::new(Writer::new(&mut escaping), self.is_empty);
         record(&mut v);
         self.result = v.finish();
         self.is_empty = false;
@@ -536,6 +593,7 @@ impl Visit for PlainVisitor<'_> {
         if Self::is_special(field) {
             return self.default(|v| v.record_str(field, value));
         }
+        // A string's `Debug` form escapes every control character already.
         self.pair(field, |w| write!(w, "{value:?}"));
     }
 
@@ -547,7 +605,9 @@ impl Visit for PlainVisitor<'_> {
         if Self::is_special(field) {
             return self.default(|v| v.record_debug(field, value));
         }
-        self.pair(field, |w| write!(w, "{value:?}"));
+        use std::fmt::Write as _;
+        // `%value` fields arrive here, written by their `Display`: as they are.
+        self.pair(field, |w| write!(Escaping(w), "{value:?}"));
     }
 }
 
@@ -560,6 +620,86 @@ impl VisitOutput<std::fmt::Result> for PlainVisitor<'_> {
 impl VisitFmt for PlainVisitor<'_> {
     fn writer(&mut self) -> &mut dyn std::fmt::Write {
         &mut self.writer
+    }
+}
+
+/// Formats an event's fields as tracing-subscriber's default does with colours, for a
+/// person at a terminal, but with control characters in values escaped as [`PlainFields`]
+/// escapes them: there, an ESC from a client would be obeyed by the terminal. The default
+/// formatter writes everything, styles included, and sees each value already escaped.
+struct TerminalFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for TerminalFields {
+    type Visitor = TerminalVisitor<'a>;
+
+    fn make_visitor(&self, writer: Writer<'a>) -> TerminalVisitor<'a> {
+        TerminalVisitor(DefaultVisitor::new(writer, true))
+    }
+}
+
+struct TerminalVisitor<'a>(DefaultVisitor<'a>);
+
+impl Visit for TerminalVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            // What the default does with a message string, escaped.
+            self.0
+                .record_debug(field, &Escaped(format_args!("{value}")));
+        } else {
+            // A string's `Debug` form escapes every control character already.
+            self.0.record_str(field, value);
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let mut chain = Some(value);
+        while let Some(e) = chain {
+            if e.to_string().chars().any(char::is_control) {
+                // The default's words, unstyled but escaped: `E NAME.sources=[S1, S2]`.
+                return self.0.record_debug(
+                    field,
+                    &Escaped(format_args!("{}", ErrorText(value, field.name()))),
+                );
+            }
+            chain = e.source();
+        }
+        self.0.record_error(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.record_debug(field, &Escaped(value));
+    }
+}
+
+impl VisitOutput<std::fmt::Result> for TerminalVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl VisitFmt for TerminalVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        self.0.writer()
+    }
+}
+
+/// An error and its sources as the default formatter writes them, without the styles.
+struct ErrorText<'a>(&'a (dyn std::error::Error + 'static), &'a str);
+
+impl std::fmt::Display for ErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ErrorText(error, name) = *self;
+        write!(f, "{error}")?;
+        let Some(source) = error.source() else {
+            return Ok(());
+        };
+        write!(f, " {name}.sources=[{source}")?;
+        let mut next = source.source();
+        while let Some(e) = next {
+            write!(f, ", {e}")?;
+            next = e.source();
+        }
+        f.write_str("]")
     }
 }
 
@@ -754,7 +894,7 @@ mod tests {
     fn access_lines_are_what_the_subscriber_writes() {
         use super::{Access, Clock};
         let odd = Access {
-            request_id: "abc-123",
+            request_id: "abc\t-123\u{85}",
             model: "bench \"quoted\" \\ \n\x1b[2J\u{85}é",
             backend: "127.0.0.1:8090",
             endpoint: "chat",
@@ -799,7 +939,195 @@ mod tests {
                 .collect();
             assert_eq!(theirs.lines().count(), 2, "{theirs}");
             assert_eq!(without_times(&ours), without_times(&theirs), "json: {json}");
+            if !json {
+                // Not even the request id's tab and C1 control are written raw.
+                assert!(
+                    !ours.lines().any(|l| l.chars().any(char::is_control)),
+                    "{ours:?}"
+                );
+                assert!(ours.contains("request_id=abc\\t-123\\u{85} "), "{ours}");
+            }
         }
+    }
+
+    fn escaped(s: &str) -> String {
+        let mut out = String::new();
+        super::write_escaped(&mut out, s).unwrap();
+        out
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_nothing_else() {
+        for (raw, want) in [
+            ("", ""),
+            (
+                "plain ascii, \"quotes\" and \\",
+                "plain ascii, \"quotes\" and \\",
+            ),
+            ("édition 日本語 ©°", "édition 日本語 ©°"),
+            ("m\nINJECTED status=200", "m\\nINJECTED status=200"),
+            ("a\r\nb\tc", "a\\r\\nb\\tc"),
+            ("\x1b[31mred\x1b[0m", "\\u{1b}[31mred\\u{1b}[0m"),
+            (
+                "\0\x07\x08\x0c\x1f\x7f",
+                "\\0\\u{7}\\u{8}\\u{c}\\u{1f}\\u{7f}",
+            ),
+            (
+                "next\u{85}line csi\u{9b}2J \u{80}\u{9f}",
+                "next\\u{85}line csi\\u{9b}2J \\u{80}\\u{9f}",
+            ),
+            // U+00A0 and U+00BF share the first byte of C1 controls but are not ones.
+            ("\u{a0}\u{bf}é\n", "\u{a0}\u{bf}é\\n"),
+        ] {
+            assert_eq!(escaped(raw), want, "{raw:?}");
+            assert!(!escaped(raw).chars().any(char::is_control), "{raw:?}");
+        }
+        // The quick check lets nothing through that holds a control.
+        for c in (0..0x110000).filter_map(char::from_u32) {
+            let s = format!("x{c}y");
+            if c.is_control() {
+                assert!(super::may_hold_controls(&s), "{c:?}");
+            }
+        }
+        assert!(!super::may_hold_controls(
+            "request_id=abc-123 model=\"é日\""
+        ));
+    }
+
+    /// Events carrying client text with line breaks and escape codes, as the gateway logs
+    /// them: a `%err` field, a string field, a message, an error value.
+    fn emit_hostile() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("bad \r\nINJECTED level=ERROR \x1b[2J\u{9b}")]
+        struct Hostile(#[source] std::io::Error);
+        let err = "the model 'm\nINJECTED status=200' does not exist";
+        let source = Hostile(std::io::Error::other("cause\nINJECTED too\x07"));
+        tracing::info!(
+            target: "access",
+            request_id = %"id\tx\u{85}",
+            status = 404u16,
+            error = %err,
+            model = "m\nINJECTED \x1b[31m",
+            "refused \nINJECTED message \x1b]0;title\x07"
+        );
+        tracing::warn!(
+            error = &source as &(dyn std::error::Error + 'static),
+            "an error value"
+        );
+        tracing::info!(message = %"message as Display\nINJECTED", n = 1u64);
+        tracing::info!(message = "message as str\r\nINJECTED", n = 2u64);
+    }
+
+    fn render_with(
+        fields: impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static,
+        ansi: bool,
+        emit: fn(),
+    ) -> String {
+        let out = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(ansi)
+            .without_time()
+            .with_writer(out.clone())
+            .fmt_fields(fields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, emit);
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn plain_fields_write_no_control_characters_from_any_value() {
+        let text = render_with(PlainFields, false, emit_hostile);
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("INJECTED")), "{text}");
+        // Nothing but the line ends is a control character.
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        for want in [
+            "request_id=id\\tx\\u{85}",
+            "error=the model 'm\\nINJECTED status=200' does not exist",
+            "model=\"m\\nINJECTED \\u{1b}[31m\"",
+            // The message's ESC and BEL as the default formatter already escapes them.
+            "refused \\nINJECTED message \\x1b]0;title\\x07",
+            "error=bad \\r\\nINJECTED level=ERROR \\x1b[2J\\u{9b} error.sources=[cause\\nINJECTED too\\x07]",
+            "message as Display\\nINJECTED n=1",
+            "message as str\\r\\nINJECTED n=2",
+        ] {
+            assert!(text.contains(want), "no {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn terminal_fields_write_no_control_characters_but_their_colours() {
+        let text = render_with(super::TerminalFields, true, emit_hostile);
+        assert_eq!(text.lines().count(), 4, "{text}");
+        // Take out the styles (`ESC [ digits;… m`): no control character is left.
+        let mut unstyled = String::new();
+        let mut rest = text.as_str();
+        while let Some(i) = rest.find('\x1b') {
+            unstyled.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            let end = after
+                .strip_prefix('[')
+                .and_then(|a| {
+                    a.find(|c: char| !c.is_ascii_digit() && c != ';')
+                        .map(|n| (a, n))
+                })
+                .filter(|(a, n)| a[*n..].starts_with('m'))
+                .map(|(_, n)| n + 2)
+                .unwrap_or_else(|| panic!("a raw ESC that is no style: {:?}", &rest[i..]));
+            rest = &after[end..];
+        }
+        unstyled.push_str(rest);
+        assert!(
+            !unstyled.lines().any(|l| l.starts_with("INJECTED")),
+            "{unstyled}"
+        );
+        assert!(
+            !unstyled.chars().any(|c| c.is_control() && c != '\n'),
+            "{unstyled:?}"
+        );
+        for want in [
+            "id\\tx\\u{85}",
+            "the model 'm\\nINJECTED status=200' does not exist",
+            "\"m\\nINJECTED \\u{1b}[31m\"",
+            "refused \\nINJECTED message \\u{1b}]0;title\\u{7}",
+            "bad \\r\\nINJECTED level=ERROR \\u{1b}[2J\\u{9b} error.sources=[cause\\nINJECTED too\\u{7}]",
+            "message as Display\\nINJECTED",
+            "message as str\\r\\nINJECTED",
+        ] {
+            assert!(unstyled.contains(want), "no {want:?} in:\n{unstyled}");
+        }
+    }
+
+    #[test]
+    fn terminal_fields_write_ordinary_events_as_the_default_formatter_does() {
+        fn ordinary() {
+            tracing::info!(
+                target: "access",
+                request_id = %"abc-123",
+                model = "bench \"quoted\" é",
+                status = 200u16,
+                ttft_ms = Some(17u64),
+                ok = true,
+                ending = ?Some("Complete"),
+                r#type = "raw",
+                error = &std::io::Error::other("plain failure") as &(dyn std::error::Error + 'static),
+                "request {} édition", 7
+            );
+            tracing::warn!(big = u64::MAX, small = i64::MIN, "warned");
+            tracing::info!(only = 1u64);
+        }
+        let ours = render_with(super::TerminalFields, true, ordinary);
+        let theirs = render_with(
+            tracing_subscriber::fmt::format::DefaultFields::new(),
+            true,
+            ordinary,
+        );
+        assert!(ours.contains('\x1b'), "coloured: {ours:?}");
+        assert_eq!(ours, theirs);
     }
 
     #[test]
