@@ -171,6 +171,8 @@ pub struct RawLimits {
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<usize>,
     pub header_read_timeout_secs: Option<f64>,
+    pub body_read_timeout_secs: Option<f64>,
+    pub send_timeout_secs: Option<f64>,
 }
 
 /// `[discovery]`
@@ -381,6 +383,11 @@ pub struct Config {
     /// or from the end of the previous response: it is both the slowloris guard and the
     /// keep-alive idle timeout.
     pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body, from the end of its headers.
+    pub body_read_timeout: Duration,
+    /// Longest a write to a client may stay blocked (a client that reads nothing) before
+    /// its connection is closed, which ends its requests and frees their slots.
+    pub send_timeout: Duration,
     /// Client keys; empty means the gateway is open.
     pub keys: KeySet,
     /// Admin keys; empty means the admin endpoints are off.
@@ -647,6 +654,16 @@ impl RawConfig {
                 "limits.header_read_timeout_secs",
                 self.limits.header_read_timeout_secs,
                 30.0,
+            )?,
+            body_read_timeout: secs(
+                "limits.body_read_timeout_secs",
+                self.limits.body_read_timeout_secs,
+                60.0,
+            )?,
+            send_timeout: secs(
+                "limits.send_timeout_secs",
+                self.limits.send_timeout_secs,
+                120.0,
             )?,
             keys: KeySet::build(&self.api_keys, &self.cli_api_keys, &self.api_key_files)
                 .map_err(|e| invalid("api_keys", e.to_string()))?,

@@ -31,6 +31,9 @@ pub enum GatewayError {
     /// The body could not be read from the client.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    /// The client did not send its whole body within `limits.body_read_timeout_secs`.
+    #[error("the request body did not arrive within {}", seconds(*.0))]
+    BodyTimeout(Duration),
     /// The body is not the JSON this endpoint needs.
     #[error("{0}")]
     InvalidRequest(String),
@@ -109,6 +112,11 @@ impl GatewayError {
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "body_read_error",
+            ),
+            BodyTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
             ),
             InvalidRequest(_) => (
                 StatusCode::BAD_REQUEST,

@@ -86,6 +86,19 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The `x-api-key` header, the alternative to `Authorization: Bearer` for a gateway key.
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// Remove the headers that carry a client's gateway API key (`Authorization` and
+/// `x-api-key`, as [`crate::auth::KeySet::check`] reads them). For a gateway that checks
+/// keys, the request has been let in on one of its own secrets: no backend needs it, and a
+/// plain-http backend would carry it across the network. An open gateway (no keys) leaves
+/// them alone: there they are the client's, perhaps for a backend's own `--api-key`.
+pub fn strip_gateway_credentials(headers: &mut HeaderMap) {
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(&X_API_KEY);
+}
+
 /// Remove hop-by-hop headers, including any the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names is cheaper than hashing each of
@@ -591,5 +604,19 @@ mod tests {
             assert_eq!(h.keys().collect::<Vec<_>>(), [header::ACCEPT], "{name}");
         }
         assert!(!is_hop_by_hop(&header::AUTHORIZATION));
+    }
+
+    #[test]
+    fn gateway_credentials_are_removed_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer j"));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        strip_gateway_credentials(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-request-id"]);
     }
 }

@@ -5,7 +5,8 @@
 //! A request's path, top to bottom, one file per step:
 //!
 //! 1. [`server`]: accept connections on one or more serving threads, serve HTTP/1.1 and
-//!    HTTP/2, drain on shutdown.
+//!    HTTP/2, drain on shutdown; [`stall`] closes a connection that sends no request or
+//!    reads nothing for too long.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,
 //!    [`inspect`] it for `model` and `stream` and read it as a [`job`] (prompt size, prefix
 //!    chain, answer length, session, priority); answer `/health`, `/metrics`, `/v1/models`
@@ -65,6 +66,7 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod sse;
+pub mod stall;
 pub mod state;
 pub mod summary;
 pub mod tls;

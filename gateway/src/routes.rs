@@ -17,7 +17,7 @@ use crate::auth::{endpoint_is_public, AuthError};
 use crate::body::GatewayBody;
 use crate::context;
 use crate::error::{json_response, GatewayError};
-use crate::forward::{forward, strip_hop_by_hop, Outbound};
+use crate::forward::{forward, strip_gateway_credentials, strip_hop_by_hop, Outbound};
 use crate::inspect::inspect;
 use crate::job::{Job, MAX_PRIORITY};
 use crate::state::Gateway;
@@ -253,11 +253,11 @@ async fn route(
         }
         "GET"
     } else {
-        return Err(GatewayError::NotFound(path.to_string()));
+        return Err(GatewayError::NotFound(clip(path, 200)));
     };
     Err(GatewayError::MethodNotAllowed {
-        method: method.to_string(),
-        path: path.to_string(),
+        method: clip(method.as_str(), 32),
+        path: clip(path, 200),
         allow,
     })
 }
@@ -282,7 +282,13 @@ async fn proxy(
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::BodyTooLarge { limit });
     }
-    let body: Bytes = match Limited::new(body, limit).collect().await {
+    // Bounded in time as well as size: a client that sends its headers and then trickles
+    // or withholds the body would otherwise hold its connection for ever.
+    let wait = cfg.body_read_timeout;
+    let collected = tokio::time::timeout(wait, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| GatewayError::BodyTimeout(wait))?;
+    let body: Bytes = match collected {
         Ok(c) => c.to_bytes(),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return Err(GatewayError::BodyTooLarge { limit })
@@ -318,6 +324,11 @@ async fn proxy(
     };
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
+    // Let in on one of the gateway's keys: decided by the check that let it in, so a
+    // reload in between cannot change the answer.
+    if key.is_some() {
+        strip_gateway_credentials(&mut headers);
+    }
     let out = Outbound {
         request_id: id.to_string(),
         endpoint,

@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use tokio::net::TcpListener;
 use crate::discovery;
 use crate::health::spawn_probers;
 use crate::routes::handle;
+use crate::stall::{FirstRequest, SendDeadline};
 use crate::state::Gateway;
 
 /// How many connections the kernel may hold for us before we accept them. tokio's (and
@@ -167,21 +169,29 @@ async fn accept(
         };
         // Tokens are small writes; never let Nagle hold one back.
         let _ = stream.set_nodelay(true);
+        let first = FirstRequest::default();
         let gw2 = gw.clone();
+        let first2 = first.clone();
         let svc = service_fn(move |req| {
+            first2.arrived();
             let gw = gw2.clone();
             async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
         });
         // Built per connection from the config in force, so a reload's limits apply to
         // new connections.
-        let builder = connection_builder(&gw.config());
+        let cfg = gw.config();
+        let builder = connection_builder(&cfg);
+        let (first_within, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
+        drop(cfg);
+        // Under TLS too: the record layer's writes are the socket's.
+        let stream = SendDeadline::new(stream, send_timeout);
         let watcher = graceful.watcher();
         let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
             let served = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    watcher.watch(conn.into_owned()).await
+                    until_silent(watcher.watch(conn.into_owned()), first, first_within, peer).await
                 }
                 Some(acceptor) => {
                     // The handshake runs here, not in the accept loop, and is bounded so a
@@ -190,7 +200,13 @@ async fn accept(
                     {
                         Ok(Ok(tls)) => {
                             let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            watcher.watch(conn.into_owned()).await
+                            until_silent(
+                                watcher.watch(conn.into_owned()),
+                                first,
+                                first_within,
+                                peer,
+                            )
+                            .await
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
@@ -213,6 +229,25 @@ async fn accept(
     // serving thread has closed its own.
     drop(listener);
     graceful
+}
+
+/// `conn`, closed (by dropping it) if no request has arrived on it within `within`.
+async fn until_silent<F, E>(
+    conn: F,
+    first: FirstRequest,
+    within: Duration,
+    peer: SocketAddr,
+) -> Result<(), E>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::select! {
+        served = conn => served,
+        () = first.missed(within) => {
+            tracing::debug!(%peer, "no request within the header read timeout; closing");
+            Ok(())
+        }
+    }
 }
 
 /// Let this thread's open connections finish, for up to the configured drain timeout.

@@ -187,10 +187,13 @@ fn limits(c: &Config) -> Vec<String> {
     let (body, head) = (bytes(c.max_body_bytes), bytes(c.max_header_bytes));
     let connections = count(c.max_connections, "client connection", "client connections");
     let headers = secs(c.header_read_timeout);
+    let (body_within, send) = (secs(c.body_read_timeout), secs(c.send_timeout));
     vec![
         format!("request body at most {body} (413 beyond), request head at most {head} (431 beyond)"),
         format!("{connections} at once (503 beyond)"),
         format!("headers within {headers} of connecting or of the previous response (also the keep-alive idle timeout)"),
+        format!("the body within {body_within} of the headers (408 beyond)"),
+        format!("a client that reads nothing for {send} is cut off, and its request's slot freed"),
     ]
 }
 

@@ -357,3 +357,81 @@ async fn ten_thousand_malformed_requests_leave_the_gateway_serving_with_flat_mem
     gw.wait_until(|g| g.pools()[0].backends()[0].inflight() == 0)
         .await;
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_no_request_is_closed_after_the_header_timeout() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nheader_read_timeout_secs = 0.3").await;
+    // Nothing at all, and the first byte of the HTTP/2 preface: both leave the server
+    // waiting to tell HTTP/1 from HTTP/2, where hyper has no timer of its own.
+    for sent in [&b""[..], b"P"] {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(sent).await.unwrap();
+        let t = Instant::now();
+        let answer = read_some(&mut s, Duration::from_secs(3)).await;
+        assert!(answer.is_empty(), "{answer}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "closed too early: {:?}",
+            t.elapsed()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_gets_a_408() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nbody_read_timeout_secs = 0.3").await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"mo",
+    )
+    .await
+    .unwrap();
+    let t = Instant::now();
+    let answer = read_some(&mut s, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    assert!(t.elapsed() >= Duration::from_millis(250));
+    assert_eq!(be.seen().len(), 0, "nothing reached the backend");
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_cut_off_and_its_slot_freed() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nsend_timeout_secs = 0.5").await;
+    // A small receive buffer, so that the gateway's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(gw.addr).await.unwrap();
+    let body = chat(0, true);
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let stream = be.next_stream().await;
+    gw.wait_until(|_| gw.inflight(0) == 1).await;
+    let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024 - 8)));
+    let pusher = tokio::spawn(async move {
+        // Until the gateway stops reading (its write to the client is blocked) and then
+        // closes the backend connection (it gave up on the client).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let sent = tokio::time::timeout(Duration::from_millis(100), stream.send(chunk.clone()));
+            if let Ok(false) = sent.await {
+                return true;
+            }
+        }
+        false
+    });
+    let t = Instant::now();
+    gw.wait_until(|_| gw.inflight(0) == 0).await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(pusher.await.unwrap(), "the backend's stream was not closed");
+    drop(s);
+}
