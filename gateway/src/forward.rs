@@ -112,6 +112,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        // The gateway sets `X-Request-Id` itself, for the backend's logs to match its
+        // own: a client cannot name it away.
+        .filter(|n| n.as_str() != "x-request-id")
         .collect();
     for h in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(h);
@@ -594,6 +597,13 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key(header::AUTHORIZATION));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-request-id"));
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("x-request-id").unwrap(), "abc");
+        assert!(!h.contains_key(header::CONNECTION));
 
         for name in &HOP_BY_HOP {
             assert!(is_hop_by_hop(name), "{name}");
