@@ -37,7 +37,7 @@ use serde::Deserialize;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 /// The `x-api-key` header, the alternative to `Authorization: Bearer`.
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+pub(crate) static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
 /// Longest accepted key name: names become log fields and metric labels.
 const MAX_NAME_LEN: usize = 64;

@@ -86,9 +86,6 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
-/// The `x-api-key` header, the alternative to `Authorization: Bearer` for a gateway key.
-static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
-
 /// Remove the headers that carry a client's gateway API key (`Authorization` and
 /// `x-api-key`, as [`crate::auth::KeySet::check`] reads them). For a gateway that checks
 /// keys, the request has been let in on one of its own secrets: no backend needs it, and a
@@ -96,7 +93,7 @@ static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 /// them alone: there they are the client's, perhaps for a backend's own `--api-key`.
 pub fn strip_gateway_credentials(headers: &mut HeaderMap) {
     headers.remove(header::AUTHORIZATION);
-    headers.remove(&X_API_KEY);
+    headers.remove(&crate::auth::X_API_KEY);
 }
 
 /// Remove hop-by-hop headers, including any the `Connection` header names.

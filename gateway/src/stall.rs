@@ -33,9 +33,7 @@ impl FirstRequest {
     /// Note that a request has arrived.
     pub fn arrived(&self) {
         // Relaxed: only ever read by the same connection's task, after a wake-up.
-        if !self.0.load(Ordering::Relaxed) {
-            self.0.store(true, Ordering::Relaxed);
-        }
+        self.0.store(true, Ordering::Relaxed);
     }
 
     /// Resolves when `within` has passed and no request arrived; never otherwise.
@@ -63,11 +61,6 @@ impl<T> SendDeadline<T> {
             limit,
             timer: None,
         }
-    }
-
-    /// The inner stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 
     /// The outcome of a write (or flush) that returned `result`: a blocked one arms the

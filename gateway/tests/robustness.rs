@@ -32,6 +32,15 @@ async fn answer_after_the_timeout(sock: &mut TcpStream) -> String {
     answer
 }
 
+/// A streamed chat request as raw HTTP/1.1, for tests that hold the client's socket.
+fn streamed_chat_request() -> String {
+    let body = chat(0, true);
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 fn ok(_: &testkit::fake_backend::Seen) -> Reply {
     Reply::Json(200, completion_json("fine"))
 }
@@ -107,12 +116,9 @@ async fn a_slow_reader_slows_the_backend_instead_of_filling_memory() {
     let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
     let gw = TestGateway::over(&[be.url()], "").await;
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
-    let body = chat(0, true);
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(streamed_chat_request().as_bytes())
+        .await
+        .unwrap();
     let stream = be.next_stream().await;
     // The backend pushes 64 KiB chunks as fast as it is allowed to.
     let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024 - 8)));
@@ -403,12 +409,9 @@ async fn a_client_that_reads_nothing_is_cut_off_and_its_slot_freed() {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut s = socket.connect(gw.addr).await.unwrap();
-    let body = chat(0, true);
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
+    s.write_all(streamed_chat_request().as_bytes())
+        .await
+        .unwrap();
     let stream = be.next_stream().await;
     gw.wait_until(|_| gw.inflight(0) == 1).await;
     let chunk = Bytes::from(format!("data: {}\n\n", "x".repeat(64 * 1024 - 8)));
