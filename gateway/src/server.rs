@@ -10,13 +10,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::discovery;
 use crate::health::spawn_probers;
 use crate::routes::handle;
-use crate::stall::{FirstRequest, SendDeadline};
+use crate::stall::{Activity, Idle, SendDeadline, Tracked};
 use crate::state::Gateway;
 
 /// How many connections the kernel may hold for us before we accept them. tokio's (and
@@ -81,11 +81,11 @@ pub async fn serve_threads(
             }
         }
     }
-    let graceful = accept(0, listener, &gw, shutdown).await;
+    let open = accept(0, listener, &gw, shutdown).await;
     let _ = stop_tx.send(true);
     gw.begin_shutdown();
     tracing::info!(drain_timeout = ?gw.config().drain_timeout, "shutting down: no new connections; draining in-flight responses");
-    drain(&gw, graceful).await;
+    drain(&gw, open).await;
     for handle in others {
         let joined = tokio::task::spawn_blocking(move || handle.join()).await;
         if !matches!(joined, Ok(Ok(()))) {
@@ -121,8 +121,8 @@ fn spawn_shard(
                 let stopped = async move {
                     let _ = stop.wait_for(|s| *s).await;
                 };
-                let graceful = accept(shard, listener, &gw, stopped).await;
-                drain(&gw, graceful).await;
+                let open = accept(shard, listener, &gw, stopped).await;
+                drain(&gw, open).await;
             });
         })
 }
@@ -135,14 +135,14 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// Accept connections as serving thread `shard` and serve each on a task of this thread
-/// until `stop` resolves; the returned handle waits for the connections still open.
+/// until `stop` resolves; the returned handle closes the connections still open.
 async fn accept(
     shard: usize,
     listener: TcpListener,
     gw: &Arc<Gateway>,
     stop: impl Future<Output = ()>,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
+) -> OpenConnections {
+    let open = OpenConnections::default();
     let accepted = gw
         .metrics
         .server
@@ -169,29 +169,35 @@ async fn accept(
         };
         // Tokens are small writes; never let Nagle hold one back.
         let _ = stream.set_nodelay(true);
-        let first = FirstRequest::default();
+        let activity = Activity::new();
         let gw2 = gw.clone();
-        let first2 = first.clone();
+        let activity2 = activity.clone();
         let svc = service_fn(move |req| {
-            first2.arrived();
+            // Counted from here until the response body is dropped, so that a long stream
+            // keeps its connection from counting as idle.
+            let progress = activity2.start();
             let gw = gw2.clone();
-            async move { Ok::<_, Infallible>(handle(gw, req, peer).await) }
+            async move {
+                let resp = handle(gw, req, peer).await;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, progress)))
+            }
         });
         // Built per connection from the config in force, so a reload's limits apply to
         // new connections.
         let cfg = gw.config();
         let builder = connection_builder(&cfg);
-        let (first_within, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
+        let (idle_after, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
         drop(cfg);
         // Under TLS too: the record layer's writes are the socket's.
         let stream = SendDeadline::new(stream, send_timeout);
-        let watcher = graceful.watcher();
+        let drain = open.watch();
         let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
+            let quiet = activity.idle(idle_after);
             let served = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    until_silent(watcher.watch(conn.into_owned()), first, first_within, peer).await
+                    until_closed(conn.into_owned(), quiet, drain, peer).await
                 }
                 Some(acceptor) => {
                     // The handshake runs here, not in the accept loop, and is bounded so a
@@ -200,13 +206,7 @@ async fn accept(
                     {
                         Ok(Ok(tls)) => {
                             let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            until_silent(
-                                watcher.watch(conn.into_owned()),
-                                first,
-                                first_within,
-                                peer,
-                            )
-                            .await
+                            until_closed(conn.into_owned(), quiet, drain, peer).await
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
@@ -228,31 +228,73 @@ async fn accept(
     // Closing our copy of the socket; the kernel refuses new connections once every
     // serving thread has closed its own.
     drop(listener);
-    graceful
+    open
 }
 
-/// `conn`, closed (by dropping it) if no request has arrived on it within `within`.
-async fn until_silent<F, E>(
-    conn: F,
-    first: FirstRequest,
-    within: Duration,
+/// A serving thread's open connections: each holds a watch on this, which it keeps until it
+/// has closed.
+///
+/// hyper-util's `GracefulShutdown` works the same way, but only closes connections when the
+/// whole thread drains; a connection here is also closed on its own when idle.
+#[derive(Default)]
+struct OpenConnections(watch::Sender<()>);
+
+impl OpenConnections {
+    /// A watch for one connection.
+    fn watch(&self) -> watch::Receiver<()> {
+        self.0.subscribe()
+    }
+}
+
+/// Serve `conn` until it ends. It is asked to close gracefully, finishing the requests in
+/// progress (an HTTP/2 client gets a GOAWAY), when `quiet` resolves or the thread drains; a
+/// connection on which no request ever started is simply dropped.
+async fn until_closed<I, S, B>(
+    conn: auto::Connection<'static, I, S, TokioExecutor>,
+    quiet: impl Future<Output = Idle>,
+    mut drain: watch::Receiver<()>,
     peer: SocketAddr,
-) -> Result<(), E>
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
-    F: std::future::Future<Output = Result<(), E>>,
+    S: hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+        Response = hyper::Response<B>,
+    >,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
-    tokio::select! {
-        served = conn => served,
-        () = first.missed(within) => {
-            tracing::debug!(%peer, "no request within the header read timeout; closing");
-            Ok(())
+    tokio::pin!(conn);
+    tokio::pin!(quiet);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            served = conn.as_mut() => return served,
+            idle = &mut quiet, if !closing => {
+                if idle == Idle::Silent {
+                    tracing::debug!(%peer, "no request within the header read timeout; closing");
+                    return Ok(());
+                }
+                tracing::debug!(%peer, "idle for the header read timeout; closing");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = drain.changed(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
         }
     }
 }
 
 /// Let this thread's open connections finish, for up to the configured drain timeout.
-async fn drain(gw: &Gateway, graceful: GracefulShutdown) {
-    match tokio::time::timeout(gw.config().drain_timeout, graceful.shutdown()).await {
+async fn drain(gw: &Gateway, open: OpenConnections) {
+    let OpenConnections(tx) = open;
+    let _ = tx.send(());
+    match tokio::time::timeout(gw.config().drain_timeout, tx.closed()).await {
         Ok(()) => tracing::info!("connections drained"),
         Err(_) => tracing::warn!("drain timeout reached; cutting the remaining connections"),
     }

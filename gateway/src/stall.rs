@@ -1,13 +1,19 @@
 //! Deadlines on a client connection that hyper's own timers leave open.
 //!
-//! hyper bounds the time to send a request head between requests, but not two other ways a
-//! client can hold a connection, and with it a permit of `limits.max_connections` or a
-//! backend slot, for as long as it likes:
+//! hyper bounds the time an HTTP/1 client takes to send a request head, between requests
+//! too, but not three other ways a client can hold a connection, and with it a permit of
+//! `limits.max_connections` or a backend slot, for as long as it likes:
 //!
 //! - **Before its first request.** The server first reads up to 24 bytes to tell HTTP/1
 //!   from HTTP/2, with no timer; a client that connects and sends nothing, or a prefix of
-//!   the HTTP/2 preface, waits there for ever. [`FirstRequest`] closes a connection that has
-//!   not started a request within `limits.header_read_timeout_secs`.
+//!   the HTTP/2 preface, waits there for ever.
+//! - **Idle on HTTP/2.** hyper's HTTP/2 server has no idle timeout, and its keep-alive
+//!   pings only find dead peers: a client that answers them keeps a connection with no
+//!   streams open for ever.
+//!
+//!   [`Activity`] covers both: it counts a connection's requests until their response
+//!   bodies end, and the connection's task closes it once none has been in progress for
+//!   `limits.header_read_timeout_secs`, the same limit HTTP/1 keeps between requests.
 //! - **While it does not read.** A response is written only as fast as the client reads it;
 //!   when its socket buffer is full, hyper stops polling the response body, so the relay's
 //!   own idle timer is never looked at and the backend slot stays taken. [`SendDeadline`]
@@ -17,31 +23,144 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Set by the connection's service when its first request arrives.
-#[derive(Debug, Clone, Default)]
-pub struct FirstRequest(Arc<AtomicBool>);
+/// What is in progress on one client connection: requests whose response has not ended.
+///
+/// Cloned into the connection's service, which calls [`Activity::start`] for each request;
+/// the connection's task waits on [`Activity::idle`].
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<ActivityState>);
 
-impl FirstRequest {
-    /// Note that a request has arrived.
-    pub fn arrived(&self) {
-        // Relaxed: only ever read by the same connection's task, after a wake-up.
-        self.0.store(true, Ordering::Relaxed);
+#[derive(Debug)]
+struct ActivityState {
+    /// When the connection was accepted: the origin of `last_end_ms`.
+    born: Instant,
+    /// Whether a request has ever started.
+    started: AtomicBool,
+    /// Requests started whose response body has not been dropped yet.
+    open: AtomicUsize,
+    /// Milliseconds from `born` to the end of the latest response.
+    last_end_ms: AtomicU64,
+}
+
+/// Why a connection is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// No request ever started: there is nothing to close gracefully.
+    Silent,
+    /// Requests came and all their responses have ended.
+    Quiet,
+}
+
+impl Activity {
+    /// A connection accepted now.
+    pub fn new() -> Self {
+        Activity(Arc::new(ActivityState {
+            born: Instant::now(),
+            started: AtomicBool::new(false),
+            open: AtomicUsize::new(0),
+            last_end_ms: AtomicU64::new(0),
+        }))
     }
 
-    /// Resolves when `within` has passed and no request arrived; never otherwise.
-    pub async fn missed(self, within: Duration) {
-        tokio::time::sleep(within).await;
-        if self.0.load(Ordering::Relaxed) {
-            std::future::pending::<()>().await;
+    /// A request has started; it is in progress until the returned guard is dropped, which
+    /// the response body does when it ends or is abandoned.
+    pub fn start(&self) -> InProgress {
+        let state = &self.0;
+        state.started.store(true, Ordering::Relaxed);
+        state.open.fetch_add(1, Ordering::Relaxed);
+        InProgress(self.clone())
+    }
+
+    /// Resolves once no request has been in progress for `within`: from the accept when no
+    /// request ever started, else from the end of the latest response.
+    ///
+    /// A timer checked when it fires rather than reset by every request, so that requests
+    /// cost two counter updates and a clock read; it is rearmed to the exact deadline, so
+    /// the connection is never kept longer than `within` past its last response.
+    pub async fn idle(self, within: Duration) -> Idle {
+        let state = &self.0;
+        let mut deadline = state.born + within;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            // Acquire pairs with the guard's release: an end seen as no longer open comes
+            // with its time.
+            if state.open.load(Ordering::Acquire) > 0 {
+                deadline = Instant::now() + within;
+                continue;
+            }
+            if !state.started.load(Ordering::Relaxed) {
+                return Idle::Silent;
+            }
+            let last_end = Duration::from_millis(state.last_end_ms.load(Ordering::Relaxed));
+            deadline = state.born + last_end + within;
+            if deadline <= Instant::now() {
+                return Idle::Quiet;
+            }
         }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+/// One request in progress on a connection; see [`Activity::start`].
+#[derive(Debug)]
+pub struct InProgress(Activity);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let state = &(self.0).0;
+        let ended = u64::try_from(state.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        state.last_end_ms.fetch_max(ended, Ordering::Relaxed);
+        state.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted as in progress until it is dropped.
+    pub struct Tracked<B> {
+        #[pin]
+        body: B,
+        progress: InProgress,
+    }
+}
+
+impl<B> Tracked<B> {
+    /// `body`, holding `progress`.
+    pub fn new(body: B, progress: InProgress) -> Self {
+        Tracked { body, progress }
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -168,15 +287,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_that_sends_a_request_is_not_closed_as_silent() {
-        let first = FirstRequest::default();
-        let missed = tokio::spawn(first.clone().missed(Duration::from_secs(3)));
-        first.arrived();
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert!(!missed.is_finished());
-        let silent = FirstRequest::default().missed(Duration::from_secs(3));
-        tokio::time::timeout(Duration::from_secs(4), silent)
-            .await
-            .expect("a silent connection is closed after 3 s");
+    async fn a_connection_with_no_request_is_silent_after_the_limit() {
+        let started = Instant::now();
+        let idle = Activity::new().idle(Duration::from_secs(3)).await;
+        assert_eq!(idle, Idle::Silent);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_in_progress_keeps_the_connection_and_its_end_starts_the_count() {
+        let activity = Activity::new();
+        let t0 = Instant::now();
+        let idle = tokio::spawn(activity.clone().idle(Duration::from_secs(3)));
+        // A response that runs from 1 s to 10 s, far past the limit.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let progress = activity.start();
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(
+            !idle.is_finished(),
+            "closed while a response was in progress"
+        );
+        drop(progress);
+        assert_eq!(idle.await.unwrap(), Idle::Quiet);
+        // Three seconds after the end, not at a later check.
+        assert_eq!(t0.elapsed(), Duration::from_secs(13));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_request_restarts_the_idle_count() {
+        let activity = Activity::new();
+        let t0 = Instant::now();
+        let idle = tokio::spawn(activity.clone().idle(Duration::from_secs(3)));
+        // Short requests every 2 s for 10 s: never 3 s without one.
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(activity.start());
+        }
+        assert!(!idle.is_finished());
+        assert_eq!(idle.await.unwrap(), Idle::Quiet);
+        assert_eq!(t0.elapsed(), Duration::from_secs(13));
     }
 }

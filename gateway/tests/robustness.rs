@@ -437,3 +437,50 @@ async fn a_client_that_reads_nothing_is_cut_off_and_its_slot_freed() {
     assert!(pusher.await.unwrap(), "the backend's stream was not closed");
     drop(s);
 }
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_runs() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nheader_read_timeout_secs = 0.3").await;
+    // HTTP/2 with prior knowledge, the way an h2c client talks to a plain-text gateway.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::post(gw.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat(0, true))))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    // A stream that runs for a second, three times the idle limit.
+    let stream = be.next_stream().await;
+    let reader = tokio::spawn(resp.into_body().collect());
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(stream.send(format!("data: {{\"n\":{i}}}\n\n")).await);
+    }
+    drop(stream);
+    let body = reader.await.unwrap().expect("the whole stream").to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("\"n\":4"), "the stream was cut: {body}");
+    assert!(!conn.is_finished(), "closed while a stream was running");
+    // Then nothing: the gateway closes the connection, pings answered or not.
+    let t = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(3), conn).await;
+    assert!(
+        matches!(closed, Ok(Ok(Ok(())))),
+        "an idle HTTP/2 connection stayed open: {closed:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+}
