@@ -3,7 +3,10 @@
 //! The body is forwarded as the client sent it; this only reads `model` and `stream`.
 //! serde skips every other field, but still checks that the whole body is valid JSON, so
 //! a malformed request is refused here with a clear message instead of reaching a backend
-//! (the older BitNet server answers malformed JSON with a 500).
+//! (the older BitNet server answers malformed JSON with a 500). It also refuses a body
+//! nested deeper than [`MAX_NESTING`]: the gateway reads bodies without recursion, but the
+//! backends behind it may not (llama-server turns a JSON schema into a grammar by walking
+//! it recursively).
 
 use std::borrow::Cow;
 
@@ -59,6 +62,11 @@ fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, st
     d.deserialize_option(Text)
 }
 
+/// The deepest nesting of arrays and objects a request body may have. serde_json's own
+/// recursion limit, so a body the gateway accepts is one any serde reader takes too; real
+/// requests, tool schemas included, stay far below it.
+pub const MAX_NESTING: usize = 128;
+
 /// Read `model` and `stream` from a JSON object body.
 pub fn inspect(body: &[u8]) -> Result<Inspected<'_>, String> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
@@ -70,10 +78,50 @@ pub fn inspect(body: &[u8]) -> Result<Inspected<'_>, String> {
     }
     let peek: Peek<'_> = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON for this endpoint: {e}"))?;
+    if nests_deeper_than(body, MAX_NESTING) {
+        return Err(format!(
+            "the request body nests arrays and objects more than {MAX_NESTING} levels deep"
+        ));
+    }
     Ok(Inspected {
         model: peek.model,
         stream: peek.stream.unwrap_or(false),
     })
+}
+
+/// Whether arrays and objects in `body`, valid JSON, nest more than `limit` deep. One pass
+/// that jumps over strings, where nearly all of a request's bytes are.
+fn nests_deeper_than(body: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => {
+                // To the closing quote, over escapes (`\"` among them).
+                i += 1;
+                loop {
+                    match memchr::memchr2(b'"', b'\\', body.get(i..).unwrap_or_default()) {
+                        Some(k) if body[i + k] == b'\\' => i += k + 2,
+                        Some(k) => {
+                            i += k;
+                            break;
+                        }
+                        None => return false,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
 }
 
 #[cfg(test)]
@@ -129,6 +177,35 @@ mod tests {
     }
 
     #[test]
+    fn a_body_nested_past_the_limit_is_refused_and_strings_do_not_count() {
+        let nested = |depth: usize| {
+            let inner = format!("{}{}", "[".repeat(depth - 1), "]".repeat(depth - 1));
+            format!(r#"{{"model":"m","x":{inner}}}"#)
+        };
+        assert!(inspect(nested(MAX_NESTING).as_bytes()).is_ok());
+        let err = inspect(nested(MAX_NESTING + 1).as_bytes()).unwrap_err();
+        assert!(err.contains("128 levels"), "{err}");
+        // Deep objects too, reached through a key.
+        let objects = |depth: usize| {
+            format!(
+                r#"{{"model":"m","a":{}1{}}}"#,
+                r#"{"a":"#.repeat(depth - 1),
+                "}".repeat(depth - 1)
+            )
+        };
+        assert!(inspect(objects(MAX_NESTING).as_bytes()).is_ok());
+        assert!(inspect(objects(MAX_NESTING + 1).as_bytes())
+            .unwrap_err()
+            .contains("levels deep"));
+        // Brackets inside strings, escaped quotes among them, are text.
+        let text = format!(r#"{{"model":"m","content":"\"{}\\\\"}}"#, "[{".repeat(500));
+        assert!(inspect(text.as_bytes()).is_ok(), "{text}");
+        // Siblings do not add up: a thousand shallow arrays are fine.
+        let wide = format!(r#"{{"model":"m","x":[{}]}}"#, vec!["[[]]"; 1000].join(","));
+        assert!(inspect(wide.as_bytes()).is_ok());
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic() {
         // A deterministic fuzz over inputs biased towards JSON syntax.
         let alphabet = br#"{}[]":,model stream true false null 0123456789.eE+-\u00"#;
@@ -136,6 +213,7 @@ mod tests {
         for len in 0..4000usize {
             let body = rng.bytes(alphabet, len % 200, Some(17));
             let _ = inspect(&body);
+            let _ = nests_deeper_than(&body, 3);
             let _ = crate::dialect::bitnet::rewrite_request(
                 &body,
                 "m",

@@ -445,3 +445,28 @@ async fn an_https_backend_is_verified_against_the_configured_ca() {
     );
     task.abort();
 }
+
+#[tokio::test]
+async fn a_body_nested_too_deep_is_refused_before_any_backend_sees_it() {
+    let be = FakeBackend::start("a", 1, ok).await;
+    let gw = TestGateway::over(&[be.url()], "").await;
+    let url = gw.url("/v1/chat/completions");
+    // A tool schema nested 200 levels deep, the shape that makes a backend recurse.
+    let deep = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{}{{}}{}}}}}]}}"#,
+        r#"{"type":"object","properties":{"x":"#.repeat(100),
+        "}}".repeat(100)
+    );
+    let refused = post_json(&url, &deep).await;
+    refused.assert_openai_error(400, "invalid_request");
+    assert!(refused.text().contains("levels deep"), "{}", refused.text());
+    assert_eq!(be.count(), 0, "the backend saw the request");
+    // The same schema twenty levels deep goes through.
+    let shallow = format!(
+        r#"{{"model":"m","messages":[{{"role":"user","content":"hi"}}],"tools":[{{"type":"function","function":{{"name":"f","parameters":{}{{}}{}}}}}]}}"#,
+        r#"{"type":"object","properties":{"x":"#.repeat(10),
+        "}}".repeat(10)
+    );
+    assert_eq!(post_json(&url, &shallow).await.status, 200);
+    assert_eq!(be.count(), 1);
+}
