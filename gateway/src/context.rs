@@ -7,7 +7,8 @@
 //!
 //! The estimate is cheap (characters / 4, plus a few tokens of template per message). Only
 //! when it comes near the limit is the backend's `/tokenize` asked for the exact count, so
-//! ordinary requests pay nothing.
+//! ordinary requests pay nothing; and not then either when the model's queue is full, since
+//! the request is about to be refused.
 
 use std::sync::Arc;
 
@@ -110,7 +111,14 @@ pub async fn check(
     if estimate < u64::from(n_ctx) / 2 {
         return Ok(());
     }
-    let tokens = match tokenize(gw, pool, text).await {
+    // A full queue is about to refuse the request: do not make a backend count its tokens
+    // for nothing. The estimate still judges it, should a slot free up in between.
+    let counted = if pool.queue_is_full() {
+        None
+    } else {
+        tokenize(gw, pool, text).await
+    };
+    let tokens = match counted {
         Some(t) => t + PER_MESSAGE * messages,
         None => estimate,
     };

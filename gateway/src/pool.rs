@@ -216,6 +216,13 @@ impl ModelPool {
         self.lock().waiters.len()
     }
 
+    /// Whether a request arriving now would be refused for a full queue (unless a slot
+    /// frees first).
+    pub fn queue_is_full(&self) -> bool {
+        let q = self.lock();
+        q.waiters.len() >= cap(&q.limits, &q.backends)
+    }
+
     /// Claim a slot now if the policy finds one and nobody is waiting ahead of us;
     /// otherwise join the queue (or learn why not).
     pub fn try_claim(self: &Arc<Self>, job: Arc<Job>) -> TryClaim {
