@@ -80,15 +80,16 @@ impl Activity {
         InProgress(self.clone())
     }
 
-    /// Resolves once no request has been in progress for `within`: from the accept when no
-    /// request ever started, else from the end of the latest response.
+    /// Resolves once no request has been in progress for `within`: from the first poll
+    /// when no request ever started (for TLS, the end of the handshake), else from the end
+    /// of the latest response.
     ///
     /// A timer checked when it fires rather than reset by every request, so that requests
     /// cost two counter updates and a clock read; it is rearmed to the exact deadline, so
     /// the connection is never kept longer than `within` past its last response.
     pub async fn idle(self, within: Duration) -> Idle {
         let state = &self.0;
-        let mut deadline = state.born + within;
+        let mut deadline = Instant::now() + within;
         loop {
             tokio::time::sleep_until(deadline).await;
             // Acquire pairs with the guard's release: an end seen as no longer open comes
