@@ -381,7 +381,7 @@ pub struct Config {
     pub max_header_bytes: usize,
     /// Time a client has to send a request's headers, counted from the connection's start
     /// or from the end of the previous response: it is both the slowloris guard and the
-    /// keep-alive idle timeout.
+    /// keep-alive idle timeout, on HTTP/2 too.
     pub header_read_timeout: Duration,
     /// Time a client has to send a request's body, from the end of its headers.
     pub body_read_timeout: Duration,

@@ -191,7 +191,7 @@ fn limits(c: &Config) -> Vec<String> {
     vec![
         format!("request body at most {body} (413 beyond), request head at most {head} (431 beyond)"),
         format!("{connections} at once (503 beyond)"),
-        format!("headers within {headers} of connecting or of the previous response (also the keep-alive idle timeout)"),
+        format!("headers within {headers} of connecting or of the previous response; a connection with no request in progress for {headers} is closed (HTTP/1 and HTTP/2)"),
         format!("the body within {body_within} of the headers (408 beyond)"),
         format!("a client that reads nothing for {send} is cut off, and its request's slot freed"),
     ]
