@@ -314,9 +314,16 @@ fn connection_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecuto
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }
+
+/// Requests one HTTP/2 connection may have in progress at once; the client holds back the
+/// rest. Each may buffer a body of up to `max_body_bytes` before admission, so this keeps
+/// one connection's share of memory near what as many HTTP/1 connections could take.
+/// nginx's default; hyper's own (200) is not part of its stable behaviour.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Longest TLS handshake a client gets.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

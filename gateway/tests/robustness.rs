@@ -484,3 +484,42 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_runs() {
         t.elapsed()
     );
 }
+
+#[tokio::test]
+async fn one_http2_connection_has_at_most_128_requests_in_progress() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    // Slots for all of them, so that nothing waits in the gateway's queue.
+    let be = FakeBackend::start("a", 200, held()).await;
+    let gw = TestGateway::over(&[be.url()], "").await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut requests = tokio::task::JoinSet::new();
+    for i in 0..150 {
+        let mut send = send.clone();
+        let req = http::Request::post(gw.url("/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(chat(i, false))))
+            .unwrap();
+        requests.spawn(async move {
+            let resp = send.send_request(req).await.expect("an answer");
+            let status = resp.status();
+            resp.into_body().collect().await.expect("a body");
+            status
+        });
+    }
+    wait_for(|| be.active() == 128).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(be.active(), 128, "more streams than the limit got through");
+    // The rest go through as streams end.
+    be.release(150);
+    while let Some(status) = requests.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(be.count(), 150);
+}
