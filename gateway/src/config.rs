@@ -173,6 +173,7 @@ pub struct RawLimits {
     pub header_read_timeout_secs: Option<f64>,
     pub body_read_timeout_secs: Option<f64>,
     pub send_timeout_secs: Option<f64>,
+    pub max_buffered_body_bytes: Option<usize>,
 }
 
 /// `[discovery]`
@@ -322,6 +323,13 @@ pub const DEFAULT_WORKERS: usize = 1;
 /// More threads than this is a typo.
 pub const MAX_WORKERS: usize = 256;
 
+/// Default of `limits.max_buffered_body_bytes`: 1 GiB, a hundred 10 MiB bodies or ten
+/// thousand long agent conversations.
+pub const DEFAULT_BUFFERED_BODY_BYTES: usize = 1 << 30;
+
+/// Largest `limits.max_buffered_body_bytes`: what the budget's semaphore can count.
+pub const MAX_BUFFERED_BODY_BYTES: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// The configuration in force.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -388,6 +396,9 @@ pub struct Config {
     /// Longest a write to a client may stay blocked (a client that reads nothing) before
     /// its connection is closed, which ends its requests and frees their slots.
     pub send_timeout: Duration,
+    /// Request bytes all requests together may hold in memory: bodies being read, waiting
+    /// in a queue, or kept for a failover until their backend answers.
+    pub max_buffered_body_bytes: usize,
     /// Client keys; empty means the gateway is open.
     pub keys: KeySet,
     /// Admin keys; empty means the admin endpoints are off.
@@ -665,6 +676,22 @@ impl RawConfig {
                 self.limits.send_timeout_secs,
                 120.0,
             )?,
+            max_buffered_body_bytes: match self.limits.max_buffered_body_bytes {
+                None => DEFAULT_BUFFERED_BODY_BYTES.max(max_body_bytes),
+                Some(n) if n < max_body_bytes => {
+                    return Err(invalid(
+                        "limits.max_buffered_body_bytes",
+                        format!("must be at least max_body_bytes ({max_body_bytes}), or no body of that size could be read"),
+                    ))
+                }
+                Some(n) if n > MAX_BUFFERED_BODY_BYTES => {
+                    return Err(invalid(
+                        "limits.max_buffered_body_bytes",
+                        format!("must be at most {MAX_BUFFERED_BODY_BYTES}"),
+                    ))
+                }
+                Some(n) => n,
+            },
             keys: KeySet::build(&self.api_keys, &self.cli_api_keys, &self.api_key_files)
                 .map_err(|e| invalid("api_keys", e.to_string()))?,
             admin_keys: KeySet::build_admin(&self.admin_keys, &self.cli_admin_keys, &[])
@@ -787,6 +814,10 @@ mod tests {
                 "models[0].dns: 'http://backends:8080' is a URL; give HOST:PORT",
             ),
             ("[[models]]\nid='m'\ndns='backends'", "is not HOST:PORT"),
+            (
+                "max_body_bytes=2000\n[limits]\nmax_buffered_body_bytes=1000\n[[models]]\nid='m'\nbackends=[{url='http://a:1'}]",
+                "limits.max_buffered_body_bytes: must be at least max_body_bytes (2000)",
+            ),
             (
                 "[[models]]\nid='m'\ndns='backends/x:80'",
                 "is not HOST:PORT",

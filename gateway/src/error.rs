@@ -31,6 +31,9 @@ pub enum GatewayError {
     /// The body could not be read from the client.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    /// The request bodies held in memory have reached `limits.max_buffered_body_bytes`.
+    #[error("the gateway holds {budget} bytes of request bodies, its limit; retry later")]
+    BodyBudget { budget: usize },
     /// The client did not send its whole body within `limits.body_read_timeout_secs`.
     #[error("the request body did not arrive within {}", seconds(*.0))]
     BodyTimeout(Duration),
@@ -184,6 +187,11 @@ impl GatewayError {
                 "unavailable_error",
                 "shutting_down",
             ),
+            BodyBudget { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                "request_bytes_limit",
+            ),
         }
     }
 
@@ -209,6 +217,7 @@ impl GatewayError {
             | GatewayError::QueueWait { retry_after, .. }
             | GatewayError::QueueTimeout { retry_after, .. } => Some(*retry_after),
             GatewayError::NoBackend(_) | GatewayError::ShuttingDown => Some(Duration::from_secs(5)),
+            GatewayError::BodyBudget { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

@@ -14,6 +14,7 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::admit::{admit, Admission};
 use crate::backend::Health;
@@ -64,6 +65,9 @@ pub struct Outbound {
     pub headers: HeaderMap,
     /// The whole body, already read (and cheap to clone).
     pub body: Bytes,
+    /// The body's share of `limits.max_buffered_body_bytes`, returned when the request is
+    /// dropped: once its backend has answered, or it has failed.
+    pub body_claim: Option<OwnedSemaphorePermit>,
     /// What routing knows about the request.
     pub job: Arc<Job>,
     /// Set to the request's queue id (plus one) while it waits, for `: queued` comments.

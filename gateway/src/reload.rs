@@ -159,6 +159,11 @@ impl Gateway {
                 .any(|m| &m.id == name || m.aliases.contains(name))
         });
         resize(&self.connections, old.max_connections, new.max_connections);
+        resize(
+            &self.body_budget,
+            old.max_buffered_body_bytes,
+            new.max_buffered_body_bytes,
+        );
         out.backends_added = fresh_backends.len();
         self.install(new, pools.clone());
         for b in fresh_backends {
@@ -174,7 +179,8 @@ impl Gateway {
     }
 }
 
-/// Grow or shrink the connection limit. Shrinking takes effect as connections close.
+/// Grow or shrink a limit counted by a semaphore. Shrinking takes effect as the permits
+/// held now are returned.
 fn resize(sem: &tokio::sync::Semaphore, old: usize, new: usize) {
     if new > old {
         sem.add_permits(new - old);

@@ -9,9 +9,10 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{endpoint_is_public, AuthError};
 use crate::body::GatewayBody;
@@ -285,16 +286,10 @@ async fn proxy(
     // Bounded in time as well as size: a client that sends its headers and then trickles
     // or withholds the body would otherwise hold its connection for ever.
     let wait = cfg.body_read_timeout;
-    let collected = tokio::time::timeout(wait, Limited::new(body, limit).collect())
+    let budget = (&gw.body_budget, cfg.max_buffered_body_bytes);
+    let (body, body_claim) = tokio::time::timeout(wait, read_body(body, limit, budget))
         .await
-        .map_err(|_| GatewayError::BodyTimeout(wait))?;
-    let body: Bytes = match collected {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(GatewayError::BodyTooLarge { limit })
-        }
-        Err(e) => return Err(GatewayError::BodyRead(e.to_string())),
-    };
+        .map_err(|_| GatewayError::BodyTimeout(wait))??;
     let seen = inspect(&body).map_err(GatewayError::InvalidRequest)?;
     let pool = gw
         .resolve(seen.model.as_deref())
@@ -341,6 +336,7 @@ async fn proxy(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
         headers,
         body,
+        body_claim,
         job: Arc::new(job),
         place: None,
     };
@@ -350,6 +346,61 @@ async fn proxy(
         }
         _ => forward(gw, &pool, out).await,
     }
+}
+
+/// Read a request body of at most `limit` bytes, claiming each piece from the gateway's
+/// budget for request bytes in memory (`budget`: the semaphore and its configured size) as
+/// it arrives, so that many large bodies read at once cannot exhaust memory. The claim is
+/// held until the request is dropped.
+async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    (budget, size): (&Arc<Semaphore>, usize),
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), GatewayError> {
+    let mut claim: Option<OwnedSemaphorePermit> = None;
+    // Nearly every body arrives as one piece, which is kept as it is; more are joined.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::BodyRead(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: not forwarded
+        };
+        if data.is_empty() {
+            continue;
+        }
+        total += data.len();
+        if total > limit {
+            return Err(GatewayError::BodyTooLarge { limit });
+        }
+        let piece = u32::try_from(data.len())
+            .ok()
+            .and_then(|n| budget.clone().try_acquire_many_owned(n).ok())
+            .ok_or(GatewayError::BodyBudget { budget: size })?;
+        match &mut claim {
+            Some(c) => c.merge(piece),
+            None => claim = Some(piece),
+        }
+        if first.is_none() {
+            first = Some(data);
+        } else {
+            more.push(data);
+        }
+    }
+    let body = match first {
+        None => Bytes::new(),
+        Some(one) if more.is_empty() => one,
+        Some(one) => {
+            let mut joined = Vec::with_capacity(total);
+            joined.extend_from_slice(&one);
+            for piece in &more {
+                joined.extend_from_slice(piece);
+            }
+            Bytes::from(joined)
+        }
+    };
+    Ok((body, claim))
 }
 
 /// The request's queue priority: from the trusted header if one is configured and sent,

@@ -26,6 +26,9 @@ pub struct Gateway {
     pub(crate) names: DashMap<String, Arc<ModelPool>, FastHash>,
     /// Client connections allowed at once (resized by a reload).
     pub(crate) connections: Arc<Semaphore>,
+    /// Request body bytes that may be held in memory at once, one permit per byte
+    /// (resized by a reload).
+    pub(crate) body_budget: Arc<Semaphore>,
     /// Pooled keep-alive connections to every backend.
     pub client: UpstreamClient,
     /// Prometheus metrics.
@@ -81,6 +84,7 @@ impl Gateway {
             pools.push(pool);
         }
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let body_budget = Arc::new(Semaphore::new(config.max_buffered_body_bytes));
         let client = upstream_client(&config)?;
         let tls = match &config.tls {
             Some((cert, key)) => Some(TlsReloader::load(cert, key)?),
@@ -91,6 +95,7 @@ impl Gateway {
             pools: RwLock::new(Arc::new(pools)),
             names,
             connections,
+            body_budget,
             client,
             metrics: Arc::new(Metrics::new()),
             shutting_down: AtomicBool::new(false),

@@ -193,6 +193,7 @@ fn limits(c: &Config) -> Vec<String> {
         format!("{connections} at once (503 beyond)"),
         format!("headers within {headers} of connecting or of the previous response; a connection with no request in progress for {headers} is closed (HTTP/1 and HTTP/2)"),
         format!("the body within {body_within} of the headers (408 beyond)"),
+        format!("request bodies in memory at most {} in all (503 beyond)", bytes(c.max_buffered_body_bytes)),
         format!("a client that reads nothing for {send} is cut off, and its request's slot freed"),
     ]
 }

@@ -523,3 +523,49 @@ async fn one_http2_connection_has_at_most_128_requests_in_progress() {
     }
     assert_eq!(be.count(), 150);
 }
+
+#[tokio::test]
+async fn request_bodies_held_in_memory_stay_within_their_budget() {
+    let be = FakeBackend::start("a", 4, held()).await;
+    let gw = TestGateway::over(
+        &[be.url()],
+        // No context guard: it would ask the held backend to count these long prompts.
+        "max_body_bytes = 20000\n[limits]\nmax_buffered_body_bytes = 45000\n[compat]\ncontext_guard = false",
+    )
+    .await;
+    let url = gw.url("/v1/chat/completions");
+    let big = |i: usize| {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"request {i} {}"}}]}}"#,
+            "x".repeat(19_000)
+        )
+    };
+    // Two large bodies wait for their backend's answer, holding about 38 KB of 45.
+    let mut held_requests = tokio::task::JoinSet::new();
+    for i in 0..2 {
+        let (url, body) = (url.clone(), big(i));
+        held_requests.spawn(async move { post_json(&url, &body).await.status });
+    }
+    wait_for(|| be.active() == 2).await;
+    // A third would go over: refused at once, before the backend sees it.
+    let refused = tokio::time::timeout(Duration::from_secs(5), post_json(&url, &big(2)))
+        .await
+        .expect("refused at once, not held by the backend");
+    refused.assert_openai_error(503, "request_bytes_limit");
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(be.count(), 2);
+    // A small one still fits.
+    let small = {
+        let url = url.clone();
+        tokio::spawn(async move { post_json(&url, &chat(3, false)).await.status })
+    };
+    wait_for(|| be.active() == 3).await;
+    // Once answered, their bytes are free again.
+    be.release(3);
+    while let Some(status) = held_requests.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    assert_eq!(small.await.unwrap(), 200);
+    be.release(1);
+    assert_eq!(post_json(&url, &big(4)).await.status, 200);
+}
