@@ -32,7 +32,7 @@ pub enum GatewayError {
     #[error("could not read the request body: {0}")]
     BodyRead(String),
     /// The request bodies held in memory have reached `limits.max_buffered_body_bytes`.
-    #[error("the gateway holds {budget} bytes of request bodies, its limit; retry later")]
+    #[error("the request bodies held in memory would go over the gateway's limit of {budget} bytes; retry later")]
     BodyBudget { budget: usize },
     /// The client did not send its whole body within `limits.body_read_timeout_secs`.
     #[error("the request body did not arrive within {}", seconds(*.0))]
