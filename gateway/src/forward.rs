@@ -115,7 +115,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         // The gateway sets `X-Request-Id` itself, for the backend's logs to match its
         // own: a client cannot name it away.
-        .filter(|n| n.as_str() != "x-request-id")
+        .filter(|n| n != crate::routes::REQUEST_ID)
         .collect();
     for h in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(h);

@@ -207,8 +207,7 @@ impl ModelPool {
     /// The queue cap in force: fixed, or `per_slot` × slots (at least `per_slot`), so that
     /// a bigger fleet queues proportionally more before refusing.
     pub fn max_queue(&self) -> usize {
-        let q = self.lock();
-        cap(&q.limits, &q.backends)
+        self.lock().cap()
     }
 
     /// Requests waiting now.
@@ -219,8 +218,7 @@ impl ModelPool {
     /// Whether a request arriving now would be refused for a full queue (unless a slot
     /// frees first).
     pub fn queue_is_full(&self) -> bool {
-        let q = self.lock();
-        q.waiters.len() >= cap(&q.limits, &q.backends)
+        self.lock().is_full()
     }
 
     /// Claim a slot now if the policy finds one and nobody is waiting ahead of us;
@@ -239,9 +237,8 @@ impl ModelPool {
         {
             return TryClaim::NoBackend;
         }
-        let max = cap(&q.limits, &q.backends);
         let queued = q.waiters.len();
-        if queued >= max {
+        if q.is_full() {
             return TryClaim::QueueFull { queued };
         }
         // Honest admission: if the policy predicts that this request could not start within
@@ -363,6 +360,19 @@ impl ModelPool {
 }
 
 impl Queue {
+    /// The queue cap: fixed, or `per_slot` × slots (at least `per_slot`).
+    fn cap(&self) -> usize {
+        self.limits.max.unwrap_or_else(|| {
+            let slots: u32 = self.backends.iter().map(|b| b.slots()).sum();
+            self.limits.per_slot * (slots.max(1) as usize)
+        })
+    }
+
+    /// Whether a newcomer would be refused rather than queued.
+    fn is_full(&self) -> bool {
+        self.waiters.len() >= self.cap()
+    }
+
     /// The waiter to serve next: the oldest, or with priorities in use the highest
     /// priority after aging (each `aging` waited counts as one level), oldest first among
     /// equals.
@@ -407,14 +417,6 @@ impl Queue {
         ahead.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal));
         ahead.into_iter().map(|(_, w)| &*w.job).collect()
     }
-}
-
-/// The queue cap: fixed, or `per_slot` × slots (at least `per_slot`).
-fn cap(limits: &QueueLimits, backends: &[Arc<Backend>]) -> usize {
-    limits.max.unwrap_or_else(|| {
-        let slots: u32 = backends.iter().map(|b| b.slots()).sum();
-        limits.per_slot * (slots.max(1) as usize)
-    })
 }
 
 impl SlotGuard {

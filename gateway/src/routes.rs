@@ -40,7 +40,7 @@ const PROXIED: &[&str] = &[
 ];
 
 /// The `X-Request-Id` header, taken from the client or generated.
-static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A client's conversation id, which helps prompt-cache routing when prefixes are ambiguous.
 static SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
