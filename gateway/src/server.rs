@@ -193,11 +193,10 @@ async fn accept(
         let drain = open.watch();
         let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
         tokio::spawn(async move {
-            let quiet = activity.idle(idle_after);
             let served = match acceptor {
                 None => {
                     let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    until_closed(conn.into_owned(), quiet, drain, peer).await
+                    until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
                 }
                 Some(acceptor) => {
                     // The handshake runs here, not in the accept loop, and is bounded so a
@@ -206,7 +205,7 @@ async fn accept(
                     {
                         Ok(Ok(tls)) => {
                             let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            until_closed(conn.into_owned(), quiet, drain, peer).await
+                            until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
                         }
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "TLS handshake failed");
@@ -246,12 +245,19 @@ impl OpenConnections {
     }
 }
 
-/// Serve `conn` until it ends. It is asked to close gracefully, finishing the requests in
-/// progress (an HTTP/2 client gets a GOAWAY), when `quiet` resolves or the thread drains; a
-/// connection on which no request ever started is simply dropped.
+/// Serve `conn` until it ends.
+///
+/// It is asked to close gracefully, finishing the requests in progress, when no request has
+/// been in progress for `idle_after` (counted from the first poll if none ever started) or
+/// when the thread drains. An HTTP/2 client is then sent a GOAWAY, which tells it that no
+/// request it sends from now on will be served, so it can retry them on a new connection
+/// instead of losing them to a bare close. hyper closes such a connection only once the
+/// client has answered the GOAWAY's ping; one that neither answers nor closes is cut after
+/// a further `idle_after` with nothing in progress.
 async fn until_closed<I, S, B>(
     conn: auto::Connection<'static, I, S, TokioExecutor>,
-    quiet: impl Future<Output = Idle>,
+    activity: Activity,
+    idle_after: Duration,
     mut drain: watch::Receiver<()>,
     peer: SocketAddr,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -268,19 +274,25 @@ where
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     tokio::pin!(conn);
-    tokio::pin!(quiet);
+    let idle = activity.clone().idle(idle_after);
+    tokio::pin!(idle);
     let mut closing = false;
     loop {
         tokio::select! {
             served = conn.as_mut() => return served,
-            idle = &mut quiet, if !closing => {
-                if idle == Idle::Silent {
-                    tracing::debug!(%peer, "no request within the header read timeout; closing");
+            why = &mut idle => {
+                if closing {
+                    tracing::debug!(%peer, "asked to close and still open with nothing in progress; cutting");
                     return Ok(());
                 }
-                tracing::debug!(%peer, "idle for the header read timeout; closing");
+                match why {
+                    Idle::Silent => tracing::debug!(%peer, "no request within the header read timeout; closing"),
+                    Idle::Quiet => tracing::debug!(%peer, "idle for the header read timeout; closing"),
+                }
                 conn.as_mut().graceful_shutdown();
                 closing = true;
+                // The grace for a client that does not answer the GOAWAY.
+                idle.set(activity.clone().idle(idle_after));
             }
             _ = drain.changed(), if !closing => {
                 conn.as_mut().graceful_shutdown();

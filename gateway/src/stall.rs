@@ -54,7 +54,7 @@ struct ActivityState {
 /// Why a connection is idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Idle {
-    /// No request ever started: there is nothing to close gracefully.
+    /// No request ever started.
     Silent,
     /// Requests came and all their responses have ended.
     Quiet,

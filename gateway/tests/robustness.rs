@@ -485,6 +485,69 @@ async fn an_idle_http2_connection_is_closed_but_not_while_a_stream_runs() {
     );
 }
 
+/// Speaks just enough HTTP/2 to open a connection and start no stream: the client preface
+/// and empty SETTINGS, then only reads, answering the server's pings if `answer_pings`.
+/// Returns the type of every frame the gateway sent before it closed, and how long that
+/// took.
+async fn a_silent_http2_client(
+    addr: std::net::SocketAddr,
+    answer_pings: bool,
+) -> (Vec<u8>, Duration) {
+    const PING: u8 = 0x6;
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut types = Vec::new();
+    let mut header = [0u8; 9];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut header))
+            .await
+            .expect("the gateway closed the connection within 5 s");
+        if read.is_err() {
+            return (types, t.elapsed());
+        }
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.expect("a whole frame");
+        types.push(header[3]);
+        let is_ack = header[4] & 0x1 != 0;
+        if answer_pings && header[3] == PING && !is_ack {
+            let mut ack = vec![0, 0, 8, PING, 0x1, 0, 0, 0, 0];
+            ack.extend_from_slice(&payload);
+            tcp.write_all(&ack).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_silent_http2_connection_is_told_goaway_before_it_is_closed() {
+    const GOAWAY: u8 = 0x7;
+    let be = FakeBackend::start("a", 1, held()).await;
+    let gw = TestGateway::over(&[be.url()], "[limits]\nheader_read_timeout_secs = 0.3").await;
+
+    // A client that answers the GOAWAY's ping is closed as soon as it has.
+    let (frames, took) = a_silent_http2_client(gw.addr, true).await;
+    assert!(
+        frames.contains(&GOAWAY),
+        "closed without a GOAWAY; frames: {frames:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(550),
+        "closed after {took:?}, not at the 0.3 s timeout"
+    );
+
+    // One that does not answer is told too, and cut after a further 0.3 s.
+    let (frames, took) = a_silent_http2_client(gw.addr, false).await;
+    assert!(
+        frames.contains(&GOAWAY),
+        "closed without a GOAWAY; frames: {frames:?}"
+    );
+    assert!(took >= Duration::from_millis(550), "cut after {took:?}");
+    assert_eq!(be.count(), 0);
+}
+
 #[tokio::test]
 async fn one_http2_connection_has_at_most_128_requests_in_progress() {
     use http_body_util::{BodyExt, Full};
