@@ -94,9 +94,9 @@ pub struct Cli {
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<f64>,
 
-    /// Serving threads [default: 1]. Each accepts connections from the listening socket
-    /// and serves them, with backend connections of its own, without handing work to
-    /// another thread. One relays over ten thousand requests a second; raise it for a
+    /// Serving threads [default: 1]. The first accepts connections and deals each to the
+    /// thread holding the fewest; each serves its own, with backend connections of its
+    /// own, without handing work to another thread. One relays over ten thousand requests a second; raise it for a
     /// gateway that runs out of one core on a machine with cores to spare.
     #[arg(long, value_name = "N", env = "BITNET_GATEWAY_WORKERS")]
     pub workers: Option<usize>,

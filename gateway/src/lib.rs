@@ -4,7 +4,7 @@
 //!
 //! A request's path, top to bottom, one file per step:
 //!
-//! 1. [`server`]: accept connections on one or more serving threads, serve HTTP/1.1 and
+//! 1. [`server`]: accept connections, deal them over the serving threads, serve HTTP/1.1 and
 //!    HTTP/2, drain on shutdown; [`stall`] closes a connection that sends no request, has
 //!    none in progress, or reads nothing for too long.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,

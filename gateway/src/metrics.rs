@@ -157,7 +157,7 @@ impl ServerMetrics {
     /// Register on `r`.
     pub fn register(r: &Registry) -> ServerMetrics {
         ServerMetrics {
-            connections: counter(r, "bitnet_gateway_connections_accepted_total", "Client connections accepted, by serving thread (0 to workers - 1): shows how the kernel spreads connections over the threads.", &["thread"]),
+            connections: counter(r, "bitnet_gateway_connections_accepted_total", "Client connections accepted, by the serving thread (0 to workers - 1) they were dealt to: each new one goes to the thread with the fewest open.", &["thread"]),
         }
     }
 }

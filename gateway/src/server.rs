@@ -3,15 +3,15 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::discovery;
 use crate::health::spawn_probers;
@@ -53,13 +53,18 @@ pub async fn serve(
 }
 
 /// [`serve`] on `threads` serving threads: the caller's, and `threads - 1` more, each with a
-/// single-threaded runtime of its own accepting from the same socket.
+/// single-threaded runtime of its own.
 ///
 /// A connection, its requests and the backend connections they use then stay on the
-/// thread that accepted it, the way nginx's worker processes work: no request pays for a
+/// thread that serves it, the way nginx's worker processes work: no request pays for a
 /// wake-up on another thread, which a shared multi-threaded runtime charges several times
 /// per request. State that is shared (pools, queues, metrics) is behind locks and atomics
 /// already; a queued request on one thread is handed a slot freed on another.
+///
+/// The caller's thread accepts every connection and deals each to the thread serving the
+/// fewest. Left to the kernel, with every thread accepting from the socket, whichever
+/// thread is already awake wins: in a burst of 64 connections one thread of two took 58
+/// to 63 of them, and the other sat idle.
 pub async fn serve_threads(
     listener: TcpListener,
     gw: Arc<Gateway>,
@@ -70,19 +75,17 @@ pub async fn serve_threads(
     let _background = StopBackground(gw.clone());
     spawn_probers(&gw);
     discovery::spawn(&gw);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let threads = threads.max(1);
+    let load = Arc::new(Load::new(threads));
     let mut others = Vec::new();
-    for shard in 1..threads.max(1) {
-        match spawn_shard(shard, &listener, &gw, stop_rx.clone()) {
-            Ok(handle) => others.push(handle),
-            Err(err) => {
-                let _ = stop_tx.send(true);
-                return Err(err);
-            }
-        }
+    let mut handoffs = Vec::new();
+    for shard in 1..threads {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // On an error the handoffs made so far are dropped, which ends their threads.
+        others.push(spawn_shard(shard, rx, &gw)?);
+        handoffs.push(tx);
     }
-    let open = accept(0, listener, &gw, shutdown).await;
-    let _ = stop_tx.send(true);
+    let open = accept(listener, &gw, &load, handoffs, shutdown).await;
     gw.begin_shutdown();
     tracing::info!(drain_timeout = ?gw.config().drain_timeout, "shutting down: no new connections; draining in-flight responses");
     drain(&gw, open).await;
@@ -95,15 +98,21 @@ pub async fn serve_threads(
     Ok(())
 }
 
-/// Start serving thread `shard` on a copy of `listener`'s socket; it stops accepting when
-/// `stop` turns true and returns once its connections have drained.
+/// A connection accepted by the first thread, on its way to the thread that serves it.
+struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    held: Held,
+}
+
+/// Start serving thread `shard`: it serves the connections it is handed on `rx` until the
+/// accepting thread drops the sender, then returns once they have drained.
 fn spawn_shard(
     shard: usize,
-    listener: &TcpListener,
+    mut rx: mpsc::UnboundedReceiver<Handoff>,
     gw: &Arc<Gateway>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
     let rt = runtime()?;
     let gw = gw.clone();
     std::thread::Builder::new()
@@ -111,17 +120,18 @@ fn spawn_shard(
         .spawn(move || {
             crate::forward::set_shard(shard);
             rt.block_on(async move {
-                let listener = match TcpListener::from_std(socket) {
-                    Ok(l) => l,
-                    Err(err) => {
-                        tracing::error!(shard, error = %err, "a serving thread cannot use the listening socket");
-                        return;
+                let open = OpenConnections::default();
+                let served = served_counter(&gw, shard);
+                // Ends when the sender is dropped, after every connection already handed
+                // over: none is lost to shutdown.
+                while let Some(h) = rx.recv().await {
+                    match TcpStream::from_std(h.stream) {
+                        Ok(stream) => spawn_connection(stream, h.peer, h.permit, h.held, &gw, &open, &served),
+                        Err(err) => {
+                            tracing::warn!(shard, error = %err, "a serving thread cannot take a connection")
+                        }
                     }
-                };
-                let stopped = async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                };
-                let open = accept(shard, listener, &gw, stopped).await;
+                }
                 drain(&gw, open).await;
             });
         })
@@ -134,20 +144,61 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Accept connections as serving thread `shard` and serve each on a task of this thread
-/// until `stop` resolves; the returned handle closes the connections still open.
-async fn accept(
+/// How many connections each serving thread holds open, to deal new ones evenly.
+struct Load {
+    open: Vec<AtomicUsize>,
+}
+
+impl Load {
+    fn new(threads: usize) -> Self {
+        Load {
+            open: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+        }
+    }
+
+    /// The thread with the fewest open connections, counted as holding one more until the
+    /// returned guard is dropped. Ties go round from `turn`, so that short connections
+    /// spread too.
+    fn pick(self: &Arc<Self>, turn: &mut usize) -> Held {
+        let n = self.open.len();
+        *turn = (*turn + 1) % n;
+        let shard = (0..n)
+            .map(|i| (*turn + i) % n)
+            .min_by_key(|&i| self.open[i].load(Ordering::Relaxed))
+            .unwrap_or(0);
+        self.open[shard].fetch_add(1, Ordering::Relaxed);
+        Held {
+            load: self.clone(),
+            shard,
+        }
+    }
+}
+
+/// One connection counted against its serving thread.
+struct Held {
+    load: Arc<Load>,
     shard: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.load.open[self.shard].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accept connections until `stop` resolves, serving the first thread's share here and
+/// handing the rest to the other threads; the returned handle closes the connections
+/// still open on this thread.
+async fn accept(
     listener: TcpListener,
     gw: &Arc<Gateway>,
+    load: &Arc<Load>,
+    handoffs: Vec<mpsc::UnboundedSender<Handoff>>,
     stop: impl Future<Output = ()>,
 ) -> OpenConnections {
     let open = OpenConnections::default();
-    let accepted = gw
-        .metrics
-        .server
-        .connections
-        .with_label_values(&[&shard.to_string()]);
+    let served = served_counter(gw, 0);
+    let mut turn = 0;
     tokio::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
@@ -162,72 +213,113 @@ async fn accept(
             },
             () = &mut stop => break,
         };
-        accepted.inc();
         let Ok(permit) = gw.connections.clone().try_acquire_owned() else {
             tokio::spawn(refuse_connection(stream));
             continue;
         };
-        // Tokens are small writes; never let Nagle hold one back.
-        let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let gw2 = gw.clone();
-        let activity2 = activity.clone();
-        let svc = service_fn(move |req| {
-            // Counted from here until the response body is dropped, so that a long stream
-            // keeps its connection from counting as idle.
-            let progress = activity2.start();
-            let gw = gw2.clone();
-            async move {
-                let resp = handle(gw, req, peer).await;
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, progress)))
-            }
-        });
-        // Built per connection from the config in force, so a reload's limits apply to
-        // new connections.
-        let cfg = gw.config();
-        let builder = connection_builder(&cfg);
-        let (idle_after, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
-        drop(cfg);
-        // Under TLS too: the record layer's writes are the socket's.
-        let stream = SendDeadline::new(stream, send_timeout);
-        let drain = open.watch();
-        let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
-        tokio::spawn(async move {
-            let served = match acceptor {
-                None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                    until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
+        let held = load.pick(&mut turn);
+        let Some(handoff) = held.shard.checked_sub(1).and_then(|i| handoffs.get(i)) else {
+            spawn_connection(stream, peer, permit, held, gw, &open, &served);
+            continue;
+        };
+        // Out of this thread's event loop, into the other's.
+        match stream.into_std() {
+            Ok(stream) => {
+                let handed = handoff.send(Handoff {
+                    stream,
+                    peer,
+                    permit,
+                    held,
+                });
+                if handed.is_err() {
+                    tracing::error!("a serving thread has stopped; a connection was closed");
                 }
-                Some(acceptor) => {
-                    // The handshake runs here, not in the accept loop, and is bounded so a
-                    // silent client cannot hold a connection slot.
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-                    {
-                        Ok(Ok(tls)) => {
-                            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                            until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed");
-                            Ok(())
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            Ok(())
-                        }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot hand a connection over"),
+        }
+    }
+    // Closing the socket: the kernel refuses new connections from here on. Dropping the
+    // handoffs lets the other threads drain once they have taken what was handed to them.
+    drop(listener);
+    drop(handoffs);
+    open
+}
+
+/// The count of connections served by thread `shard`.
+fn served_counter(gw: &Gateway, shard: usize) -> prometheus::IntCounter {
+    gw.metrics
+        .server
+        .connections
+        .with_label_values(&[&shard.to_string()])
+}
+
+/// Serve one connection on a task of the current thread.
+fn spawn_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    held: Held,
+    gw: &Arc<Gateway>,
+    open: &OpenConnections,
+    served: &prometheus::IntCounter,
+) {
+    served.inc();
+    // Tokens are small writes; never let Nagle hold one back.
+    let _ = stream.set_nodelay(true);
+    let activity = Activity::new();
+    let gw2 = gw.clone();
+    let activity2 = activity.clone();
+    let svc = service_fn(move |req| {
+        // Counted from here until the response body is dropped, so that a long stream
+        // keeps its connection from counting as idle.
+        let progress = activity2.start();
+        let gw = gw2.clone();
+        async move {
+            let resp = handle(gw, req, peer).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, progress)))
+        }
+    });
+    // Built per connection from the config in force, so a reload's limits apply to
+    // new connections.
+    let cfg = gw.config();
+    let builder = connection_builder(&cfg);
+    let (idle_after, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
+    drop(cfg);
+    // Under TLS too: the record layer's writes are the socket's.
+    let stream = SendDeadline::new(stream, send_timeout);
+    let drain = open.watch();
+    let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
+    tokio::spawn(async move {
+        let served = match acceptor {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
+            }
+            Some(acceptor) => {
+                // The handshake runs here, not in the accept loop, and is bounded so a
+                // silent client cannot hold a connection slot.
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
+                        until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        Ok(())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        Ok(())
                     }
                 }
-            };
-            if let Err(err) = served {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
-            drop(permit);
-        });
-    }
-    // Closing our copy of the socket; the kernel refuses new connections once every
-    // serving thread has closed its own.
-    drop(listener);
-    open
+        };
+        if let Err(err) = served {
+            tracing::debug!(%peer, error = %err, "connection ended with an error");
+        }
+        drop(permit);
+        drop(held);
+    });
 }
 
 /// A serving thread's open connections: each holds a watch on this, which it keeps until it
