@@ -63,8 +63,8 @@ pub async fn serve(
 ///
 /// The caller's thread accepts every connection and deals each to the thread serving the
 /// fewest. Left to the kernel, with every thread accepting from the socket, whichever
-/// thread is already awake wins: in a burst of 64 connections one thread of two took 58
-/// to 63 of them, and the other sat idle.
+/// thread is already awake wins: in a burst of 64 connections one thread of two took 57
+/// to 63 of them, and the other was left nearly idle.
 pub async fn serve_threads(
     listener: TcpListener,
     gw: Arc<Gateway>,
