@@ -192,14 +192,24 @@ require_nginx() {
     }
 }
 
-# start_nginx NAME UPSTREAM KEEPALIVE : starts nginx as a plain reverse proxy to UPSTREAM
+# start_nginx NAME UPSTREAM KEEPALIVE [WRAPPER...] : starts nginx as a plain reverse proxy to UPSTREAM
 # (host:port), configured as the gateway is used: HTTP/1.1 to the backend with up to
 # KEEPALIVE idle connections kept, no response buffering (tokens pass as they come), one
 # access-log line per request. Sets NGINX_URL and NGINX_PID (the master; it is killed when
-# the script exits, and stop_server stops it like any other server).
+# the script exits, and stop_server stops it like any other server). With a WRAPPER command
+# (e.g. valgrind and its options), nginx runs under it with one worker process, so that all of
+# its proxying happens in one process the wrapper can watch. (Without a master process nginx
+# cannot take an inherited listener: 1.22 crashes.)
 start_nginx() {
     local name=$1 upstream=$2 keepalive=$3
+    shift 3
+    local wrapper=("$@")
     local dir="$WORK/$name"
+    local processes="# One worker per CPU, nginx's usual setting.
+worker_processes $(nproc);"
+    if [ "${#wrapper[@]}" -gt 0 ]; then
+        processes="worker_processes 1;"
+    fi
     mkdir -p "$dir/tmp"
     # nginx's workers drop to an unprivileged user when started as root; they must still
     # reach their config and temporary files.
@@ -209,8 +219,7 @@ start_nginx() {
     cat >"$dir/nginx.conf.in" <<CONF
 daemon off;
 $user
-# One worker per CPU, nginx's usual setting.
-worker_processes $(nproc);
+$processes
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events { worker_connections 8192; }
@@ -244,7 +253,7 @@ CONF
     # nginx must be told its port in its config: nginx-on-listener.py binds 127.0.0.1 port 0,
     # writes the port into the config (@PORT@ above) and hands the open socket to nginx.
     python3 "$BENCH_DIR/nginx-on-listener.py" "$dir/nginx.conf.in" "$dir/nginx.conf" "$dir/port" -- \
-        nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+        ${wrapper[@]+"${wrapper[@]}"} nginx -p "$dir" -c "$dir/nginx.conf" -e "$dir/error.log" >"$WORK/$name.out" 2>"$WORK/$name.err" &
     NGINX_PID=$!
     CHILD_PIDS+=("$NGINX_PID")
     local tries=0

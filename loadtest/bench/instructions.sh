@@ -2,22 +2,22 @@
 # How much work does the gateway do per request, counted rather than timed?
 #
 # The throughput and latency figures of proxy-overhead.sh move with the machine by tens of
-# percent from run to run. This benchmark counts instead: the gateway (one serving thread)
-# and hyper-relay (hyper's server and client with nothing between them) each run under
-# valgrind's callgrind in front of a zero-latency llama-sim, and the instructions each
-# executes for a fixed number of requests are counted, after a warm-up that fills the
-# connection pools. Instruction counts do not depend on how busy the machine is, so a change
-# of a few hundred instructions per request shows, and the difference between the two is
-# the gateway's own work (routing, admission, accounting, metrics, the access log). A
-# breakdown names the gateway's largest parts. Then each proxy runs again, natively, under
-# `strace -c` for the same number of requests: the system calls per request, the kernel's
-# share of the work, which callgrind does not see.
+# percent from run to run. This benchmark counts instead. The gateway (one serving thread),
+# hyper-relay (hyper's server and client with nothing between them) and nginx (configured as
+# proxy-overhead.sh does, with one worker) each run under valgrind's callgrind in front of a
+# zero-latency llama-sim, and the instructions each executes for a fixed number of requests
+# are counted, after a warm-up that fills the connection pools. Instruction counts do not
+# depend on how busy the machine is, so a change of a few hundred per request shows. The
+# gateway's count less hyper-relay's is the gateway's own work (routing, admission,
+# accounting, metrics, the access log), and a breakdown names its largest parts. Then each
+# proxy runs again, natively, under `strace -c` for the same number of requests: the system
+# calls per request, the kernel's share of the work, which callgrind does not see.
 #
 # Usage: loadtest/bench/instructions.sh
 # Knobs (environment): REQUESTS counted per run (2000), WARMUP requests before counting
 # (200), CONCURRENCY (8), REPEATS (3), MODES ("plain stream"), STRACE (1; 0 leaves the
-# system-call count out). Needs valgrind (with callgrind_control), jq and, for the system
-# calls, strace.
+# system-call count out), NGINX (1; 0 leaves nginx out). Needs valgrind (with
+# callgrind_control), jq, nginx unless NGINX=0, and strace unless STRACE=0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -28,6 +28,10 @@ REPEATS=${REPEATS:-3}
 read -r -a MODES <<<"${MODES:-plain stream}"
 STRACE=${STRACE:-1}
 PROXIES=(gateway hyper-relay)
+if [ "${NGINX:-1}" = 1 ]; then
+    require_nginx
+    PROXIES+=(nginx)
+fi
 MODEL=bench
 SLOTS=1024
 
@@ -54,12 +58,32 @@ start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slo
 SIM_URL=$SERVER_URL
 wait_ready "$SIM_URL/health"
 
-# proxy_command PROXY : the command line that serves PROXY in front of the simulator.
-proxy_command() {
-    case $1 in
-    gateway) echo "$BIN/bitnet-gateway --listen 127.0.0.1:0 --workers 1 --model $MODEL --backend $SIM_URL#slots=$SLOTS" ;;
-    hyper-relay) echo "$BIN/hyper-relay ${SIM_URL#http://}" ;;
+# start_proxy PROXY NAME WRAPPER... : starts PROXY in front of the simulator under WRAPPER
+# (a command prefix) and sets PROXY_PID and PROXY_URL. nginx runs as one process.
+start_proxy() {
+    local proxy=$1 name=$2
+    shift 2
+    case $proxy in
+    gateway)
+        start_server "$name" "$@" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --workers 1 \
+            --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+        ;;
+    hyper-relay) start_server "$name" "$@" "$BIN/hyper-relay" "${SIM_URL#http://}" ;;
+    nginx)
+        start_nginx "$name" "${SIM_URL#http://}" 64 "$@"
+        SERVER_PID=$NGINX_PID
+        SERVER_URL=$NGINX_URL
+        ;;
     esac
+    PROXY_PID=$SERVER_PID
+    PROXY_URL=$SERVER_URL
+    # nginx's one worker, forked by its master, does the proxying: that is the process to
+    # count. (Forked under valgrind, it is counted into a file of its own pid.)
+    WORKER_PID=$PROXY_PID
+    if [ "$proxy" = nginx ]; then
+        WORKER_PID=$(pgrep -P "$PROXY_PID" | head -1)
+        [ -n "$WORKER_PID" ] || { echo "nginx started no worker" >&2; return 1; }
+    fi
 }
 
 # load URL MODE COUNT OUT : COUNT requests at CONCURRENCY; fails unless every one got a 200.
@@ -79,29 +103,53 @@ load() {
     }
 }
 
+# wait_for_totals FILE : waits until callgrind has written FILE whole, then prints its total.
+wait_for_totals() {
+    local file=$1 tries=0
+    until [ -s "$file" ] && grep -q '^totals:\|^summary:' "$file"; do
+        tries=$((tries + 1))
+        [ "$tries" -lt 100 ] || { echo "callgrind wrote no totals to $file" >&2; return 1; }
+        sleep 0.1
+    done
+    sed -n 's/^summary: //p; s/^totals: //p' "$file" | head -1
+}
+
+# counted PROXY REPEAT MODE COUNT : starts PROXY under callgrind, sends the warm-up, then
+# COUNT requests, and prints the instructions its worker executed for those COUNT.
+counted() {
+    local proxy=$1 repeat=$2 mode=$3 count=$4
+    local out="$WORK/cg.$repeat.$mode.$proxy.$count" total
+    start_proxy "$proxy" "$proxy-cg-$repeat-$mode-$count" valgrind --tool=callgrind --callgrind-out-file="$out.%p"
+    load "$PROXY_URL" "$mode" "$WARMUP" "$WORK/warm.json"
+    if [ "$proxy" = nginx ]; then
+        # callgrind_control cannot reach a process forked under valgrind, so nginx's worker
+        # is counted whole, from its start to its exit; the caller subtracts a run with no
+        # counted requests.
+        [ "$count" = 0 ] || load "$PROXY_URL" "$mode" "$count" "$WORK/run.json"
+        stop_server "$PROXY_PID"
+        wait_for_totals "$out.$WORKER_PID"
+        return
+    fi
+    callgrind_control -z "$WORKER_PID" >/dev/null 2>&1
+    load "$PROXY_URL" "$mode" "$count" "$WORK/run.json"
+    callgrind_control -d "$WORKER_PID" >/dev/null 2>&1
+    total=$(wait_for_totals "$out.$WORKER_PID.1")
+    stop_server "$PROXY_PID"
+    if [ "$proxy" = gateway ]; then
+        cp "$out.$WORKER_PID.1" "$WORK/gateway.$repeat.$mode.dump"
+    fi
+    echo "$total"
+}
+
 RAW="$WORK/raw.tsv"
 printf 'repeat\tmode\tproxy\tinstructions\n' >"$RAW"
 for repeat in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
         for proxy in "${PROXIES[@]}"; do
-            out="$WORK/cg.$repeat.$mode.$proxy"
-            # shellcheck disable=SC2046 # the command line is split on purpose
-            start_server "$proxy-cg" valgrind --tool=callgrind --callgrind-out-file="$out" \
-                $(proxy_command "$proxy")
-            pid=$SERVER_PID
-            url=$SERVER_URL
-            load "$url" "$mode" "$WARMUP" "$WORK/warm.json"
-            callgrind_control -z "$pid" >/dev/null
-            load "$url" "$mode" "$REQUESTS" "$WORK/run.json"
-            callgrind_control -d "$pid" >/dev/null
-            tries=0
-            until [ -s "$out.1" ] && grep -q '^totals:\|^summary:' "$out.1"; do
-                tries=$((tries + 1))
-                [ "$tries" -lt 100 ] || { echo "callgrind wrote no dump for $proxy" >&2; exit 1; }
-                sleep 0.1
-            done
-            stop_server "$pid"
-            total=$(sed -n 's/^summary: //p; s/^totals: //p' "$out.1" | head -1)
+            total=$(counted "$proxy" "$repeat" "$mode" "$REQUESTS")
+            if [ "$proxy" = nginx ]; then
+                total=$((total - $(counted "$proxy" "$repeat" "$mode" 0)))
+            fi
             printf '%s\t%s\t%s\t%s\n' "$repeat" "$mode" "$proxy" "$total" >>"$RAW"
             log "repeat $repeat, $mode, $proxy: $((total / REQUESTS)) instructions per request"
         done
@@ -113,12 +161,12 @@ printf 'mode\tproxy\tsyscall\tcalls\n' >"$SYSCALLS"
 if [ "$STRACE" = 1 ]; then
     for mode in "${MODES[@]}"; do
         for proxy in "${PROXIES[@]}"; do
-            # shellcheck disable=SC2046 # the command line is split on purpose
-            start_server "$proxy-native" $(proxy_command "$proxy")
-            pid=$SERVER_PID
-            url=$SERVER_URL
+            # `env` as the wrapper only gives nginx one worker, as under valgrind.
+            start_proxy "$proxy" "$proxy-native-$mode" env
+            pid=$PROXY_PID
+            url=$PROXY_URL
             load "$url" "$mode" "$WARMUP" "$WORK/warm.json"
-            strace -c -f -p "$pid" -o "$WORK/strace.$mode.$proxy" 2>/dev/null &
+            strace -c -f -p "$WORKER_PID" -o "$WORK/strace.$mode.$proxy" 2>/dev/null &
             tracer=$!
             CHILD_PIDS+=("$tracer")
             # strace attaches to each thread in turn; give it time before counting starts.
@@ -138,16 +186,19 @@ LOAD_AFTER=$(load_average)
 
 SECTION="$WORK/section.md"
 {
-    echo "## Instructions per request: the gateway against a bare hyper relay"
+    echo "## Instructions per request: the gateway against a bare hyper relay and nginx"
     echo
     machine_markdown
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER. Instruction counts do not depend on it. Wall time ${ELAPSED} s."
     echo "- $(valgrind --version) (callgrind): user-space instructions of every thread of the proxy, from after $WARMUP warm-up requests to the end of $REQUESTS requests at concurrency $CONCURRENCY, to a zero-latency llama-sim; the gateway with one serving thread."
+    if [ "${NGINX:-1}" = 1 ]; then
+        echo "- nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///') as proxy-overhead.sh configures it (upstream \`keepalive 64\`, \`proxy_buffering off\`, access log on) but with one worker process, whose work is counted: from its start to its exit, less the same count for a run with the warm-up only, since callgrind_control cannot reach a process forked under valgrind."
+    fi
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "REQUESTS=$REQUESTS WARMUP=$WARMUP CONCURRENCY=$CONCURRENCY REPEATS=$REPEATS MODES=\"${MODES[*]}\" STRACE=$STRACE loadtest/bench/instructions.sh"
+    echo "REQUESTS=$REQUESTS WARMUP=$WARMUP CONCURRENCY=$CONCURRENCY REPEATS=$REPEATS MODES=\"${MODES[*]}\" STRACE=$STRACE NGINX=${NGINX:-1} loadtest/bench/instructions.sh"
     echo '```'
     echo
     python3 - "$RAW" "$SYSCALLS" "$REQUESTS" "$WORK" <<'PY'
@@ -163,16 +214,22 @@ for r in csv.DictReader(open(raw), delimiter="\t"):
     per[(r["mode"], r["proxy"])].append(int(r["instructions"]) / requests)
 modes = list(dict.fromkeys(m for m, _ in per))
 
-print(f"Instructions per request, median of {len(next(iter(per.values())))} repeats (each repeat's figure in brackets):")
+proxies = list(dict.fromkeys(p for _, p in per))
+repeats = len(next(iter(per.values())))
+print(f"Instructions per request, median of {repeats} repeats (each repeat's figure in brackets):")
 print()
-print("| mode | gateway | hyper-relay | gateway ÷ hyper-relay | the gateway's own work (difference) |")
-print("|---|---:|---:|---:|---:|")
+head = " | ".join(proxies)
+ratios = [p for p in proxies if p != "gateway"]
+print(f"| mode | {head} | " + " | ".join(f"gateway ÷ {p}" for p in ratios) + " | the gateway's own work (gateway − hyper-relay) |")
+print("|---|" + "---:|" * (len(proxies) + len(ratios) + 1))
 for mode in modes:
-    g, h = per[(mode, "gateway")], per[(mode, "hyper-relay")]
-    gm, hm = statistics.median(g), statistics.median(h)
+    med = {p: statistics.median(per[(mode, p)]) for p in proxies}
     each = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)
     name = "non-streamed" if mode == "plain" else "streamed"
-    print(f"| {name} | {gm:,.0f} ({each(g)}) | {hm:,.0f} ({each(h)}) | {gm / hm:.2f} | {gm - hm:,.0f} |")
+    cells = [f"{med[p]:,.0f} ({each(per[(mode, p)])})" for p in proxies]
+    cells += [f"{med['gateway'] / med[p]:.2f}" for p in ratios]
+    cells.append(f"{med['gateway'] - med['hyper-relay']:,.0f}")
+    print(f"| {name} | " + " | ".join(cells) + " |")
 print()
 
 # The gateway's largest parts, from the first repeat's dump. A function's cost is its own
@@ -211,7 +268,7 @@ parts = [
     ("admission and the routing pick (`ModelPool::try_claim`)", "gateway::pool::ModelPool::try_claim"),
 ]
 for mode in modes:
-    dump = f"{work}/cg.1.{mode}.gateway.1"
+    dump = f"{work}/gateway.1.{mode}.dump"
     try:
         cost = inclusive(dump)
     except OSError:
