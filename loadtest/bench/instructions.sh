@@ -59,7 +59,8 @@ SIM_URL=$SERVER_URL
 wait_ready "$SIM_URL/health"
 
 # start_proxy PROXY NAME WRAPPER... : starts PROXY in front of the simulator under WRAPPER
-# (a command prefix) and sets PROXY_PID and PROXY_URL. nginx runs as one process.
+# (a command prefix) and sets PROXY_PID, PROXY_URL and WORKER_PID (the process that
+# proxies; nginx runs with one worker).
 start_proxy() {
     local proxy=$1 name=$2
     shift 2
@@ -115,10 +116,12 @@ wait_for_totals() {
 }
 
 # counted PROXY REPEAT MODE COUNT : starts PROXY under callgrind, sends the warm-up, then
-# COUNT requests, and prints the instructions its worker executed for those COUNT.
+# COUNT requests, and sets COUNTED to the instructions its worker executed for those COUNT.
+# It sets a variable rather than printing, so that it runs in this shell: a server started
+# in a command substitution's subshell would be unknown to the cleanup trap.
 counted() {
     local proxy=$1 repeat=$2 mode=$3 count=$4
-    local out="$WORK/cg.$repeat.$mode.$proxy.$count" total
+    local out="$WORK/cg.$repeat.$mode.$proxy.$count"
     start_proxy "$proxy" "$proxy-cg-$repeat-$mode-$count" valgrind --tool=callgrind --callgrind-out-file="$out.%p"
     load "$PROXY_URL" "$mode" "$WARMUP" "$WORK/warm.json"
     if [ "$proxy" = nginx ]; then
@@ -127,18 +130,17 @@ counted() {
         # counted requests.
         [ "$count" = 0 ] || load "$PROXY_URL" "$mode" "$count" "$WORK/run.json"
         stop_server "$PROXY_PID"
-        wait_for_totals "$out.$WORKER_PID"
+        COUNTED=$(wait_for_totals "$out.$WORKER_PID")
         return
     fi
     callgrind_control -z "$WORKER_PID" >/dev/null 2>&1
     load "$PROXY_URL" "$mode" "$count" "$WORK/run.json"
     callgrind_control -d "$WORKER_PID" >/dev/null 2>&1
-    total=$(wait_for_totals "$out.$WORKER_PID.1")
+    COUNTED=$(wait_for_totals "$out.$WORKER_PID.1")
     stop_server "$PROXY_PID"
     if [ "$proxy" = gateway ]; then
         cp "$out.$WORKER_PID.1" "$WORK/gateway.$repeat.$mode.dump"
     fi
-    echo "$total"
 }
 
 RAW="$WORK/raw.tsv"
@@ -146,9 +148,11 @@ printf 'repeat\tmode\tproxy\tinstructions\n' >"$RAW"
 for repeat in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
         for proxy in "${PROXIES[@]}"; do
-            total=$(counted "$proxy" "$repeat" "$mode" "$REQUESTS")
+            counted "$proxy" "$repeat" "$mode" "$REQUESTS"
+            total=$COUNTED
             if [ "$proxy" = nginx ]; then
-                total=$((total - $(counted "$proxy" "$repeat" "$mode" 0)))
+                counted "$proxy" "$repeat" "$mode" 0
+                total=$((total - COUNTED))
             fi
             printf '%s\t%s\t%s\t%s\n' "$repeat" "$mode" "$proxy" "$total" >>"$RAW"
             log "repeat $repeat, $mode, $proxy: $((total / REQUESTS)) instructions per request"
