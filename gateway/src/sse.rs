@@ -8,6 +8,7 @@
 //! server reports no usage. A non-streaming body is kept (up to a cap) and read at the end.
 
 mod members;
+mod template;
 
 use std::sync::LazyLock;
 
@@ -55,6 +56,8 @@ pub struct Scanner {
     data: Vec<u8>,
     overflow: bool,
     tally: Tally,
+    /// The last token event read in full, for reading the next ones by comparison.
+    template: template::Template,
 }
 
 #[derive(Default, Deserialize)]
@@ -152,6 +155,7 @@ impl Scanner {
             data: Vec::new(),
             overflow: false,
             tally: Tally::default(),
+            template: template::Template::default(),
         }
     }
 
@@ -260,9 +264,18 @@ impl Scanner {
 
     /// Read one event's data, or a whole non-streamed body.
     fn read_payload(&mut self, data: &[u8]) {
+        if let Some(content) = self.template.content(data) {
+            self.tally.content_events += u64::from(content);
+            return;
+        }
         // Only the values that carry accounting are parsed, not the whole payload: in a
         // non-streamed answer the generated text is most of the bytes.
         let keys = Keys::find(data);
+        if let (true, Some(text), None, None, None) =
+            (self.sse, keys.text, keys.error, keys.timings, keys.usage)
+        {
+            self.template.learn(data, text);
+        }
         if keys.content {
             self.tally.content_events += 1;
         }
@@ -339,6 +352,8 @@ struct Keys<'a> {
     error: Option<&'a [u8]>,
     timings: Option<&'a [u8]>,
     usage: Option<&'a [u8]>,
+    /// Where the text starts when there is exactly one `"content":"` or `"text":"`.
+    text: Option<usize>,
 }
 
 /// The patterns [`Keys::find`] looks for, in the order of its match arms.
@@ -398,11 +413,14 @@ impl<'a> Keys<'a> {
 
     fn find_with(search: &Search, data: &'a [u8]) -> Keys<'a> {
         let mut keys = Keys::default();
+        let mut texts = 0;
         let mut each = |pattern: usize, end: usize| {
             let after = &data[end..];
             let slot = match pattern {
                 0 | 1 => {
                     keys.content |= after.first().is_some_and(|&b| b != b'"');
+                    texts += 1;
+                    keys.text = Some(end);
                     return;
                 }
                 2 => &mut keys.error,
@@ -420,6 +438,9 @@ impl<'a> Keys<'a> {
             Search::Automaton(a) => a
                 .find_iter(data)
                 .for_each(|m| each(m.pattern().as_usize(), m.end())),
+        }
+        if texts != 1 {
+            keys.text = None;
         }
         keys
     }
@@ -683,6 +704,88 @@ mod tests {
                 String::from_utf8_lossy(&stream)
             );
         }
+    }
+
+    #[test]
+    fn an_event_read_by_comparison_reads_as_the_search_reads_it() {
+        // Events are built as before + `"content":"` + text + `"` + after, from pieces
+        // that make every case of the reasoning in sse/template.rs: several texts, keys
+        // before and after, quotes and escapes in the text, bytes that are not JSON.
+        let around: [&[u8]; 13] = [
+            br#"{"choices":[{"delta":{"#,
+            br#""content":""#,
+            br#""text":""#,
+            br#""usage""#,
+            br#""error""#,
+            br#""timings""#,
+            b":",
+            b",",
+            b"}",
+            b"]",
+            b" ",
+            b"\"",
+            b"x",
+        ];
+        let inside: [&[u8]; 10] = [
+            b"x",
+            b"\\\"",
+            b"\\\\",
+            b"\\",
+            b"\"",
+            br#"\"usage\":"#,
+            b"usage",
+            b":",
+            b",",
+            b"}",
+        ];
+        let mut rng = crate::fuzz::XorShift::new(0x2545_f491_4f6c_dd1d);
+        let pick = |rng: &mut crate::fuzz::XorShift, pieces: &[&[u8]], most: usize| {
+            (0..rng.below(most))
+                .flat_map(|_| pieces[rng.below(pieces.len())].iter().copied())
+                .collect::<Vec<u8>>()
+        };
+        let (mut learned, mut recognised) = (0, 0);
+        for _ in 0..20_000 {
+            let before = pick(&mut rng, &around, 5);
+            let after = pick(&mut rng, &around, 5);
+            let event =
+                |text: &[u8]| [&before[..], br#""content":""#, text, b"\"", &after].concat();
+            let first = event(&pick(&mut rng, &inside, 4));
+            let keys = Keys::find(&first);
+            let mut remembered = template::Template::default();
+            if let (Some(text), None, None, None) =
+                (keys.text, keys.error, keys.timings, keys.usage)
+            {
+                remembered.learn(&first, text);
+                learned += 1;
+            }
+            let mut next = event(&pick(&mut rng, &inside, 4));
+            if rng.below(4) == 0 {
+                let at = rng.below(next.len());
+                next[at] = around[rng.below(around.len())][0];
+            }
+            if let Some(content) = remembered.content(&next) {
+                recognised += 1;
+                let keys = Keys::find(&next);
+                assert_eq!(
+                    (
+                        keys.content,
+                        keys.error,
+                        keys.timings,
+                        keys.usage,
+                        keys.text.is_some()
+                    ),
+                    (content, None, None, None, true),
+                    "{:?} after {:?}",
+                    String::from_utf8_lossy(&next),
+                    String::from_utf8_lossy(&first)
+                );
+            }
+        }
+        assert!(
+            learned > 3_000 && recognised > 500,
+            "{learned} {recognised}"
+        );
     }
 
     #[test]
