@@ -171,7 +171,17 @@ impl Scanner {
             return false;
         }
         let before = self.tally.content_events;
-        while let Some(nl) = memchr::memchr(b'\n', chunk) {
+        loop {
+            if self.line.is_empty() && self.data.is_empty() && !self.overflow {
+                if let Some((taken, content)) = self.template.event(chunk, MAX_KEPT) {
+                    self.tally.content_events += u64::from(content);
+                    chunk = &chunk[taken..];
+                    continue;
+                }
+            }
+            let Some(nl) = memchr::memchr(b'\n', chunk) else {
+                break;
+            };
             let (head, rest) = chunk.split_at(nl);
             chunk = &rest[1..];
             if self.line.is_empty() {
@@ -670,8 +680,10 @@ mod tests {
     fn events_read_in_place_tally_as_events_read_line_by_line() {
         // Whole frames take the in-place way for every complete one-line event; byte by
         // byte, every line is built up first. Both must agree on any stream.
-        let pieces: [&[u8]; 14] = [
+        let pieces: [&[u8]; 16] = [
             b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}",
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\\\"b\\\\\"}}]}",
             b"data:{\"text\":\"\"}",
             b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4}}",
             b"data: {\"timings\":{\"prompt_n\":2,\"predicted_n\":5}}",
@@ -786,6 +798,38 @@ mod tests {
             learned > 3_000 && recognised > 500,
             "{learned} {recognised}"
         );
+    }
+
+    #[test]
+    fn repeated_events_read_by_comparison_tally_as_events_read_in_full() {
+        let event = |text: &str, end: &str| {
+            format!(r#"data: {{"choices":[{{"delta":{{"content":"{text}"}}}}],"id":"1"}}{end}"#)
+        };
+        let stream = [
+            event("a", "\n\n"),
+            event("", "\n\n"),
+            event(r#"b\"c\\"#, "\r\n\r\n"),
+            event("", "\r\n\r\n"),
+            event("d", "\r\n\n"),
+            event("", "\n\r\n"),
+            event("\nf", "\n\n"),
+            event("", "\n\n"),
+            event("g", "\n"),
+            ": comment\n\n".into(),
+            event("h", "\n\n"),
+        ]
+        .concat();
+        let mut whole = Scanner::new(true);
+        whole.feed(stream.as_bytes());
+        let mut bytewise = Scanner::new(true);
+        for b in stream.as_bytes() {
+            bytewise.feed(std::slice::from_ref(b));
+        }
+        // "\nf" is two lines: the event's data is the first, which ends where the text
+        // starts. "g" has no blank line after it until the comment's.
+        let t = whole.finish();
+        assert_eq!(t.content_events, 5, "a, b\"c, d, g, h");
+        assert_eq!(t, bytewise.finish());
     }
 
     #[test]

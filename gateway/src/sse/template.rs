@@ -44,7 +44,12 @@ impl Template {
         let Some(end) = string_end(data, text) else {
             return;
         };
-        if data.len() > MAX_TEMPLATE || !matches!(data.get(end + 1), Some(b',' | b'}' | b']')) {
+        // Without line breaks, the remembered bytes are one line wherever they recur, which
+        // is what lets [`Template::event`] skip the search for the line's end.
+        if data.len() > MAX_TEMPLATE
+            || !matches!(data.get(end + 1), Some(b',' | b'}' | b']'))
+            || memchr::memchr2(b'\n', b'\r', data).is_some()
+        {
             return;
         }
         self.bytes.extend_from_slice(data);
@@ -65,17 +70,46 @@ impl Template {
         }
         (string_end(data, before.len())? == end).then_some(end > before.len())
     }
+
+    /// For bytes that start with one whole event that is the remembered one with another
+    /// text (`data: `, the payload, a blank line, all in the usual form): the bytes the event
+    /// takes and whether its text is non-empty. Reading it line by line would give the same,
+    /// since neither the remembered bytes nor the text hold a line break. `None` for
+    /// anything else, or a payload longer than `max`.
+    pub(super) fn event(&self, chunk: &[u8], max: usize) -> Option<(usize, bool)> {
+        const FIELD: &[u8] = b"data: ";
+        if self.bytes.is_empty() {
+            return None;
+        }
+        let (before, after) = (&self.bytes[..self.text], &self.bytes[self.end..]);
+        let payload = chunk.strip_prefix(FIELD)?;
+        if !payload.starts_with(before) {
+            return None;
+        }
+        let end = string_end(payload, before.len())?;
+        let blank = match payload.get(end..)?.strip_prefix(after)? {
+            [b'\n', b'\n', ..] => 2,
+            [b'\r', b'\n', b'\r', b'\n', ..] => 4,
+            _ => return None,
+        };
+        let len = end + after.len();
+        (len <= max).then_some((FIELD.len() + len + blank, end > before.len()))
+    }
 }
 
-/// Where the quote that closes the JSON string whose text starts at `from` is.
+/// Where the quote that closes the JSON string whose text starts at `from` is. `None` if a
+/// line break comes first: no JSON string holds one, and the caller treats bytes with one
+/// the general way.
 fn string_end(data: &[u8], mut from: usize) -> Option<usize> {
     loop {
         let rest = data.get(from..)?;
-        let i = from + memchr::memchr2(b'"', b'\\', rest)?;
-        if data[i] == b'"' {
-            return Some(i);
+        let i = from + memchr::memchr3(b'"', b'\\', b'\n', rest)?;
+        match data[i] {
+            b'"' => return Some(i),
+            b'\n' => return None,
+            _ if data.get(i + 1) == Some(&b'\n') => return None,
+            _ => from = i + 2,
         }
-        from = i + 2;
     }
 }
 
