@@ -68,6 +68,9 @@ fn borrowed<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, st
 pub const MAX_NESTING: usize = 128;
 
 /// Read `model` and `stream` from a JSON object body.
+// Out of line, so that a profile of the whole-program-optimised release build names
+// it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+#[inline(never)]
 pub fn inspect(body: &[u8]) -> Result<Inspected<'_>, String> {
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         None => return Err("the request body is empty; expected a JSON object".into()),

@@ -91,6 +91,9 @@ pub struct Access<'a> {
 
 impl Access<'_> {
     /// Write the line, if the filter lets `access` events at INFO through.
+    // Out of line, so that a profile of the whole-program-optimised release build names
+    // it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+    #[inline(never)]
     pub fn log(&self) {
         if !tracing::enabled!(target: "access", tracing::Level::INFO) {
             return;

@@ -223,6 +223,9 @@ impl ModelPool {
 
     /// Claim a slot now if the policy finds one and nobody is waiting ahead of us;
     /// otherwise join the queue (or learn why not).
+    // Out of line, so that a profile of the whole-program-optimised release build names
+    // it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+    #[inline(never)]
     pub fn try_claim(self: &Arc<Self>, job: Arc<Job>) -> TryClaim {
         let mut q = self.lock();
         // Fairness: a newcomer never overtakes requests already waiting.

@@ -175,6 +175,9 @@ fn clip(s: &str, max: usize) -> String {
 }
 
 /// The client's request id when it is short printable ASCII, else a fresh one.
+// Out of line, so that a profile of the whole-program-optimised release build names
+// it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+#[inline(never)]
 fn request_id(headers: &http::HeaderMap) -> String {
     if let Some(v) = headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
         if !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()) {

@@ -161,6 +161,9 @@ impl Scanner {
 
     /// Feed the next frame. Returns `true` if this frame completed an event with content
     /// (for streams) — the moment time-to-first-token is measured.
+    // Out of line, so that a profile of the whole-program-optimised release build names
+    // it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+    #[inline(never)]
     pub fn feed(&mut self, mut chunk: &[u8]) -> bool {
         if !self.sse {
             if self.data.len() + chunk.len() <= MAX_KEPT {
@@ -329,6 +332,9 @@ impl Scanner {
     }
 
     /// Finish: read a non-streaming body, and return the tally.
+    // Out of line, so that a profile of the whole-program-optimised release build names
+    // it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+    #[inline(never)]
     pub fn finish(&mut self) -> Tally {
         if !self.sse && !self.overflow && !self.data.is_empty() {
             let data = std::mem::take(&mut self.data);
