@@ -2,10 +2,12 @@
 //!
 //! [`Scanner`] is fed each frame as it passes. For SSE it splits lines incrementally
 //! (events may be split anywhere across frames, lines may end in CRLF, `data:` may span
-//! several lines, `:` comments are skipped) and keeps only the current partial line plus the
-//! current event's data. Events that carry `usage` or llama-server `timings` are parsed;
-//! other events are only checked for non-empty content, which is the fallback count when a
-//! server reports no usage. A non-streaming body is kept (up to a cap) and read at the end.
+//! several lines, `:` comments are skipped) and keeps only the current partial line, the
+//! current event's data and a copy of one earlier event. Events that carry `usage` or
+//! llama-server `timings` are parsed; other events are only checked for non-empty content,
+//! which is the fallback count when a server reports no usage. An event that is that copy
+//! with another text is read by comparison (`sse/template.rs`). A non-streaming body is kept
+//! (up to a cap) and read at the end.
 
 mod members;
 mod template;
