@@ -6,13 +6,6 @@ use clap::Parser;
 use gateway::cli::Cli;
 use gateway::{logging, serve_threads, Gateway};
 
-// A request makes some two dozen small allocations (headers, buffers, the log line) that
-// live no longer than it does. mimalloc serves them from per-thread free lists for about
-// 40 % of the instructions glibc's malloc and free take: 5 % fewer in all per proxied request
-// (callgrind, loadtest/bench/instructions.sh).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Declared before the runtime so that it is dropped after it: the last lines are
