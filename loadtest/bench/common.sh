@@ -199,14 +199,15 @@ require_nginx() {
 # the script exits, and stop_server stops it like any other server). With a WRAPPER command
 # (e.g. valgrind and its options), nginx runs under it with one worker process, so that all of
 # its proxying happens in one process the wrapper can watch. (Without a master process nginx
-# cannot take an inherited listener: 1.22 crashes.)
+# cannot take an inherited listener: 1.22 crashes.) NGINX_WORKER_PROCESSES, when set, is the
+# number of worker processes instead of one per CPU.
 start_nginx() {
     local name=$1 upstream=$2 keepalive=$3
     shift 3
     local wrapper=("$@")
     local dir="$WORK/$name"
-    local processes="# One worker per CPU, nginx's usual setting.
-worker_processes $(nproc);"
+    local processes="# One worker per CPU, nginx's usual setting, unless told otherwise.
+worker_processes ${NGINX_WORKER_PROCESSES:-$(nproc)};"
     if [ "${#wrapper[@]}" -gt 0 ]; then
         processes="worker_processes 1;"
     fi
@@ -267,11 +268,12 @@ CONF
     wait_ready "$NGINX_URL/health" || { cat "$dir/error.log" >&2; return 1; }
 }
 
-# A markdown line describing the nginx that start_nginx runs.
+# nginx_markdown KEEPALIVE [WORKERS] : a markdown line describing the nginx that start_nginx
+# runs (WORKERS worker processes; one per CPU if not given).
 nginx_markdown() {
     # shellcheck disable=SC2016 # the backticks are Markdown, not a command
     printf 'nginx: %s, %s worker processes, upstream `keepalive %s`, HTTP/1.1, `proxy_buffering off`, access log on (as the gateway'"'"'s), listening on a socket the script bound to 127.0.0.1 port 0 and handed over' \
-        "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
+        "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "${2:-$(nproc)}" "$1"
 }
 
 # nginx_total FUNCTION PID : FUNCTION (cpu_seconds or peak_rss_mib) of nginx's master PID

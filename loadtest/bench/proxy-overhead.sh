@@ -16,7 +16,10 @@
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
 # CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), WORKERS ("1 2"): one
 # gateway per number of serving threads, side by side; the first is the one the targets
-# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay out.
+# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay out; NGINX_ONE (1): a
+# second nginx with one worker process beside the usual one-per-CPU, the like-for-like
+# comparison for one serving thread (0 leaves it out). The targets are judged against nginx's
+# usual setting.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -30,6 +33,7 @@ PATHS=(direct)
 for w in "${WORKERS[@]}"; do PATHS+=("gateway-w$w"); done
 [ "${RELAY:-1}" = 1 ] && PATHS+=(hyper-relay)
 PATHS+=(nginx)
+[ "${NGINX_ONE:-1}" = 1 ] && PATHS+=(nginx-w1)
 MODES=(plain stream)
 MODEL=bench
 # Larger than any concurrency used here, so neither the simulator nor the gateway queues:
@@ -64,6 +68,11 @@ done
 
 wait_ready "$SIM_URL/health"
 for w in "${WORKERS[@]}"; do wait_ready "${GATEWAY_URL[$w]}/health"; done
+if [ "${NGINX_ONE:-1}" = 1 ]; then
+    NGINX_WORKER_PROCESSES=1 start_nginx nginx-w1 "$SIM_HOSTPORT" 64
+    NGINX_W1_URL=$NGINX_URL
+    NGINX_W1_PID=$NGINX_PID
+fi
 start_nginx nginx "$SIM_HOSTPORT" 64
 
 url_of() {
@@ -72,6 +81,7 @@ url_of() {
         gateway-w*) echo "${GATEWAY_URL[${1#gateway-w}]}" ;;
         hyper-relay) echo "$RELAY_URL" ;;
         nginx) echo "$NGINX_URL" ;;
+        nginx-w1) echo "$NGINX_W1_URL" ;;
     esac
 }
 
@@ -82,6 +92,7 @@ proxy_cpu() {
         gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}" ;;
         hyper-relay) cpu_seconds "$RELAY_PID" ;;
         nginx) nginx_cpu_seconds "$NGINX_PID" ;;
+        nginx-w1) nginx_cpu_seconds "$NGINX_W1_PID" ;;
     esac
 }
 
@@ -149,12 +160,13 @@ SECTION="$WORK/section.md"
     echo
     machine_markdown
     echo "- $(nginx_markdown 64)"
+    [ "${NGINX_ONE:-1}" = 1 ] && echo "- nginx, 1 worker: the same nginx with \`worker_processes 1\`, the like-for-like comparison for one serving thread (the targets are judged against the usual one worker per CPU)"
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER (the machine is shared; other builds may have run at the same time). Wall time ${ELAPSED} s."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" loadtest/bench/proxy-overhead.sh"
+    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" NGINX_ONE=${NGINX_ONE:-1} loadtest/bench/proxy-overhead.sh"
     echo '```'
     echo
     python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "$(nproc)" "${PATHS[@]}" <<'PY'
@@ -174,6 +186,8 @@ cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
 def label(path):
     if path == "hyper-relay":
         return "hyper-relay (floor)"
+    if path == "nginx-w1":
+        return "nginx, 1 worker"
     if not path.startswith("gateway-w"):
         return path
     n = int(path[len("gateway-w"):])
@@ -246,6 +260,8 @@ print()
 print("| mode | path | req/s | vs direct | proxy CPU | simulator CPU | load generator CPU | idle | E2E p50 | E2E p99 | failed |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 ratios = {}
+# The same against the one-worker nginx, when it ran.
+ratios_w1 = {}
 cpu_med = {}
 # (mode, path) -> {part: median µs per request}, for the split of the gap to nginx.
 parts = {}
@@ -284,19 +300,29 @@ for mode in modes:
             ratios[(mode, path)] = med([
                 float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
             ])
+    if (mode, "nginx-w1") in parts:
+        for path in paths:
+            if path.startswith("gateway-w") or path == "hyper-relay":
+                ratios_w1[(mode, path)] = med([
+                    float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx-w1")]["rps"])
+                    for r in reps
+                ])
 print()
 for (mode, path), ratio in ratios.items():
     target = f"; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'}" if path == judged else ""
     print(f"- Throughput ratio {label(path)}/nginx, {mode}: **{ratio:.2f}** (median of per-repeat ratios{target})")
+for (mode, path), ratio in ratios_w1.items():
+    print(f"- Throughput ratio {label(path)}/nginx, 1 worker, {mode}: **{ratio:.2f}** (median of per-repeat ratios)")
 for mode in modes:
-    if (mode, judged) in parts and (mode, "nginx") in parts:
-        g, n = parts[(mode, judged)], parts[(mode, "nginx")]
-        split = ", ".join(f"{name} {g[name] - n[name]:+.0f}" for name in PARTS)
-        rest = (g["machine"] - sum(g[k] for k in PARTS)) - (n["machine"] - sum(n[k] for k in PARTS))
-        print(
-            f"- {label(judged)} against nginx, {mode}: {g['machine'] - n['machine']:+.0f} µs of machine time per request "
-            f"({g['machine']:.0f} against {n['machine']:.0f}): {split}, everything else {rest:+.0f}"
-        )
+    for other in ("nginx", "nginx-w1"):
+        if (mode, judged) in parts and (mode, other) in parts:
+            g, n = parts[(mode, judged)], parts[(mode, other)]
+            split = ", ".join(f"{name} {g[name] - n[name]:+.0f}" for name in PARTS)
+            rest = (g["machine"] - sum(g[k] for k in PARTS)) - (n["machine"] - sum(n[k] for k in PARTS))
+            print(
+                f"- {label(judged)} against {label(other)}, {mode}: {g['machine'] - n['machine']:+.0f} µs of machine time per request "
+                f"({g['machine']:.0f} against {n['machine']:.0f}): {split}, everything else {rest:+.0f}"
+            )
 for mode in modes:
     if (mode, judged) in cpu_med and (mode, "hyper-relay") in cpu_med:
         own = cpu_med[(mode, judged)] - cpu_med[(mode, "hyper-relay")]
