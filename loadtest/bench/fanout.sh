@@ -19,7 +19,9 @@
 # Usage: loadtest/bench/fanout.sh
 # Knobs (environment): STREAMS (1000), TOKENS per stream (100, i.e. 5 s at 20 tokens/s),
 # DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open"),
-# WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out.
+# WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out;
+# NGINX_ONE (1): a second nginx with one worker process, the like-for-like reference for one
+# serving thread (0 leaves it out).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -39,7 +41,7 @@ OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / 
 
 ensure_binaries
 raise_fd_limit
-[ "${NGINX:-1}" = 1 ] && require_nginx
+[ "${NGINX:-1}${NGINX_ONE:-1}" != 00 ] && require_nginx
 [ "$(ulimit -n)" -ge $((4 * STREAMS + 100)) ] || {
     echo "need at least $((4 * STREAMS + 100)) open files (ulimit -n is $(ulimit -n))" >&2
     exit 1
@@ -63,7 +65,10 @@ tcp_counter() {
 
 # proxy_cpu PATH PID : CPU seconds used so far by the proxy of a path.
 proxy_cpu() {
-    if [ "$1" = nginx ]; then nginx_cpu_seconds "$2"; else cpu_seconds "$2"; fi
+    case $1 in
+        nginx*) nginx_cpu_seconds "$2" ;;
+        *) cpu_seconds "$2" ;;
+    esac
 }
 
 # run_one REPEAT SCENARIO PATH : one bitnet-loadtest run, one line of $RAW.
@@ -83,6 +88,11 @@ run_one() {
         nginx)
             # As many idle backend connections kept as the gateway may keep.
             start_nginx "nginx-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
+            url=$NGINX_URL
+            proxy_pid=$NGINX_PID
+            ;;
+        nginx-w1)
+            NGINX_WORKER_PROCESSES=1 start_nginx "nginx-w1-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
             url=$NGINX_URL
             proxy_pid=$NGINX_PID
             ;;
@@ -107,7 +117,10 @@ run_one() {
     local hwm=0
     if [ -n "$proxy_pid" ]; then
         proxy_after=$(proxy_cpu "$path" "$proxy_pid")
-        if [ "$path" = nginx ]; then hwm=$(nginx_peak_rss_mib "$proxy_pid"); else hwm=$(peak_rss_mib "$proxy_pid"); fi
+        case $path in
+            nginx*) hwm=$(nginx_peak_rss_mib "$proxy_pid") ;;
+            *) hwm=$(peak_rss_mib "$proxy_pid") ;;
+        esac
         stop_server "$proxy_pid"
     fi
     jq -r --arg r "$repeat" --arg s "$scenario" --arg p "$path" \
@@ -131,6 +144,7 @@ for repeat in $(seq 1 "$REPEATS"); do
         order=(direct)
         for w in "${WORKERS[@]}"; do order+=("gateway-w$w"); done
         [ "${NGINX:-1}" = 1 ] && order+=(nginx)
+        [ "${NGINX_ONE:-1}" = 1 ] && order+=(nginx-w1)
         if [ $((repeat % 2)) = 0 ]; then
             # Every other repeat in reverse, so that no path always runs first.
             for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
@@ -157,11 +171,12 @@ SECTION="$WORK/section.md"
     echo "- *closed*: $STREAMS workers back to back, started together, so tokens come in bursts of ~$STREAMS every $((1000 / DECODE_RATE)) ms. *open*: Poisson arrivals at $OPEN_RATE streams/s, ~$STREAMS in flight after the first ${STREAM_SECS} s."
     echo "- The load generator, the simulator and the proxy share the machine's $(nproc) CPUs; their CPU use is shown so that the proxy's share can be judged."
     [ "${NGINX:-1}" = 1 ] && echo "- $(nginx_markdown "$SLOTS"). nginx's peak RSS is its master's and workers' added up."
+    [ "${NGINX_ONE:-1}" = 1 ] && echo "- nginx, 1 worker: the same nginx with \`worker_processes 1\`, the like-for-like reference for one serving thread."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1} loadtest/bench/fanout.sh"
     echo '```'
     echo
     python3 - "$RAW" <<'PY'
@@ -177,12 +192,14 @@ for r in rows:
         scenarios.append(r["scenario"])
 cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
 gateways = sorted({r["path"] for r in rows if r["path"].startswith("gateway-w")}, key=lambda p: int(p[len("gateway-w"):]))
-paths = ["direct"] + gateways + (["nginx"] if any(r["path"] == "nginx" for r in rows) else [])
+paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1") if any(r["path"] == n for r in rows)]
 
 
 def label(p):
     if p in ("direct", "nginx"):
         return p
+    if p == "nginx-w1":
+        return "nginx, 1 worker"
     n = int(p[len("gateway-w"):])
     return f"gateway, {n} thread{'s' if n > 1 else ''}"
 
@@ -250,6 +267,8 @@ for s in scenarios:
         line = f"- {s}, {label(p)}: peak RSS, largest of the repeats: **{hwm:.1f} MiB** (target ≤ 100 MB: {'met' if hwm * 1.048576 <= 100 else 'not met'}); added ITL p99: **{a99:+.2f} ms** (target ≤ 1 ms: {'met' if a99 <= 1 else 'not met'})"
         if col(s, "nginx", "itl_p99"):
             line += f"; nginx in the same repeats: {med(paired(s, 'nginx', 'itl_p99')) / 1000:+.2f} ms"
+        if col(s, "nginx-w1", "itl_p99"):
+            line += f"; nginx with 1 worker: {med(paired(s, 'nginx-w1', 'itl_p99')) / 1000:+.2f} ms"
         print(line)
 PY
 } >"$SECTION"
