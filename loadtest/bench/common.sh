@@ -268,12 +268,11 @@ CONF
     wait_ready "$NGINX_URL/health" || { cat "$dir/error.log" >&2; return 1; }
 }
 
-# nginx_markdown KEEPALIVE [WORKERS] : a markdown line describing the nginx that start_nginx
-# runs (WORKERS worker processes; one per CPU if not given).
+# A markdown line describing the nginx that start_nginx runs.
 nginx_markdown() {
     # shellcheck disable=SC2016 # the backticks are Markdown, not a command
     printf 'nginx: %s, %s worker processes, upstream `keepalive %s`, HTTP/1.1, `proxy_buffering off`, access log on (as the gateway'"'"'s), listening on a socket the script bound to 127.0.0.1 port 0 and handed over' \
-        "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "${2:-$(nproc)}" "$1"
+        "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
 }
 
 # nginx_total FUNCTION PID : FUNCTION (cpu_seconds or peak_rss_mib) of nginx's master PID

@@ -85,14 +85,12 @@ run_one() {
             proxy_pid=$SERVER_PID
             wait_ready "$url/health"
             ;;
-        nginx)
+        nginx | nginx-w1)
+            local workers
+            workers=$(nproc)
+            [ "$path" = nginx-w1 ] && workers=1
             # As many idle backend connections kept as the gateway may keep.
-            start_nginx "nginx-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
-            url=$NGINX_URL
-            proxy_pid=$NGINX_PID
-            ;;
-        nginx-w1)
-            NGINX_WORKER_PROCESSES=1 start_nginx "nginx-w1-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
+            NGINX_WORKER_PROCESSES=$workers start_nginx "$path-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
             url=$NGINX_URL
             proxy_pid=$NGINX_PID
             ;;

@@ -263,6 +263,15 @@ ratios = {}
 # The same against the one-worker nginx, when it ran.
 ratios_w1 = {}
 cpu_med = {}
+
+
+def throughput_ratio(mode, path, reference):
+    """Median over repeats of path's closed-loop throughput over reference's."""
+    return med([
+        float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", reference)]["rps"]) for r in reps
+    ])
+
+
 # (mode, path) -> {part: median µs per request}, for the split of the gap to nginx.
 parts = {}
 PARTS = {"proxy": "proxy_cpu_s", "simulator": "sim_cpu_s", "load generator": "loadgen_cpu_s", "idle": "idle_s"}
@@ -297,16 +306,9 @@ for mode in modes:
         )
     for path in paths:
         if path.startswith("gateway-w") or path == "hyper-relay":
-            ratios[(mode, path)] = med([
-                float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx")]["rps"]) for r in reps
-            ])
-    if (mode, "nginx-w1") in parts:
-        for path in paths:
-            if path.startswith("gateway-w") or path == "hyper-relay":
-                ratios_w1[(mode, path)] = med([
-                    float(cell[(r, mode, "max", path)]["rps"]) / float(cell[(r, mode, "max", "nginx-w1")]["rps"])
-                    for r in reps
-                ])
+            ratios[(mode, path)] = throughput_ratio(mode, path, "nginx")
+            if (mode, "nginx-w1") in parts:
+                ratios_w1[(mode, path)] = throughput_ratio(mode, path, "nginx-w1")
 print()
 for (mode, path), ratio in ratios.items():
     target = f"; target ≥ 1.0: {'met' if ratio >= 1.0 else 'not met'}" if path == judged else ""
