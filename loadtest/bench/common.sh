@@ -64,6 +64,28 @@ ensure_binaries() {
         cp "$BIN/$b" "$WORK/bin/$b"
     done
     BIN="$WORK/bin"
+    if [ -n "${CANDIDATE:-}" ]; then
+        [ -x "$CANDIDATE" ] || {
+            echo "CANDIDATE=$CANDIDATE is not an executable file" >&2
+            exit 1
+        }
+        CANDIDATE_BUILT_AT=$(date -u -r "$CANDIDATE" '+%Y-%m-%d %H:%M UTC')
+        cp "$CANDIDATE" "$BIN/candidate-gateway"
+    fi
+}
+
+# CANDIDATE=FILE names a second bitnet-gateway binary, e.g. one built with a change under
+# trial. proxy-overhead.sh and fanout.sh then run it beside the checkout's gateway, with the
+# same WORKERS, as paths named candidate-wN, so that the change is judged against the code it
+# would replace within one run, under the same machine noise. Such a run is an experiment:
+# BENCHMARKS.md is left alone and the section goes to target/bench-NAME-candidate.md.
+#
+# gateway_binary PATH : the binary a gateway path (gateway-wN or candidate-wN) runs.
+gateway_binary() {
+    case $1 in
+        candidate-w*) echo "$BIN/candidate-gateway" ;;
+        *) echo "$BIN/bitnet-gateway" ;;
+    esac
 }
 
 # start_server NAME CMD... : starts CMD in the background with its stdout in $WORK/NAME.out
@@ -154,6 +176,10 @@ machine_markdown() {
     printf -- '- Code: release binaries built %s; the checkout was at commit %s%s when this section was written\n' \
         "${BUILT_AT:-at an unknown time}" "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
         "$(git -C "$ROOT" diff --quiet HEAD -- gateway loadtest 2>/dev/null || echo ', with uncommitted changes in gateway/ or loadtest/')"
+    if [ -n "${CANDIDATE:-}" ]; then
+        # shellcheck disable=SC2016 # the backticks are Markdown, not a command
+        printf -- '- Candidate: `%s`, built %s, run beside the gateway as *candidate*\n' "$CANDIDATE" "$CANDIDATE_BUILT_AT"
+    fi
 }
 
 # write_section NAME FILE : puts FILE between the NAME markers of BENCHMARKS.md, replacing
@@ -161,6 +187,12 @@ machine_markdown() {
 write_section() {
     local name=$1 file=$2
     local begin="<!-- bench:$name:begin -->" end="<!-- bench:$name:end -->"
+    if [ -n "${CANDIDATE:-}" ]; then
+        mkdir -p "$ROOT/target"
+        cp "$file" "$ROOT/target/bench-$name-candidate.md"
+        log "CANDIDATE is set: $BENCHMARKS_MD left alone, section written to target/bench-$name-candidate.md"
+        return
+    fi
     [ -f "$BENCHMARKS_MD" ] || printf '# Benchmarks\n' >"$BENCHMARKS_MD"
     python3 - "$BENCHMARKS_MD" "$file" "$begin" "$end" <<'PY'
 import sys

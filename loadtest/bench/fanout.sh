@@ -21,7 +21,8 @@
 # DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open"),
 # WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out;
 # NGINX_ONE (1): a second nginx with one worker process, the like-for-like reference for one
-# serving thread (0 leaves it out).
+# serving thread (0 leaves it out); CANDIDATE: a second gateway binary to run beside the first
+# (see common.sh).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -76,11 +77,11 @@ run_one() {
     local repeat=$1 scenario=$2 path=$3
     local json="$WORK/r$repeat-$scenario-$path.json" url="$SIM_URL" proxy_pid="" load=()
     # A fresh proxy per run, so that its peak RSS belongs to this run alone. Gateway paths
-    # are named gateway-wN: N serving threads.
+    # are named gateway-wN or candidate-wN: N serving threads.
     case $path in
-        gateway-w*)
-            start_server "$path-$repeat-$scenario" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 \
-                --workers "${path#gateway-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+        gateway-w* | candidate-w*)
+            start_server "$path-$repeat-$scenario" "$(gateway_binary "$path")" --listen 127.0.0.1:0 \
+                --workers "${path##*-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
             url=$SERVER_URL
             proxy_pid=$SERVER_PID
             wait_ready "$url/health"
@@ -140,7 +141,10 @@ STARTED=$(date +%s)
 for repeat in $(seq 1 "$REPEATS"); do
     for scenario in "${SCENARIOS[@]}"; do
         order=(direct)
-        for w in "${WORKERS[@]}"; do order+=("gateway-w$w"); done
+        for w in "${WORKERS[@]}"; do
+            order+=("gateway-w$w")
+            [ -n "${CANDIDATE:-}" ] && order+=("candidate-w$w")
+        done
         [ "${NGINX:-1}" = 1 ] && order+=(nginx)
         [ "${NGINX_ONE:-1}" = 1 ] && order+=(nginx-w1)
         if [ $((repeat % 2)) = 0 ]; then
@@ -174,7 +178,7 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1} loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1}${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/fanout.sh"
     echo '```'
     echo
     python3 - "$RAW" <<'PY'
@@ -189,7 +193,11 @@ for r in rows:
     if r["scenario"] not in scenarios:
         scenarios.append(r["scenario"])
 cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
-gateways = sorted({r["path"] for r in rows if r["path"].startswith("gateway-w")}, key=lambda p: int(p[len("gateway-w"):]))
+# gateway-wN and candidate-wN: N serving threads, of the checkout's gateway or of CANDIDATE.
+gateways = sorted(
+    {r["path"] for r in rows if r["path"].startswith(("gateway-w", "candidate-w"))},
+    key=lambda p: (int(p.rsplit("-w", 1)[1]), p.startswith("candidate")),
+)
 paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1") if any(r["path"] == n for r in rows)]
 
 
@@ -198,8 +206,8 @@ def label(p):
         return p
     if p == "nginx-w1":
         return "nginx, 1 worker"
-    n = int(p[len("gateway-w"):])
-    return f"gateway, {n} thread{'s' if n > 1 else ''}"
+    kind, n = p.rsplit("-w", 1)
+    return f"{kind}, {n} thread{'s' if int(n) > 1 else ''}"
 
 
 def med(values):
@@ -268,6 +276,22 @@ for s in scenarios:
         if col(s, "nginx-w1", "itl_p99"):
             line += f"; nginx with 1 worker: {med(paired(s, 'nginx-w1', 'itl_p99')) / 1000:+.2f} ms"
         print(line)
+for s in scenarios:
+    for p in gateways:
+        base = p.replace("candidate-w", "gateway-w")
+        if p == base:
+            continue
+        # Paired within each repeat: the candidate's ITL p99 less the gateway's.
+        diff = [
+            float(cell[(r, s, p)]["itl_p99"]) - float(cell[(r, s, base)]["itl_p99"])
+            for r in reps
+            if (r, s, p) in cell and (r, s, base) in cell
+        ]
+        if diff:
+            print(
+                f"- {s}, {label(p)} against {label(base)}: ITL p99 {med(diff) / 1000:+.2f} ms "
+                f"(per repeat: {', '.join(f'{d / 1000:+.2f}' for d in diff)})"
+            )
 PY
 } >"$SECTION"
 write_section fanout "$SECTION"

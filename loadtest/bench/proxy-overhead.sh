@@ -18,8 +18,9 @@
 # gateway per number of serving threads, side by side; the first is the one the targets
 # judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay out; NGINX_ONE (1): a
 # second nginx with one worker process beside the usual one-per-CPU, the like-for-like
-# comparison for one serving thread (0 leaves it out). The targets are judged against nginx's
-# usual setting.
+# comparison for one serving thread (0 leaves it out); CANDIDATE: a second gateway binary to
+# run beside the first, with the same WORKERS (see common.sh). The targets are judged against
+# nginx's usual setting.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -30,7 +31,10 @@ CONCURRENCY=${CONCURRENCY:-64}
 TPUT_DURATION=${TPUT_DURATION:-5}
 read -r -a WORKERS <<<"${WORKERS:-1 2}"
 PATHS=(direct)
-for w in "${WORKERS[@]}"; do PATHS+=("gateway-w$w"); done
+for w in "${WORKERS[@]}"; do
+    PATHS+=("gateway-w$w")
+    [ -n "${CANDIDATE:-}" ] && PATHS+=("candidate-w$w")
+done
 [ "${RELAY:-1}" = 1 ] && PATHS+=(hyper-relay)
 PATHS+=(nginx)
 [ "${NGINX_ONE:-1}" = 1 ] && PATHS+=(nginx-w1)
@@ -58,16 +62,21 @@ if [ "${RELAY:-1}" = 1 ]; then
     RELAY_PID=$SERVER_PID
 fi
 
+# Keyed by path: gateway-wN or candidate-wN, N serving threads.
 declare -A GATEWAY_URL GATEWAY_PID
-for w in "${WORKERS[@]}"; do
-    start_server "gateway-w$w" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --workers "$w" \
-        --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
-    GATEWAY_URL[$w]=$SERVER_URL
-    GATEWAY_PID[$w]=$SERVER_PID
+for path in "${PATHS[@]}"; do
+    case $path in
+        gateway-w* | candidate-w*)
+            start_server "$path" "$(gateway_binary "$path")" --listen 127.0.0.1:0 \
+                --workers "${path##*-w}" --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+            GATEWAY_URL[$path]=$SERVER_URL
+            GATEWAY_PID[$path]=$SERVER_PID
+            ;;
+    esac
 done
 
 wait_ready "$SIM_URL/health"
-for w in "${WORKERS[@]}"; do wait_ready "${GATEWAY_URL[$w]}/health"; done
+for url in "${GATEWAY_URL[@]}"; do wait_ready "$url/health"; done
 if [ "${NGINX_ONE:-1}" = 1 ]; then
     NGINX_WORKER_PROCESSES=1 start_nginx nginx-w1 "$SIM_HOSTPORT" 64
     NGINX_W1_URL=$NGINX_URL
@@ -78,7 +87,7 @@ start_nginx nginx "$SIM_HOSTPORT" 64
 url_of() {
     case $1 in
         direct) echo "$SIM_URL" ;;
-        gateway-w*) echo "${GATEWAY_URL[${1#gateway-w}]}" ;;
+        gateway-w* | candidate-w*) echo "${GATEWAY_URL[$1]}" ;;
         hyper-relay) echo "$RELAY_URL" ;;
         nginx) echo "$NGINX_URL" ;;
         nginx-w1) echo "$NGINX_W1_URL" ;;
@@ -89,7 +98,7 @@ url_of() {
 proxy_cpu() {
     case $1 in
         direct) echo 0 ;;
-        gateway-w*) cpu_seconds "${GATEWAY_PID[${1#gateway-w}]}" ;;
+        gateway-w* | candidate-w*) cpu_seconds "${GATEWAY_PID[$1]}" ;;
         hyper-relay) cpu_seconds "$RELAY_PID" ;;
         nginx) nginx_cpu_seconds "$NGINX_PID" ;;
         nginx-w1) nginx_cpu_seconds "$NGINX_W1_PID" ;;
@@ -166,7 +175,7 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" NGINX_ONE=${NGINX_ONE:-1} loadtest/bench/proxy-overhead.sh"
+    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" NGINX_ONE=${NGINX_ONE:-1}${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/proxy-overhead.sh"
     echo '```'
     echo
     python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "$(nproc)" "${PATHS[@]}" <<'PY'
@@ -179,6 +188,13 @@ raw, repeats, concurrency, cpus = sys.argv[1], sys.argv[2], sys.argv[3], int(sys
 paths = sys.argv[5:]
 # The first gateway is the one the targets judge; the others are shown beside it.
 judged = next(p for p in paths if p.startswith("gateway-w"))
+
+
+def is_gateway(path):
+    """gateway-wN and candidate-wN: N serving threads, of the checkout's gateway or of CANDIDATE."""
+    return path.startswith(("gateway-w", "candidate-w"))
+
+
 rows = list(csv.DictReader(open(raw), delimiter="\t"))
 cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
 
@@ -188,10 +204,10 @@ def label(path):
         return "hyper-relay (floor)"
     if path == "nginx-w1":
         return "nginx, 1 worker"
-    if not path.startswith("gateway-w"):
+    if not is_gateway(path):
         return path
-    n = int(path[len("gateway-w"):])
-    return f"gateway, {n} thread{'s' if n > 1 else ''}"
+    kind, n = path.rsplit("-w", 1)
+    return f"{kind}, {n} thread{'s' if int(n) > 1 else ''}"
 modes = sorted({r["mode"] for r in rows}, key=["plain", "stream"].index)
 loads = []
 for r in rows:
@@ -305,7 +321,7 @@ for mode in modes:
             f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
         )
     for path in paths:
-        if path.startswith("gateway-w") or path == "hyper-relay":
+        if is_gateway(path) or path == "hyper-relay":
             ratios[(mode, path)] = throughput_ratio(mode, path, "nginx")
             if (mode, "nginx-w1") in parts:
                 ratios_w1[(mode, path)] = throughput_ratio(mode, path, "nginx-w1")
@@ -332,10 +348,25 @@ for mode in modes:
 for mode in modes:
     load = "rate=1000"
     for path in paths:
-        if path.startswith("gateway-w") and series(mode, load, path, "e2e_p99"):
+        if is_gateway(path) and series(mode, load, path, "e2e_p99"):
             a = med(paired(mode, load, path, "e2e_p99")) / 1000
             target = f" (target ≤ 0.3 ms: {'met' if a <= 0.3 else 'not met'})" if path == judged else ""
             print(f"- {label(path)}: added E2E p99 at 1,000 req/s, {mode}: **{a:+.2f} ms**{target}")
+for mode in modes:
+    for path in paths:
+        base = path.replace("candidate-w", "gateway-w")
+        if path == base or base not in paths:
+            continue
+        # Paired within each repeat, against the checkout's gateway with as many threads.
+        p99 = [
+            float(cell[(r, mode, "rate=1000", path)]["e2e_p99"]) - float(cell[(r, mode, "rate=1000", base)]["e2e_p99"])
+            for r in reps
+            if (r, mode, "rate=1000", path) in cell and (r, mode, "rate=1000", base) in cell
+        ]
+        print(
+            f"- {label(path)} against {label(base)}, {mode}: throughput ratio **{throughput_ratio(mode, path, base):.2f}**, "
+            f"E2E p99 at 1,000 req/s {med(p99) / 1000:+.2f} ms"
+        )
 PY
 } >"$SECTION"
 write_section proxy-overhead "$SECTION"
