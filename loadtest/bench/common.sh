@@ -155,6 +155,13 @@ machine_idle_steal_seconds() {
     awk -v hz="$(getconf CLK_TCK)" '/^cpu / { printf "%.3f %.3f\n", ($5 + $6) / hz, $9 / hz }' /proc/stat
 }
 
+# Seconds the threads of a process have spent runnable but waiting for a CPU, summed over
+# its threads since each started (the second field of /proc/PID/task/TID/schedstat). Over a
+# run it tells a proxy that waited its turn on a shared CPU from one that was slow at its work.
+runq_wait_seconds() {
+    cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $2 } END { printf "%.3f\n", s / 1e9 }'
+}
+
 # The peak resident set size of a process, in MiB.
 peak_rss_mib() {
     awk '/^VmHWM:/ { printf "%.1f\n", $2 / 1024 }' "/proc/$1/status"
@@ -307,7 +314,7 @@ nginx_markdown() {
         "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
 }
 
-# nginx_total FUNCTION PID : FUNCTION (cpu_seconds or peak_rss_mib) of nginx's master PID
+# nginx_total FUNCTION PID : FUNCTION (cpu_seconds, runq_wait_seconds or peak_rss_mib) of nginx's master PID
 # and of each of its workers, added up.
 nginx_total() {
     local fn=$1 pid total=0
@@ -319,6 +326,9 @@ nginx_total() {
 
 # CPU seconds used so far by nginx: its master and workers.
 nginx_cpu_seconds() { nginx_total cpu_seconds "$1"; }
+
+# Seconds nginx's master and workers have waited for a CPU while runnable.
+nginx_runq_wait_seconds() { nginx_total runq_wait_seconds "$1"; }
 
 # The peak resident set sizes of nginx's master and workers, added up, in MiB. Pages the
 # processes share are counted once per process, so this is an upper bound.

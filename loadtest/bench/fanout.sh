@@ -9,8 +9,9 @@
 #     50 ms: the harshest case for inter-token latency.
 #   - open: streams arrive at Poisson times at STREAMS / (stream length) per second, which
 #     holds about STREAMS streams in flight (Little's law) with tokens spread over time.
-# Reports the gateway's CPU time and peak RSS (VmHWM) per run, and the inter-token latency
-# (ITL) the gateway adds: ITL p50/p99 through the gateway minus direct, same load. With
+# Reports the gateway's CPU time, the time it waited for a CPU while runnable (schedstat) and
+# its peak RSS (VmHWM) per run, and the inter-token latency (ITL) the gateway adds: ITL
+# p50/p99 through the gateway minus direct, same load. With
 # several WORKERS values, a gateway with each number of serving threads runs in every repeat,
 # side by side. nginx runs beside them as a reference (one worker process per CPU, no
 # response buffering): what a lean C proxy adds to the same bursts shows how much of the
@@ -56,7 +57,7 @@ SIM_HOSTPORT=${SIM_URL#http://}
 wait_ready "$SIM_URL/health"
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tproxy_cpu_s\tproxy_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\ttokens\n' >"$RAW"
+printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tproxy_cpu_s\tproxy_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\ttokens\tproxy_runq_s\n' >"$RAW"
 
 # A machine-wide TCP counter from /proc/net/netstat. A burst of connects that overflows a
 # listen backlog costs the dropped ones a 1 s SYN retransmission, which shows in TTFT.
@@ -69,6 +70,14 @@ proxy_cpu() {
     case $1 in
         nginx*) nginx_cpu_seconds "$2" ;;
         *) cpu_seconds "$2" ;;
+    esac
+}
+
+# proxy_runq PATH PID : seconds the proxy of a path has so far waited for a CPU while runnable.
+proxy_runq() {
+    case $1 in
+        nginx*) nginx_runq_wait_seconds "$2" ;;
+        *) runq_wait_seconds "$2" ;;
     esac
 }
 
@@ -100,8 +109,11 @@ run_one() {
         closed) load=(--concurrency "$STREAMS") ;;
         open) load=(--rate "$OPEN_RATE") ;;
     esac
-    local proxy_before=0 proxy_after=0 sim_before sim_after
-    [ -n "$proxy_pid" ] && proxy_before=$(proxy_cpu "$path" "$proxy_pid")
+    local proxy_before=0 proxy_after=0 runq_before=0 runq_after=0 sim_before sim_after
+    if [ -n "$proxy_pid" ]; then
+        proxy_before=$(proxy_cpu "$path" "$proxy_pid")
+        runq_before=$(proxy_runq "$path" "$proxy_pid")
+    fi
     sim_before=$(cpu_seconds "$SIM_PID")
     local t0 t1 ovf_before syn_before
     ovf_before=$(tcp_counter ListenOverflows)
@@ -116,6 +128,7 @@ run_one() {
     local hwm=0
     if [ -n "$proxy_pid" ]; then
         proxy_after=$(proxy_cpu "$path" "$proxy_pid")
+        runq_after=$(proxy_runq "$path" "$proxy_pid")
         case $path in
             nginx*) hwm=$(nginx_peak_rss_mib "$proxy_pid") ;;
             *) hwm=$(peak_rss_mib "$proxy_pid") ;;
@@ -129,9 +142,10 @@ run_one() {
         --arg lcpu "$(awk '{ printf "%.2f", $1 + $2 }' "$json.time")" \
         --arg ovf "$(($(tcp_counter ListenOverflows) - ovf_before))" \
         --arg syn "$(($(tcp_counter TCPSynRetrans) - syn_before))" \
+        --arg runq "$(awk -v a="$runq_before" -v b="$runq_after" 'BEGIN { printf "%.3f", b - a }')" \
         '.summary | [$r, $s, $p, .ttft_us.p50, .ttft_us.p99, .itl_us.p50, .itl_us.p99, .itl_us.max,
           .succeeded, .failed + .dropped_arrivals, $wall, $gcpu, $hwm, $scpu, $lcpu, $ovf, $syn,
-          .completion_tokens] | @tsv' \
+          .completion_tokens, $runq] | @tsv' \
         "$json" >>"$RAW"
     log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
 }
@@ -247,10 +261,12 @@ for s in scenarios:
         )
 print()
 print("CPU time is user + system seconds, and wall time is seconds, over the whole run: arrivals plus the streams still running after them.")
-print("*Proxy µs per token* is the proxy's CPU time divided by the tokens the streams received.")
+print("*Proxy µs per token* is the proxy's CPU time divided by the tokens the streams received. *Proxy waiting for a CPU*")
+print("is the time its threads (nginx: its processes) spent runnable but not running, from the kernel's schedstat, in")
+print("µs per token: the part of its delay that was waiting its turn on the shared CPUs rather than its own work.")
 print()
-print("| arrivals | path | wall s | proxy CPU s | proxy CPU % of one core | proxy µs per token | proxy peak RSS MiB | simulator CPU s | load generator CPU s |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| arrivals | path | wall s | proxy CPU s | proxy CPU % of one core | proxy µs per token | proxy waiting for a CPU, µs per token | proxy peak RSS MiB | simulator CPU s | load generator CPU s |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for s in scenarios:
     for p in paths:
         if not col(s, p, "wall_s"):
@@ -259,9 +275,10 @@ for s in scenarios:
         if p != "direct":
             share = med([c / w * 100 for c, w in zip(col(s, p, "proxy_cpu_s"), col(s, p, "wall_s"))])
             per_token = med([c / t * 1e6 for c, t in zip(col(s, p, "proxy_cpu_s"), col(s, p, "tokens")) if t > 0])
-            gw = f"{med(col(s, p, 'proxy_cpu_s')):.2f} | {share:.0f} % | {per_token:.1f} | {med(col(s, p, 'proxy_hwm_mib')):.1f}"
+            waiting = med([q / t * 1e6 for q, t in zip(col(s, p, "proxy_runq_s"), col(s, p, "tokens")) if t > 0])
+            gw = f"{med(col(s, p, 'proxy_cpu_s')):.2f} | {share:.0f} % | {per_token:.1f} | {waiting:.1f} | {med(col(s, p, 'proxy_hwm_mib')):.1f}"
         else:
-            gw = "— | — | — | —"
+            gw = "— | — | — | — | —"
         print(f"| {s} | {label(p)} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
 print()
 for s in scenarios:
