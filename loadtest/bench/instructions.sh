@@ -13,11 +13,16 @@
 # proxy runs again, natively, under `strace -c` for the same number of requests: the system
 # calls per request, the kernel's share of the work, which callgrind does not see.
 #
+# The third mode, `paced`, asks a second llama-sim that generates 20 tokens a second, as in
+# fanout.sh, so that each token reaches the proxy on a read of its own: the cost of relaying
+# one token, which the zero-latency streams (their tokens arriving together) do not show.
+#
 # Usage: loadtest/bench/instructions.sh
 # Knobs (environment): REQUESTS counted per run (2000), WARMUP requests before counting
-# (200), CONCURRENCY (8), REPEATS (3), MODES ("plain stream"), STRACE (1; 0 leaves the
-# system-call count out), NGINX (1; 0 leaves nginx out). Needs valgrind (with
-# callgrind_control), jq, nginx unless NGINX=0, and strace unless STRACE=0.
+# (200), CONCURRENCY (8), REPEATS (3), MODES ("plain stream paced"), STRACE (1; 0 leaves the system-call count out), NGINX (1; 0 leaves nginx out);
+# for `paced`: PACED_STREAMS in flight (20), PACED_TOKENS per stream (20), PACED_REQUESTS
+# counted (100) and PACED_WARMUP (20). Needs valgrind (with callgrind_control), jq, nginx
+# unless NGINX=0, and strace unless STRACE=0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -25,7 +30,22 @@ REQUESTS=${REQUESTS:-2000}
 WARMUP=${WARMUP:-200}
 CONCURRENCY=${CONCURRENCY:-8}
 REPEATS=${REPEATS:-3}
-read -r -a MODES <<<"${MODES:-plain stream}"
+read -r -a MODES <<<"${MODES:-plain stream paced}"
+PACED_STREAMS=${PACED_STREAMS:-20}
+PACED_TOKENS=${PACED_TOKENS:-20}
+PACED_REQUESTS=${PACED_REQUESTS:-100}
+PACED_WARMUP=${PACED_WARMUP:-20}
+# Tokens a second per stream in the `paced` mode: the fan-out benchmark's rate.
+PACED_RATE=20
+for mode in "${MODES[@]}"; do
+    case $mode in
+        plain | stream | paced) ;;
+        *)
+            echo "unknown mode '$mode' in MODES (plain, stream, paced)" >&2
+            exit 1
+            ;;
+    esac
+done
 STRACE=${STRACE:-1}
 PROXIES=(gateway hyper-relay)
 if [ "${NGINX:-1}" = 1 ]; then
@@ -57,21 +77,34 @@ STARTED=$(date +%s)
 start_server sim "$BIN/llama-sim" --port 0 --zero-latency --alias "$MODEL" --slots "$SLOTS"
 SIM_URL=$SERVER_URL
 wait_ready "$SIM_URL/health"
+PACED_SIM_URL=""
+if [[ " ${MODES[*]} " == *" paced "* ]]; then
+    # Prompt evaluation near instant, so that only the pace of the tokens differs.
+    start_server sim-paced "$BIN/llama-sim" --port 0 --alias "$MODEL" --slots "$SLOTS" \
+        --decode-rate "$PACED_RATE" --prefill-rate 1000000
+    PACED_SIM_URL=$SERVER_URL
+    wait_ready "$PACED_SIM_URL/health"
+fi
 
-# start_proxy PROXY NAME WRAPPER... : starts PROXY in front of the simulator under WRAPPER
-# (a command prefix) and sets PROXY_PID, PROXY_URL and WORKER_PID (the process that
-# proxies; nginx runs with one worker).
+# The simulator, the requests counted and the warm-up of a mode.
+upstream_of() { if [ "$1" = paced ]; then echo "$PACED_SIM_URL"; else echo "$SIM_URL"; fi; }
+requests_of() { if [ "$1" = paced ]; then echo "$PACED_REQUESTS"; else echo "$REQUESTS"; fi; }
+warmup_of() { if [ "$1" = paced ]; then echo "$PACED_WARMUP"; else echo "$WARMUP"; fi; }
+
+# start_proxy PROXY NAME UPSTREAM WRAPPER... : starts PROXY in front of the simulator at
+# UPSTREAM under WRAPPER (a command prefix) and sets PROXY_PID, PROXY_URL and WORKER_PID (the
+# process that proxies; nginx runs with one worker).
 start_proxy() {
-    local proxy=$1 name=$2
-    shift 2
+    local proxy=$1 name=$2 upstream=$3
+    shift 3
     case $proxy in
     gateway)
         start_server "$name" "$@" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --workers 1 \
-            --model "$MODEL" --backend "$SIM_URL#slots=$SLOTS"
+            --model "$MODEL" --backend "$upstream#slots=$SLOTS"
         ;;
-    hyper-relay) start_server "$name" "$@" "$BIN/hyper-relay" "${SIM_URL#http://}" ;;
+    hyper-relay) start_server "$name" "$@" "$BIN/hyper-relay" "${upstream#http://}" ;;
     nginx)
-        start_nginx "$name" "${SIM_URL#http://}" 64 "$@"
+        start_nginx "$name" "${upstream#http://}" 64 "$@"
         SERVER_PID=$NGINX_PID
         SERVER_URL=$NGINX_URL
         ;;
@@ -89,10 +122,13 @@ start_proxy() {
 
 # load URL MODE COUNT OUT : COUNT requests at CONCURRENCY; fails unless every one got a 200.
 load() {
-    local url=$1 mode=$2 count=$3 out=$4 stream=()
-    [ "$mode" = stream ] && stream=(--stream)
-    "$BIN/bitnet-loadtest" --url "$url" --model "$MODEL" --concurrency "$CONCURRENCY" \
-        --requests "$count" "${stream[@]}" --json "$out" -q >"$out.txt" 2>"$out.err" || {
+    local url=$1 mode=$2 count=$3 out=$4 args=(--concurrency "$CONCURRENCY")
+    case $mode in
+        stream) args+=(--stream) ;;
+        paced) args=(--concurrency "$PACED_STREAMS" --stream --max-tokens "$PACED_TOKENS") ;;
+    esac
+    "$BIN/bitnet-loadtest" --url "$url" --model "$MODEL" --requests "$count" "${args[@]}" \
+        --json "$out" -q >"$out.txt" 2>"$out.err" || {
         cat "$out.err" >&2
         return 1
     }
@@ -122,8 +158,9 @@ wait_for_totals() {
 counted() {
     local proxy=$1 repeat=$2 mode=$3 count=$4
     local out="$WORK/cg.$repeat.$mode.$proxy.$count"
-    start_proxy "$proxy" "$proxy-cg-$repeat-$mode-$count" valgrind --tool=callgrind --callgrind-out-file="$out.%p"
-    load "$PROXY_URL" "$mode" "$WARMUP" "$WORK/warm.json"
+    start_proxy "$proxy" "$proxy-cg-$repeat-$mode-$count" "$(upstream_of "$mode")" \
+        valgrind --tool=callgrind --callgrind-out-file="$out.%p"
+    load "$PROXY_URL" "$mode" "$(warmup_of "$mode")" "$WORK/warm.json"
     if [ "$proxy" = nginx ]; then
         # callgrind_control cannot reach a process forked under valgrind, so nginx's worker
         # is counted whole, from its start to its exit; the caller subtracts a run with no
@@ -144,43 +181,45 @@ counted() {
 }
 
 RAW="$WORK/raw.tsv"
-printf 'repeat\tmode\tproxy\tinstructions\n' >"$RAW"
+printf 'repeat\tmode\tproxy\tinstructions\trequests\n' >"$RAW"
 for repeat in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
+        count=$(requests_of "$mode")
         for proxy in "${PROXIES[@]}"; do
-            counted "$proxy" "$repeat" "$mode" "$REQUESTS"
+            counted "$proxy" "$repeat" "$mode" "$count"
             total=$COUNTED
             if [ "$proxy" = nginx ]; then
                 counted "$proxy" "$repeat" "$mode" 0
                 total=$((total - COUNTED))
             fi
-            printf '%s\t%s\t%s\t%s\n' "$repeat" "$mode" "$proxy" "$total" >>"$RAW"
-            log "repeat $repeat, $mode, $proxy: $((total / REQUESTS)) instructions per request"
+            printf '%s\t%s\t%s\t%s\t%s\n' "$repeat" "$mode" "$proxy" "$total" "$count" >>"$RAW"
+            log "repeat $repeat, $mode, $proxy: $((total / count)) instructions per request"
         done
     done
 done
 
 SYSCALLS="$WORK/syscalls.tsv"
-printf 'mode\tproxy\tsyscall\tcalls\n' >"$SYSCALLS"
+printf 'mode\tproxy\tsyscall\tcalls\trequests\n' >"$SYSCALLS"
 if [ "$STRACE" = 1 ]; then
     for mode in "${MODES[@]}"; do
         for proxy in "${PROXIES[@]}"; do
             # `env` as the wrapper only gives nginx one worker, as under valgrind.
-            start_proxy "$proxy" "$proxy-native-$mode" env
+            start_proxy "$proxy" "$proxy-native-$mode" "$(upstream_of "$mode")" env
             pid=$PROXY_PID
             url=$PROXY_URL
-            load "$url" "$mode" "$WARMUP" "$WORK/warm.json"
+            count=$(requests_of "$mode")
+            load "$url" "$mode" "$(warmup_of "$mode")" "$WORK/warm.json"
             strace -c -f -p "$WORKER_PID" -o "$WORK/strace.$mode.$proxy" 2>/dev/null &
             tracer=$!
             CHILD_PIDS+=("$tracer")
             # strace attaches to each thread in turn; give it time before counting starts.
             sleep 1
-            load "$url" "$mode" "$REQUESTS" "$WORK/run.json"
+            load "$url" "$mode" "$count" "$WORK/run.json"
             kill -INT "$tracer"
             wait "$tracer" 2>/dev/null || true
             stop_server "$pid"
-            awk -v m="$mode" -v p="$proxy" \
-                '$NF ~ /^[a-z_0-9]+$/ && $NF != "total" && $4 ~ /^[0-9]+$/ { print m "\t" p "\t" $NF "\t" $4 }' \
+            awk -v m="$mode" -v p="$proxy" -v n="$count" \
+                '$NF ~ /^[a-z_0-9]+$/ && $NF != "total" && $4 ~ /^[0-9]+$/ { print m "\t" p "\t" $NF "\t" $4 "\t" n }' \
                 "$WORK/strace.$mode.$proxy" >>"$SYSCALLS"
         done
     done
@@ -195,6 +234,9 @@ SECTION="$WORK/section.md"
     machine_markdown
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER. Instruction counts do not depend on it. Wall time ${ELAPSED} s."
     echo "- $(valgrind --version) (callgrind): user-space instructions of every thread of the proxy, from after $WARMUP warm-up requests to the end of $REQUESTS requests at concurrency $CONCURRENCY, to a zero-latency llama-sim; the gateway with one serving thread."
+    if [ -n "$PACED_SIM_URL" ]; then
+        echo "- *paced*: $PACED_REQUESTS streams of $PACED_TOKENS tokens (after $PACED_WARMUP), $PACED_STREAMS at a time, from a llama-sim that generates $PACED_RATE tokens a second per stream, so that each token reaches the proxy on a read of its own, as in the fan-out benchmark."
+    fi
     if [ "${NGINX:-1}" = 1 ]; then
         echo "- nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx\///') as proxy-overhead.sh configures it (upstream \`keepalive 64\`, \`proxy_buffering off\`, access log on) but with one worker process, whose work is counted: from its start to its exit, less the same count for a run with the warm-up only, since callgrind_control cannot reach a process forked under valgrind."
     fi
@@ -202,21 +244,27 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "REQUESTS=$REQUESTS WARMUP=$WARMUP CONCURRENCY=$CONCURRENCY REPEATS=$REPEATS MODES=\"${MODES[*]}\" STRACE=$STRACE NGINX=${NGINX:-1} loadtest/bench/instructions.sh"
+    paced=""
+    [ -n "$PACED_SIM_URL" ] && paced=" PACED_STREAMS=$PACED_STREAMS PACED_TOKENS=$PACED_TOKENS PACED_REQUESTS=$PACED_REQUESTS PACED_WARMUP=$PACED_WARMUP"
+    echo "REQUESTS=$REQUESTS WARMUP=$WARMUP CONCURRENCY=$CONCURRENCY REPEATS=$REPEATS MODES=\"${MODES[*]}\"$paced STRACE=$STRACE NGINX=${NGINX:-1} loadtest/bench/instructions.sh"
     echo '```'
     echo
-    python3 - "$RAW" "$SYSCALLS" "$REQUESTS" "$WORK" <<'PY'
+    python3 - "$RAW" "$SYSCALLS" "$WORK" "$PACED_TOKENS" <<'PY'
 import csv
 import re
 import statistics
 import sys
 from collections import defaultdict
 
-raw, syscalls, requests, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+raw, syscalls, work, paced_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 per = defaultdict(list)
+# Requests counted per run, by mode.
+counted = {}
 for r in csv.DictReader(open(raw), delimiter="\t"):
-    per[(r["mode"], r["proxy"])].append(int(r["instructions"]) / requests)
+    per[(r["mode"], r["proxy"])].append(int(r["instructions"]) / int(r["requests"]))
+    counted[r["mode"]] = int(r["requests"])
 modes = list(dict.fromkeys(m for m, _ in per))
+NAMES = {"plain": "non-streamed", "stream": "streamed", "paced": "paced stream"}
 
 proxies = list(dict.fromkeys(p for _, p in per))
 repeats = len(next(iter(per.values())))
@@ -229,12 +277,23 @@ print("|---|" + "---:|" * (len(proxies) + len(ratios) + 1))
 for mode in modes:
     med = {p: statistics.median(per[(mode, p)]) for p in proxies}
     each = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)
-    name = "non-streamed" if mode == "plain" else "streamed"
+    name = NAMES[mode]
     cells = [f"{med[p]:,.0f} ({each(per[(mode, p)])})" for p in proxies]
     cells += [f"{med['gateway'] / med[p]:.2f}" for p in ratios]
     cells.append(f"{med['gateway'] - med['hyper-relay']:,.0f}")
     print(f"| {name} | " + " | ".join(cells) + " |")
 print()
+if "paced" in modes:
+    med = {p: statistics.median(per[("paced", p)]) / paced_tokens for p in proxies}
+    # The per-request figure of a paced stream is mostly its tokens: the request's own work
+    # (head, routing, accounting at the end) is spread over them, so this is an upper bound.
+    print(
+        f"Per token of a paced stream (its per-request figure ÷ {paced_tokens} tokens, which also spreads the request's own work over them): "
+        + ", ".join(f"{p} {med[p]:,.0f}" for p in proxies)
+        + "; the gateway's own work "
+        + f"{med['gateway'] - med['hyper-relay']:,.0f}."
+    )
+    print()
 
 # The gateway's largest parts, from the first repeat's dump. A function's cost is its own
 # instructions plus those of the calls it makes, summed over every place it was compiled
@@ -277,29 +336,32 @@ for mode in modes:
         cost = inclusive(dump)
     except OSError:
         continue
-    name = "non-streamed" if mode == "plain" else "streamed"
+    name = NAMES[mode]
     print(f"The gateway's largest parts, {name}, instructions per request (first repeat; each part with what it calls):")
     print()
     print("| part | instructions per request |")
     print("|---|---:|")
     for label, fn in parts:
-        print(f"| {label} | {cost.get(fn, 0) / requests:,.0f} |")
+        print(f"| {label} | {cost.get(fn, 0) / counted[mode]:,.0f} |")
     print()
 
 calls = defaultdict(lambda: defaultdict(int))
+calls_counted = {}
 for r in csv.DictReader(open(syscalls), delimiter="\t"):
     calls[(r["mode"], r["proxy"])][r["syscall"]] += int(r["calls"])
+    calls_counted[r["mode"]] = int(r["requests"])
 if calls:
-    print(f"System calls per request, from `strace -c -f` over {requests} requests (one run, natively); calls under 0.05 per request are left out:")
+    print("System calls per request, from `strace -c -f` over the same number of requests as counted above (one run, natively); calls under 0.05 per request are left out:")
     print()
     print("| mode | proxy | per request | of which |")
     print("|---|---|---:|---|")
     for (mode, proxy), by in calls.items():
+        requests = calls_counted[mode]
         total = sum(by.values()) / requests
         named = ", ".join(
             f"{name} {n / requests:.2f}" for name, n in sorted(by.items(), key=lambda kv: -kv[1]) if n / requests >= 0.05
         )
-        name = "non-streamed" if mode == "plain" else "streamed"
+        name = NAMES[mode]
         print(f"| {name} | {proxy} | {total:.2f} | {named} |")
     print()
 PY
