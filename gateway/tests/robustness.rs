@@ -219,6 +219,36 @@ async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn a_stream_longer_than_the_idle_timeout_but_never_that_silent_is_not_cut() {
+    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
+    let gw = TestGateway::over(&[be.url()], "[upstream]\nidle_timeout_secs = 0.3").await;
+    let url = gw.url("/v1/chat/completions");
+    let waiting = tokio::spawn(async move { post_json(&url, &chat(0, true)).await });
+    let stream = be.next_stream().await;
+    // Eight pieces 0.15 s apart: 1.2 s in all, four idle timeouts' worth, but never 0.3 s of
+    // silence. The idle timer fires and is re-armed from the last data several times.
+    for n in 0..8 {
+        assert!(
+            stream.send(format!("data: {{\"n\":{n}}}\n\n")).await,
+            "piece {n} was not taken"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(stream.send("data: [DONE]\n\n").await);
+    drop(stream);
+    let got = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("done within 5 s")
+        .unwrap();
+    let text = got.text();
+    for n in 0..8 {
+        assert!(text.contains(&format!("data: {{\"n\":{n}}}\n\n")), "{text}");
+    }
+    assert!(!text.contains("upstream_stream_broken"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[tokio::test]
 async fn a_backend_that_answers_garbage_gets_an_openai_502() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
