@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use testkit::fake_backend::{FakeBackend, Reply};
+use testkit::fake_backend::{FakeBackend, Reply, StreamHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -197,13 +197,26 @@ async fn the_last_attempt_timing_out_is_an_openai_504() {
     hung.release(100);
 }
 
-#[tokio::test]
-async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
+/// A streamed chat through a gateway with a 0.3 s idle timeout, to a backend whose stream
+/// the test writes: the backend and gateway (kept alive), the client's pending answer, and
+/// the backend's side of the stream.
+async fn stream_under_an_idle_timeout() -> (
+    FakeBackend,
+    TestGateway,
+    tokio::task::JoinHandle<Got>,
+    StreamHandle,
+) {
     let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
     let gw = TestGateway::over(&[be.url()], "[upstream]\nidle_timeout_secs = 0.3").await;
     let url = gw.url("/v1/chat/completions");
     let waiting = tokio::spawn(async move { post_json(&url, &chat(0, true)).await });
     let stream = be.next_stream().await;
+    (be, gw, waiting, stream)
+}
+
+#[tokio::test]
+async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
+    let (_be, gw, waiting, stream) = stream_under_an_idle_timeout().await;
     assert!(stream.send("data: {\"n\":1}\n\n").await);
     // ...and then silence, with the connection open.
     let got = tokio::time::timeout(Duration::from_secs(3), waiting)
@@ -220,11 +233,7 @@ async fn a_backend_that_hangs_mid_stream_is_cut_by_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_stream_longer_than_the_idle_timeout_but_never_that_silent_is_not_cut() {
-    let be = FakeBackend::start("a", 1, |_| Reply::Controlled).await;
-    let gw = TestGateway::over(&[be.url()], "[upstream]\nidle_timeout_secs = 0.3").await;
-    let url = gw.url("/v1/chat/completions");
-    let waiting = tokio::spawn(async move { post_json(&url, &chat(0, true)).await });
-    let stream = be.next_stream().await;
+    let (_be, _gw, waiting, stream) = stream_under_an_idle_timeout().await;
     // Eight pieces 0.15 s apart: 1.2 s in all, four idle timeouts' worth, but never 0.3 s of
     // silence. The idle timer fires and is re-armed from the last data several times.
     for n in 0..8 {
