@@ -314,8 +314,9 @@ nginx_markdown() {
         "$(nginx -v 2>&1 | sed 's/^nginx version: //')" "$(nproc)" "$1"
 }
 
-# nginx_total FUNCTION PID : FUNCTION (cpu_seconds, runq_wait_seconds or peak_rss_mib) of nginx's master PID
-# and of each of its workers, added up.
+# nginx_total FUNCTION PID : FUNCTION (cpu_seconds, runq_wait_seconds or peak_rss_mib) of
+# nginx's master PID and of each of its workers, added up. For peak_rss_mib, pages the
+# processes share are counted once per process, so the sum is an upper bound.
 nginx_total() {
     local fn=$1 pid total=0
     for pid in "$2" $(pgrep -P "$2"); do
@@ -326,10 +327,3 @@ nginx_total() {
 
 # CPU seconds used so far by nginx: its master and workers.
 nginx_cpu_seconds() { nginx_total cpu_seconds "$1"; }
-
-# Seconds nginx's master and workers have waited for a CPU while runnable.
-nginx_runq_wait_seconds() { nginx_total runq_wait_seconds "$1"; }
-
-# The peak resident set sizes of nginx's master and workers, added up, in MiB. Pages the
-# processes share are counted once per process, so this is an upper bound.
-nginx_peak_rss_mib() { nginx_total peak_rss_mib "$1"; }

@@ -65,19 +65,12 @@ tcp_counter() {
     awk -v k="$1" '$1 == "TcpExt:" { if (!n) { for (i = 2; i <= NF; i++) h[i] = $i; n = 1 } else { for (i = 2; i <= NF; i++) if (h[i] == k) print $i } }' /proc/net/netstat
 }
 
-# proxy_cpu PATH PID : CPU seconds used so far by the proxy of a path.
-proxy_cpu() {
+# proxy_stat PATH FUNCTION PID : FUNCTION (cpu_seconds, runq_wait_seconds or peak_rss_mib)
+# of the proxy of a path, whose main process is PID; for nginx, of its master and workers.
+proxy_stat() {
     case $1 in
-        nginx*) nginx_cpu_seconds "$2" ;;
-        *) cpu_seconds "$2" ;;
-    esac
-}
-
-# proxy_runq PATH PID : seconds the proxy of a path has so far waited for a CPU while runnable.
-proxy_runq() {
-    case $1 in
-        nginx*) nginx_runq_wait_seconds "$2" ;;
-        *) runq_wait_seconds "$2" ;;
+        nginx*) nginx_total "$2" "$3" ;;
+        *) "$2" "$3" ;;
     esac
 }
 
@@ -111,8 +104,8 @@ run_one() {
     esac
     local proxy_before=0 proxy_after=0 runq_before=0 runq_after=0 sim_before sim_after
     if [ -n "$proxy_pid" ]; then
-        proxy_before=$(proxy_cpu "$path" "$proxy_pid")
-        runq_before=$(proxy_runq "$path" "$proxy_pid")
+        proxy_before=$(proxy_stat "$path" cpu_seconds "$proxy_pid")
+        runq_before=$(proxy_stat "$path" runq_wait_seconds "$proxy_pid")
     fi
     sim_before=$(cpu_seconds "$SIM_PID")
     local t0 t1 ovf_before syn_before
@@ -127,12 +120,9 @@ run_one() {
     sim_after=$(cpu_seconds "$SIM_PID")
     local hwm=0
     if [ -n "$proxy_pid" ]; then
-        proxy_after=$(proxy_cpu "$path" "$proxy_pid")
-        runq_after=$(proxy_runq "$path" "$proxy_pid")
-        case $path in
-            nginx*) hwm=$(nginx_peak_rss_mib "$proxy_pid") ;;
-            *) hwm=$(peak_rss_mib "$proxy_pid") ;;
-        esac
+        proxy_after=$(proxy_stat "$path" cpu_seconds "$proxy_pid")
+        runq_after=$(proxy_stat "$path" runq_wait_seconds "$proxy_pid")
+        hwm=$(proxy_stat "$path" peak_rss_mib "$proxy_pid")
         stop_server "$proxy_pid"
     fi
     jq -r --arg r "$repeat" --arg s "$scenario" --arg p "$path" \
@@ -232,11 +222,12 @@ def col(scenario, path, key):
     return [float(cell[(r, scenario, path)][key]) for r in reps if (r, scenario, path) in cell]
 
 
-def paired(scenario, path, key):
+def paired(scenario, path, key, reference="direct"):
+    """Per repeat, path's figure less reference's in the same repeat."""
     return [
-        float(cell[(r, scenario, path)][key]) - float(cell[(r, scenario, "direct")][key])
+        float(cell[(r, scenario, path)][key]) - float(cell[(r, scenario, reference)][key])
         for r in reps
-        if (r, scenario, path) in cell and (r, scenario, "direct") in cell
+        if (r, scenario, path) in cell and (r, scenario, reference) in cell
     ]
 
 
@@ -298,12 +289,7 @@ for s in scenarios:
         base = p.replace("candidate-w", "gateway-w")
         if p == base:
             continue
-        # Paired within each repeat: the candidate's ITL p99 less the gateway's.
-        diff = [
-            float(cell[(r, s, p)]["itl_p99"]) - float(cell[(r, s, base)]["itl_p99"])
-            for r in reps
-            if (r, s, p) in cell and (r, s, base) in cell
-        ]
+        diff = paired(s, p, "itl_p99", reference=base)
         if diff:
             print(
                 f"- {s}, {label(p)} against {label(base)}: ITL p99 {med(diff) / 1000:+.2f} ms "

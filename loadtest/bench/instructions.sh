@@ -19,10 +19,11 @@
 #
 # Usage: loadtest/bench/instructions.sh
 # Knobs (environment): REQUESTS counted per run (2000), WARMUP requests before counting
-# (200), CONCURRENCY (8), REPEATS (3), MODES ("plain stream paced"), STRACE (1; 0 leaves the system-call count out), NGINX (1; 0 leaves nginx out);
-# for `paced`: PACED_STREAMS in flight (20), PACED_TOKENS per stream (20), PACED_REQUESTS
-# counted (100) and PACED_WARMUP (20). Needs valgrind (with callgrind_control), jq, nginx
-# unless NGINX=0, and strace unless STRACE=0.
+# (200), CONCURRENCY (8), REPEATS (3), MODES ("plain stream paced"), STRACE (1; 0 leaves
+# the system-call count out), NGINX (1; 0 leaves nginx out); for `paced`: PACED_STREAMS in
+# flight (20), PACED_TOKENS per stream (20), PACED_REQUESTS counted (100) and PACED_WARMUP
+# (20). Needs valgrind (with callgrind_control), jq, nginx unless NGINX=0, and strace unless
+# STRACE=0.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 

@@ -232,10 +232,11 @@ def series(mode, load, path, key):
     return [float(cell[(r, mode, load, path)][key]) for r in reps if (r, mode, load, path) in cell]
 
 
-def paired(mode, load, path, key):
+def paired(mode, load, path, key, reference="direct"):
+    """Per repeat, path's figure less reference's in the same repeat."""
     out = []
     for r in reps:
-        a, b = cell.get((r, mode, load, path)), cell.get((r, mode, load, "direct"))
+        a, b = cell.get((r, mode, load, path)), cell.get((r, mode, load, reference))
         if a and b:
             out.append(float(a[key]) - float(b[key]))
     return out
@@ -357,12 +358,8 @@ for mode in modes:
         base = path.replace("candidate-w", "gateway-w")
         if path == base or base not in paths:
             continue
-        # Paired within each repeat, against the checkout's gateway with as many threads.
-        p99 = [
-            float(cell[(r, mode, "rate=1000", path)]["e2e_p99"]) - float(cell[(r, mode, "rate=1000", base)]["e2e_p99"])
-            for r in reps
-            if (r, mode, "rate=1000", path) in cell and (r, mode, "rate=1000", base) in cell
-        ]
+        # Against the checkout's gateway with as many threads, in the same repeats.
+        p99 = paired(mode, "rate=1000", path, "e2e_p99", reference=base)
         print(
             f"- {label(path)} against {label(base)}, {mode}: throughput ratio **{throughput_ratio(mode, path, base):.2f}**, "
             f"E2E p99 at 1,000 req/s {med(p99) / 1000:+.2f} ms"
