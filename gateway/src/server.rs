@@ -464,10 +464,6 @@ impl Drop for StopBackground {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use tokio::task::JoinSet;
-
     use super::bind;
 
     #[tokio::test]
@@ -477,31 +473,8 @@ mod tests {
         // connects take the client's one-second retransmission.
         let listener = bind("127.0.0.1:0".parse().unwrap()).expect("bound");
         let addr = listener.local_addr().unwrap();
-        // The kernel caps the backlog at net.core.somaxconn (4096 by default since Linux 5.4).
-        let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .unwrap_or(4096);
-        let burst = cap.min(300);
-        let mut connects = JoinSet::new();
-        for _ in 0..burst {
-            connects.spawn(tokio::time::timeout(
-                Duration::from_millis(700),
-                tokio::net::TcpStream::connect(addr),
-            ));
-        }
-        let mut open = Vec::new();
-        let mut late = 0;
-        while let Some(done) = connects.join_next().await {
-            match done.expect("the connect task ran") {
-                Ok(stream) => open.push(stream.expect("connected")),
-                Err(_) => late += 1,
-            }
-        }
-        assert_eq!(
-            late, 0,
-            "{late} of {burst} connects waited for a retransmission"
-        );
+        let late = testkit::backlog::connects_left_waiting(addr, 300).await;
+        assert_eq!(late, 0, "{late} connects waited for a retransmission");
         drop(listener);
     }
 }

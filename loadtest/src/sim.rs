@@ -59,4 +59,4 @@ mod wire;
 
 pub use cli::SimArgs;
 pub use config::{ConfigError, Dialect, Faults, SimConfig, DEFAULT_MODEL_PATH};
-pub use server::{serve, Exit};
+pub use server::{bind, serve, Exit, LISTEN_BACKLOG};

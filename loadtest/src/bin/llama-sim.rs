@@ -9,7 +9,6 @@ use std::io::Write as _;
 use anyhow::Context as _;
 use clap::Parser as _;
 use loadtest::sim::{serve, Dialect, Exit, SimArgs};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Exit status of an abrupt crash, as after `abort()`.
@@ -27,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cfg = args.to_config()?;
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
+    let listener = loadtest::sim::bind(&args.host, args.port)
         .await
         .with_context(|| format!("binding {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;

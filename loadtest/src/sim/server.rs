@@ -20,6 +20,36 @@ use super::state::Sim;
 /// not spin while the condition lasts.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 
+/// Connections the listening socket may hold before they are accepted. tokio's own `bind`
+/// asks for 128, and a thousand clients connecting in the same instant (the fan-out
+/// benchmark's bursts) overflowed it: the kernel dropped some of their SYNs and they
+/// connected a second later, on the retransmission. A llama-sim reached directly then saw a
+/// thinner burst than one reached through a proxy (whose listener has room for them all),
+/// so the direct reference was not the same load. The kernel caps it at
+/// `net.core.somaxconn` (4096 by default since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the simulator's listening socket to `host:port` (the first address `host` resolves
+/// to), with a backlog of [`LISTEN_BACKLOG`].
+pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host((host, port)).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted simulator can take its port back while the
+    // old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// How [`serve`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -108,4 +138,20 @@ pub async fn serve(
         }
     }
     Ok(Exit::Shutdown)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind;
+
+    #[tokio::test]
+    async fn a_burst_of_clients_waits_in_the_backlog_not_for_a_retransmission() {
+        // Nothing accepts, so every connection must fit in the backlog; with tokio's 128,
+        // more than half of these would connect a second late.
+        let listener = bind("127.0.0.1", 0).await.expect("bound");
+        let addr = listener.local_addr().unwrap();
+        let late = testkit::backlog::connects_left_waiting(addr, 300).await;
+        assert_eq!(late, 0, "{late} connects waited for a retransmission");
+        drop(listener);
+    }
 }
