@@ -32,12 +32,15 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// Binds the simulator's listening socket to `host:port` (the first address `host` resolves
 /// to), with a backlog of [`LISTEN_BACKLOG`].
 pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
-    let addr = tokio::net::lookup_host((host, port)).await?.next().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("{host} resolves to no address"),
-        )
-    })?;
+    let addr = tokio::net::lookup_host((host, port))
+        .await?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{host} resolves to no address"),
+            )
+        })?;
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
