@@ -23,7 +23,9 @@
 # WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out;
 # NGINX_ONE (1): a second nginx with one worker process, the like-for-like reference for one
 # serving thread (0 leaves it out); CANDIDATE: a second gateway binary to run beside the first
-# (see common.sh).
+# (see common.sh); TOKEN_TIMES (1): the closed runs keep every token's arrival time
+# (bitnet-loadtest --token-times) and token-times.py splits their inter-token latency into
+# the gaps near a crowd of stream starts and the rest; 0 leaves it out.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -33,6 +35,7 @@ DURATION=${DURATION:-15}
 REPEATS=${REPEATS:-3}
 read -r -a SCENARIOS <<<"${SCENARIOS:-closed open}"
 read -r -a WORKERS <<<"${WORKERS:-1 2}"
+TOKEN_TIMES=${TOKEN_TIMES:-1}
 DECODE_RATE=20
 MODEL=bench
 # Headroom above STREAMS: Poisson arrivals briefly exceed the mean, and the comparison is
@@ -57,6 +60,8 @@ SIM_HOSTPORT=${SIM_URL#http://}
 wait_ready "$SIM_URL/health"
 
 RAW="$WORK/raw.tsv"
+TT="$WORK/token-times.tsv"
+printf 'repeat\tpath\tall_p99\tnear_p99\tsteady_p99\tnear_share\tstreams\n' >"$TT"
 printf 'repeat\tscenario\tpath\tttft_p50\tttft_p99\titl_p50\titl_p99\titl_max\tstreams_done\tfailed\twall_s\tproxy_cpu_s\tproxy_hwm_mib\tsim_cpu_s\tgen_cpu_s\tlisten_overflows\tsyn_retrans\ttokens\tproxy_runq_s\n' >"$RAW"
 
 # A machine-wide TCP counter from /proc/net/netstat. A burst of connects that overflows a
@@ -99,7 +104,10 @@ run_one() {
             ;;
     esac
     case $scenario in
-        closed) load=(--concurrency "$STREAMS") ;;
+        closed)
+            load=(--concurrency "$STREAMS")
+            [ "$TOKEN_TIMES" = 1 ] && load+=(--token-times)
+            ;;
         open) load=(--rate "$OPEN_RATE") ;;
     esac
     local proxy_before=0 proxy_after=0 runq_before=0 runq_after=0 sim_before sim_after
@@ -138,6 +146,9 @@ run_one() {
           .completion_tokens, $runq] | @tsv' \
         "$json" >>"$RAW"
     log "repeat $repeat $scenario $path: $(tail -1 "$RAW" | cut -f4-)"
+    if [ "$scenario" = closed ] && [ "$TOKEN_TIMES" = 1 ]; then
+        printf '%s\t%s\t%s\n' "$repeat" "$path" "$(python3 "$BENCH_DIR/token-times.py" "$json")" >>"$TT"
+    fi
 }
 
 LOAD_BEFORE=$(load_average)
@@ -182,15 +193,17 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1}${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1} TOKEN_TIMES=$TOKEN_TIMES${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/fanout.sh"
     echo '```'
     echo
-    python3 - "$RAW" <<'PY'
+    python3 - "$RAW" "$TT" "$STREAM_SECS" <<'PY'
 import csv
 import statistics
 import sys
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+token_times = {(r["repeat"], r["path"]): r for r in csv.DictReader(open(sys.argv[2]), delimiter="\t")}
+stream_secs = sys.argv[3]
 reps = sorted({r["repeat"] for r in rows})
 scenarios = []
 for r in rows:
@@ -271,6 +284,39 @@ for s in scenarios:
         else:
             gw = "— | — | — | — | —"
         print(f"| {s} | {label(p)} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
+if token_times:
+    def tt(path, key):
+        return [float(token_times[(r, path)][key]) for r in reps if (r, path) in token_times]
+
+    def tt_added(path, key):
+        return [
+            float(token_times[(r, path)][key]) - float(token_times[(r, "direct")][key])
+            for r in reps
+            if (r, path) in token_times and (r, "direct") in token_times
+        ]
+
+    print()
+    print(f"Where the closed runs' inter-token latency arises. Every {stream_secs} s all streams end and start again together, and")
+    print("a proxy does each request's own work (reading it, routing it, opening the backend request, closing the last one's")
+    print("accounting) for all of them at once; in between it only relays tokens. From each token's arrival time")
+    print("(`bitnet-loadtest --token-times`, split by `token-times.py`): the p99 of the gaps between a stream's tokens that end")
+    print("within 300 ms after a 100 ms window in which at least 5 % of the streams got their first token (*near starts*),")
+    print("and of the rest (*steady relay*), in ms; *added* is less direct's in the same repeat, the median over repeats.")
+    print()
+    print("| path | share of gaps near starts | ITL p99 | near starts | steady relay | added: near starts | added: steady relay |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for p in paths:
+        if not tt(p, "all_p99"):
+            continue
+        added = (
+            "— | —"
+            if p == "direct"
+            else f"{med(tt_added(p, 'near_p99')) / 1000:+.2f} | {med(tt_added(p, 'steady_p99')) / 1000:+.2f}"
+        )
+        print(
+            f"| {label(p)} | {med(tt(p, 'near_share')) * 100:.0f} % | {med(tt(p, 'all_p99')) / 1000:.2f} "
+            f"| {med(tt(p, 'near_p99')) / 1000:.2f} | {med(tt(p, 'steady_p99')) / 1000:.2f} | {added} |"
+        )
 print()
 for s in scenarios:
     for p in gateways:

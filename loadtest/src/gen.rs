@@ -57,6 +57,7 @@ pub use self::stats::{LatencyStats, Summary};
 pub use self::workload::{WorkloadKind, WorkloadSpec};
 
 use self::driver::Driver;
+pub use self::driver::MAX_TOKEN_TIMES;
 use self::exchange::{build_client, Target};
 use self::progress::Progress;
 

@@ -133,6 +133,48 @@ async fn ttft_counts_to_the_first_content_chunk_and_itl_to_the_gaps_between_them
 }
 
 #[tokio::test]
+async fn token_times_are_each_content_chunks_arrival_and_kept_only_when_asked() {
+    let server = FakeBackend::start("fake", 1, |_| {
+        stream_of(
+            &["Hel", "lo", " there", "!"],
+            Duration::from_millis(200),
+            Duration::from_millis(60),
+        )
+    })
+    .await;
+    let mut cfg = config(&server);
+    cfg.stream = true;
+    cfg.max_requests = Some(2);
+    cfg.token_times = true;
+    let result = gen::run(cfg.clone()).await.unwrap();
+    for r in &result.records {
+        let times = r.token_us.as_ref().expect("token times were asked for");
+        assert_eq!(times.len(), 4, "one per content chunk: {times:?}");
+        // The first is the moment the TTFT measured, on the run's clock.
+        assert_eq!(times[0], r.start_us + r.ttft_us.unwrap());
+        for pair in times.windows(2) {
+            let gap = pair[1].checked_sub(pair[0]).expect("in order");
+            assert!((55_000..120_000).contains(&gap), "gap {gap} us");
+        }
+        assert!(*times.last().unwrap() <= r.end_us());
+    }
+    // The inter-token histogram is built from the same arrivals: three gaps a request.
+    assert_eq!(result.summary().itl_us.count, 6);
+    let json = serde_json::to_string(&result).unwrap();
+    let back: RunResult = serde_json::from_str(&json).unwrap();
+    assert_eq!(back.records, result.records);
+
+    cfg.token_times = false;
+    let plain = gen::run(cfg).await.unwrap();
+    assert!(plain.records.iter().all(|r| r.token_us.is_none()));
+    let json = serde_json::to_string(&plain).unwrap();
+    assert!(
+        !json.contains("token_us"),
+        "absent, not null, when not asked"
+    );
+}
+
+#[tokio::test]
 async fn without_usage_tokens_are_counted_from_content_chunks() {
     let server = FakeBackend::start("fake", 1, |_| {
         Reply::Sse(vec![

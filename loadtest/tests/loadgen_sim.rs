@@ -130,6 +130,28 @@ fn agent_run_through_the_cli_sees_the_simulators_prompt_cache_and_timing() {
     let _ = std::fs::remove_file(html_path);
 }
 
+#[test]
+fn token_times_without_a_json_file_or_a_stream_are_refused() {
+    for extra in [&["--stream"][..], &["--json", "unused.json"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bitnet-loadtest"))
+            .args([
+                "--url",
+                "http://127.0.0.1:9",
+                "--model",
+                "m",
+                "--requests",
+                "1",
+            ])
+            .args(["--token-times", "-q"])
+            .args(extra)
+            .output()
+            .expect("bitnet-loadtest runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("give --stream and --json"), "{stderr}");
+    }
+}
+
 #[tokio::test]
 async fn errors_injected_by_the_simulator_are_counted_by_kind() {
     // The older fork reports mid-stream failures as `error:` events inside a 200 stream.

@@ -148,6 +148,11 @@ struct RunArgs {
     /// Write the parameters, summary and per-request records to this JSON file.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// With --json and --stream: keep when each token of each stream arrived, in
+    /// microseconds since the run started, in the records' `token_us`. For studying where
+    /// inter-token latency comes from; at most 10 million per run.
+    #[arg(long)]
+    token_times: bool,
     /// Write a self-contained HTML report (SVG charts) to this file.
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
@@ -195,6 +200,10 @@ impl RunArgs {
         if self.drain.is_some() && self.duration.is_none() {
             bail!("--drain applies to a run bounded by --duration");
         }
+        if self.token_times && (self.json.is_none() || !self.stream) {
+            bail!("--token-times records streamed tokens into the --json file: give --stream and --json");
+        }
+        cfg.token_times = self.token_times;
         let has_agent = cfg
             .workload
             .entries()

@@ -83,6 +83,9 @@ pub struct RunConfig {
     /// Print a progress line on stderr while running.
     #[serde(skip)]
     pub progress: bool,
+    /// Keep each streamed token's arrival time in the records (`token_us`).
+    #[serde(default)]
+    pub token_times: bool,
 }
 
 impl RunConfig {
@@ -107,6 +110,7 @@ impl RunConfig {
             drain: Duration::from_secs(10),
             allow_remote: false,
             progress: false,
+            token_times: false,
         }
     }
 

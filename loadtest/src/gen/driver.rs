@@ -47,6 +47,10 @@ pub(crate) struct Collected {
     pub dropped_arrivals: u64,
 }
 
+/// Token arrival times a run keeps at most with `token_times` (8 bytes each): 10 million, a
+/// thousand 10,000-token streams. Requests recorded after the budget is spent keep none.
+pub const MAX_TOKEN_TIMES: u64 = 10_000_000;
+
 /// State shared by every task of one run.
 pub(crate) struct Driver {
     cfg: RunConfig,
@@ -56,6 +60,8 @@ pub(crate) struct Driver {
     start: Instant,
     deadline: Option<Instant>,
     issued: AtomicU64,
+    /// What is left of [`MAX_TOKEN_TIMES`].
+    token_times_left: AtomicU64,
     pub live: Arc<Live>,
     sink: Mutex<Sink>,
     stop: watch::Receiver<bool>,
@@ -79,6 +85,7 @@ impl Driver {
             start,
             deadline,
             issued: AtomicU64::new(0),
+            token_times_left: AtomicU64::new(MAX_TOKEN_TIMES),
             live: Arc::new(Live::default()),
             sink: Mutex::new(Sink {
                 records: Vec::new(),
@@ -125,13 +132,13 @@ impl Driver {
             let driver = self.clone();
             let next_session = next_session.clone();
             workers.spawn(async move {
-                let mut gaps = Vec::new();
+                let mut arrivals = Vec::new();
                 loop {
                     if !driver.may_start() {
                         break;
                     }
                     let index = next_session.fetch_add(1, Ordering::Relaxed);
-                    if !driver.run_session(index, None, false, &mut gaps).await {
+                    if !driver.run_session(index, None, false, &mut arrivals).await {
                         break;
                     }
                 }
@@ -173,9 +180,9 @@ impl Driver {
             let scheduled = micros(gap);
             self.live.sessions.fetch_add(1, Ordering::Relaxed);
             sessions.spawn(async move {
-                let mut gaps = Vec::new();
+                let mut arrivals = Vec::new();
                 driver
-                    .run_session(index, Some(scheduled), true, &mut gaps)
+                    .run_session(index, Some(scheduled), true, &mut arrivals)
                     .await;
                 driver.live.sessions.fetch_sub(1, Ordering::Relaxed);
             });
@@ -223,7 +230,7 @@ impl Driver {
         index: u64,
         scheduled_us: Option<u64>,
         mut prepaid: bool,
-        gaps: &mut Vec<u64>,
+        arrivals: &mut Vec<u64>,
     ) -> bool {
         let mut session = Session::new(self.cfg.seed, index, &self.cfg.workload, &self.shape);
         let max_tokens = self.cfg.max_tokens_for(session.kind);
@@ -249,9 +256,9 @@ impl Driver {
             .expect("chat requests always serialise");
             let keep_reply = session.needs_replies();
             let sent_at = Instant::now();
-            let outcome = self.send(Bytes::from(body), keep_reply, gaps).await;
+            let outcome = self.send(Bytes::from(body), keep_reply, arrivals).await;
             let scheduled_us = scheduled_us.filter(|_| session.turn() == 1);
-            self.record(&session, scheduled_us, sent_at, &outcome, gaps);
+            self.record(&session, scheduled_us, sent_at, &outcome, arrivals);
             if outcome.error.is_some() {
                 // Without the reply the history cannot grow the way a real client's would.
                 session.abandon();
@@ -262,7 +269,7 @@ impl Driver {
         true
     }
 
-    async fn send(&self, body: Bytes, keep_reply: bool, gaps: &mut Vec<u64>) -> Outcome {
+    async fn send(&self, body: Bytes, keep_reply: bool, arrivals: &mut Vec<u64>) -> Outcome {
         self.live.started.fetch_add(1, Ordering::Relaxed);
         let exchange = Exchange {
             client: &self.client,
@@ -272,13 +279,26 @@ impl Driver {
             timeout: self.cfg.timeout,
         };
         let mut stop = self.stop.clone();
-        gaps.clear();
+        arrivals.clear();
         exchange
-            .run(body, gaps, async move {
+            .run(body, arrivals, async move {
                 // A dropped sender means the run is over too.
                 let _ = stop.wait_for(|stopped| *stopped).await;
             })
             .await
+    }
+
+    /// Whether a request's `count` token times are kept: the run asked for them and the
+    /// budget still holds them.
+    fn keep_token_times(&self, count: usize) -> bool {
+        let count = count as u64;
+        self.cfg.token_times
+            && self
+                .token_times_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(count)
+                })
+                .is_ok()
     }
 
     fn record(
@@ -287,7 +307,7 @@ impl Driver {
         scheduled_us: Option<u64>,
         sent_at: Instant,
         out: &Outcome,
-        gaps: &[u64],
+        arrivals: &[u64],
     ) {
         let ok = out.error.is_none();
         let completion_tokens = out.completion_tokens();
@@ -304,12 +324,16 @@ impl Driver {
             }
             _ => None,
         };
+        let start_us = micros(sent_at.saturating_duration_since(self.start));
+        let token_us = self
+            .keep_token_times(arrivals.len())
+            .then(|| arrivals.iter().map(|at| start_us + at).collect());
         let record = RequestRecord {
             session: session.index,
             turn: session.turn(),
             workload: session.kind,
             scheduled_us,
-            start_us: micros(sent_at.saturating_duration_since(self.start)),
+            start_us,
             ttft_us,
             e2e_us,
             itl_mean_us: (gap_count > 0).then(|| micros(out.itl_sum) / gap_count),
@@ -321,6 +345,7 @@ impl Driver {
             status: out.status,
             error: out.error.as_ref().map(|(kind, _)| *kind),
             error_message: out.error.as_ref().map(|(_, msg)| msg.clone()),
+            token_us,
         };
         if ok {
             self.live.completed.fetch_add(1, Ordering::Relaxed);
@@ -332,8 +357,8 @@ impl Driver {
         }
         let mut sink = self.sink.lock().expect("sink lock poisoned");
         if ok {
-            for gap in gaps {
-                sink.itl.saturating_record((*gap).max(1));
+            for pair in arrivals.windows(2) {
+                sink.itl.saturating_record(pair[1].saturating_sub(pair[0]).max(1));
             }
         }
         sink.records.push(record);

@@ -131,17 +131,19 @@ pub(crate) struct Exchange<'a> {
 
 impl Exchange<'_> {
     /// Sends `body` and measures the response until it ends, fails, times out or `stop`
-    /// resolves. Inter-token gaps are appended to `gaps` in microseconds.
+    /// resolves. When each content-bearing chunk of a stream arrived is appended to
+    /// `arrivals`, in microseconds since the request was sent.
     pub async fn run(
         &self,
         body: Bytes,
-        gaps: &mut Vec<u64>,
+        arrivals: &mut Vec<u64>,
         stop: impl Future<Output = ()>,
     ) -> Outcome {
         let start = Instant::now();
         let mut out = Outcome::default();
         {
-            let work = tokio::time::timeout(self.timeout, self.drive(body, start, &mut out, gaps));
+            let work =
+                tokio::time::timeout(self.timeout, self.drive(body, start, &mut out, arrivals));
             tokio::select! {
                 res = work => if res.is_err() {
                     out.fail(ErrorKind::Timeout, format!("no complete response within {:?}", self.timeout));
@@ -153,7 +155,7 @@ impl Exchange<'_> {
         out
     }
 
-    async fn drive(&self, body: Bytes, start: Instant, out: &mut Outcome, gaps: &mut Vec<u64>) {
+    async fn drive(&self, body: Bytes, start: Instant, out: &mut Outcome, arrivals: &mut Vec<u64>) {
         let mut req = http::Request::new(Full::new(body));
         *req.method_mut() = Method::POST;
         *req.uri_mut() = self.target.uri.clone();
@@ -194,7 +196,8 @@ impl Exchange<'_> {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
         if is_sse {
-            self.read_stream(resp.into_body(), start, out, gaps).await;
+            self.read_stream(resp.into_body(), start, out, arrivals)
+                .await;
         } else {
             // Without a stream the head is the first moment anything of the answer is known.
             out.ttft = Some(start.elapsed());
@@ -207,7 +210,7 @@ impl Exchange<'_> {
         mut body: Incoming,
         start: Instant,
         out: &mut Outcome,
-        gaps: &mut Vec<u64>,
+        arrivals: &mut Vec<u64>,
     ) {
         let mut parser = SseParser::new();
         let mut done = false;
@@ -257,10 +260,10 @@ impl Exchange<'_> {
                             let gap = now - prev;
                             out.itl_sum += gap;
                             out.itl_max = out.itl_max.max(gap);
-                            gaps.push(micros(gap));
                         }
                     }
                     last_content = Some(now);
+                    arrivals.push(micros(now - start));
                 }
             }
         }

@@ -401,6 +401,7 @@ mod tests {
             status: Some(200),
             error: None,
             error_message: None,
+            token_us: None,
         }
     }
 

@@ -118,6 +118,12 @@ pub struct RequestRecord {
     pub error: Option<ErrorKind>,
     /// A short description of the failure.
     pub error_message: Option<String>,
+    /// With `--token-times`: when each content-bearing chunk of the stream arrived, in
+    /// microseconds since the run started (the first is the TTFT's moment). Absent otherwise,
+    /// and for requests recorded after the run's budget of
+    /// [`MAX_TOKEN_TIMES`](super::MAX_TOKEN_TIMES) was spent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_us: Option<Vec<u64>>,
 }
 
 impl RequestRecord {

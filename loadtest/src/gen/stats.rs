@@ -261,6 +261,7 @@ mod tests {
             },
             error,
             error_message: None,
+            token_us: None,
         }
     }
 
@@ -271,6 +272,7 @@ mod tests {
             .collect();
         let failed = |kind, message: &str| RequestRecord {
             error_message: Some(message.to_string()),
+            token_us: None,
             ..record(1, 1, Some(kind))
         };
         records.push(failed(ErrorKind::Unavailable, "first 503"));
@@ -338,6 +340,7 @@ mod tests {
             record(5, 9, None),
             RequestRecord {
                 error_message: Some("stream cut".into()),
+                token_us: None,
                 ..record(1, 1, Some(ErrorKind::MidStream))
             },
         ];
