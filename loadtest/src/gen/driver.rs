@@ -358,7 +358,8 @@ impl Driver {
         let mut sink = self.sink.lock().expect("sink lock poisoned");
         if ok {
             for pair in arrivals.windows(2) {
-                sink.itl.saturating_record(pair[1].saturating_sub(pair[0]).max(1));
+                sink.itl
+                    .saturating_record(pair[1].saturating_sub(pair[0]).max(1));
             }
         }
         sink.records.push(record);
