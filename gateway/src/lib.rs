@@ -6,7 +6,8 @@
 //!
 //! 1. [`server`]: accept connections, deal them over the serving threads, serve HTTP/1.1 and
 //!    HTTP/2, drain on shutdown; [`stall`] closes a connection that sends no request, has
-//!    none in progress, or reads nothing for too long.
+//!    none in progress, or reads nothing for too long; [`gated`] keeps the idle timer and
+//!    the drain signal from being polled on every wake-up of the connection's task.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,
 //!    [`inspect`] it for `model` and `stream` and read it as a [`job`] (prompt size, prefix
 //!    chain, answer length, session, priority); answer `/health`, `/metrics`, `/v1/models`
@@ -54,6 +55,7 @@ pub mod fasthash;
 pub mod forward;
 #[cfg(test)]
 mod fuzz;
+pub mod gated;
 pub mod health;
 pub mod inspect;
 pub mod job;

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
 use crate::discovery;
+use crate::gated::Gated;
 use crate::health::spawn_probers;
 use crate::routes::handle;
 use crate::stall::{Activity, Idle, SendDeadline, Tracked};
@@ -366,11 +367,18 @@ where
     TokioExecutor: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
 {
     tokio::pin!(conn);
-    let idle = activity.clone().idle(idle_after);
+    // The idle timer and the drain signal are polled only when they woke the task, not each
+    // time the connection did (once per relayed token).
+    let idle = Gated::new(activity.clone().idle(idle_after));
     tokio::pin!(idle);
+    let drained = Gated::new(drain.changed());
+    tokio::pin!(drained);
     let mut closing = false;
     loop {
         tokio::select! {
+            // In this order, without drawing a random one each poll: the other two are
+            // ready once in a connection's life.
+            biased;
             served = conn.as_mut() => return served,
             why = &mut idle => {
                 if closing {
@@ -384,9 +392,9 @@ where
                 conn.as_mut().graceful_shutdown();
                 closing = true;
                 // The grace for a client that does not answer the GOAWAY.
-                idle.set(activity.clone().idle(idle_after));
+                idle.set(Gated::new(activity.clone().idle(idle_after)));
             }
-            _ = drain.changed(), if !closing => {
+            _ = &mut drained, if !closing => {
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
