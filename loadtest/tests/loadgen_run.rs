@@ -92,8 +92,9 @@ fn temp_path(name: &str) -> PathBuf {
 
 // === measurements ===
 
-#[tokio::test]
-async fn ttft_counts_to_the_first_content_chunk_and_itl_to_the_gaps_between_them() {
+/// A backend streaming four tokens, the first after 300 ms and the others 60 ms apart, and
+/// a run of two streamed requests to it.
+async fn two_streams_of_four_tokens() -> (FakeBackend, RunConfig) {
     let server = FakeBackend::start("fake", 1, |_| {
         stream_of(
             &["Hel", "lo", " there", "!"],
@@ -105,6 +106,12 @@ async fn ttft_counts_to_the_first_content_chunk_and_itl_to_the_gaps_between_them
     let mut cfg = config(&server);
     cfg.stream = true;
     cfg.max_requests = Some(2);
+    (server, cfg)
+}
+
+#[tokio::test]
+async fn ttft_counts_to_the_first_content_chunk_and_itl_to_the_gaps_between_them() {
+    let (_server, cfg) = two_streams_of_four_tokens().await;
     let result = gen::run(cfg).await.unwrap();
 
     assert_eq!(result.records.len(), 2);
@@ -134,17 +141,7 @@ async fn ttft_counts_to_the_first_content_chunk_and_itl_to_the_gaps_between_them
 
 #[tokio::test]
 async fn token_times_are_each_content_chunks_arrival_and_kept_only_when_asked() {
-    let server = FakeBackend::start("fake", 1, |_| {
-        stream_of(
-            &["Hel", "lo", " there", "!"],
-            Duration::from_millis(200),
-            Duration::from_millis(60),
-        )
-    })
-    .await;
-    let mut cfg = config(&server);
-    cfg.stream = true;
-    cfg.max_requests = Some(2);
+    let (_server, mut cfg) = two_streams_of_four_tokens().await;
     cfg.token_times = true;
     let result = gen::run(cfg.clone()).await.unwrap();
     for r in &result.records {

@@ -29,28 +29,14 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
 /// `net.core.somaxconn` (4096 by default since Linux 5.4).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds the simulator's listening socket to `host:port` (the first address `host` resolves
-/// to), with a backlog of [`LISTEN_BACKLOG`].
+/// Binds the simulator's listening socket to `host:port` as tokio's `bind` does (each
+/// address `host` resolves to in turn), then raises its backlog to [`LISTEN_BACKLOG`]:
+/// `listen` on a socket that already listens only sets the new backlog, and nothing can
+/// have connected before the caller learns the address.
 pub async fn bind(host: &str, port: u16) -> std::io::Result<TcpListener> {
-    let addr = tokio::net::lookup_host((host, port))
-        .await?
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{host} resolves to no address"),
-            )
-        })?;
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As `TcpListener::bind` does: a restarted simulator can take its port back while the
-    // old connections linger in TIME_WAIT.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    let listener = TcpListener::bind((host, port)).await?;
+    socket2::SockRef::from(&listener).listen(LISTEN_BACKLOG as i32)?;
+    Ok(listener)
 }
 
 /// How [`serve`] ended.
