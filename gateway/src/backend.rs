@@ -224,9 +224,18 @@ impl Backend {
         self.is_available() && self.free_slots() > 0
     }
 
-    /// Record the load the backend reports about itself (`/metrics` or `/slots`).
-    pub fn set_reported_busy(&self, n: u32) {
-        self.own_at_report.store(self.inflight(), Ordering::Release);
+    /// Record the load the backend reports about itself (`/metrics` or `/slots`), read by
+    /// a probe sent when `own_when_asked` of our requests were in flight.
+    ///
+    /// The backend counted at some moment between the probe's start and now. Of the two
+    /// counts of our own requests, the larger is taken as what it saw of ours: when ours end
+    /// meanwhile (a thousand streams finishing at once; on a one-slot backend, the one
+    /// request ending just after the probe went out), the smaller count would leave them in
+    /// the report as other gateways' requests, slots that look taken until the next report
+    /// although they are free.
+    pub fn set_reported_busy(&self, n: u32, own_when_asked: u32) {
+        self.own_at_report
+            .store(own_when_asked.max(self.inflight()), Ordering::Release);
         self.reported_busy.store(n, Ordering::Release);
         self.reported_at_ms
             .store(self.now_ms().max(1), Ordering::Release);
@@ -355,7 +364,7 @@ mod tests {
         b.set_health(Health::Up);
         // One request of ours is running; the backend reports two: one is someone else's.
         b.add_inflight();
-        b.set_reported_busy(2);
+        b.set_reported_busy(2, 1);
         assert_eq!(b.busy(), 2);
         assert!(!b.is_routable());
         // Ours ends: its slot is free now, not at the next poll.
@@ -365,8 +374,29 @@ mod tests {
         // Nothing of ours, one reported: the other gateway's request still counts.
         let c = Backend::new("c".into(), "http://h:1".parse().unwrap(), Some(1));
         c.set_health(Health::Up);
-        c.set_reported_busy(1);
+        c.set_reported_busy(1, 0);
         assert!(!c.is_routable());
+    }
+
+    #[test]
+    fn requests_of_ours_that_end_while_the_load_is_read_are_not_taken_for_others() {
+        // A one-slot backend, its one request ours: the probe goes out, the backend
+        // counts it, and it ends before the answer is read.
+        let b = Backend::new("b".into(), "http://h:1".parse().unwrap(), Some(1));
+        b.set_health(Health::Up);
+        b.add_inflight();
+        let own_when_asked = b.inflight();
+        b.sub_inflight();
+        b.set_reported_busy(1, own_when_asked);
+        assert_eq!(b.busy(), 0, "the slot is free, not held by a phantom");
+        assert!(b.is_routable());
+        // One that starts meanwhile, which the backend may not have counted yet, is ours
+        // too: the report leaves nothing to others.
+        let c = Backend::new("c".into(), "http://h:1".parse().unwrap(), Some(2));
+        c.set_health(Health::Up);
+        c.add_inflight();
+        c.set_reported_busy(0, 0);
+        assert_eq!(c.busy(), 1);
     }
 
     #[test]

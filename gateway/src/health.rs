@@ -68,11 +68,12 @@ async fn probe_loop(gw: Arc<Gateway>, pool: Arc<ModelPool>, backend: Arc<Backend
         }
         if cfg.remote_load && now >= next_load_at && backend.health() == Health::Up {
             next_load_at = now + cfg.load_interval;
+            let own_when_asked = backend.inflight();
             if let Some(busy) =
                 read_load(&gw.client, &backend, cfg.health_timeout, &mut load_source).await
             {
                 let before = backend.free_slots();
-                backend.set_reported_busy(busy);
+                backend.set_reported_busy(busy, own_when_asked);
                 if backend.free_slots() > before {
                     pool.dispatch_waiting();
                 }
