@@ -12,6 +12,11 @@
 //! woken and passes the wake-up on to the task, and skips polling the inner future until
 //! that mark is set. What the gate costs per poll is one uncontended compare-and-swap pair
 //! (keeping the task's waker) and one swap.
+//!
+//! The relay's own idle timer does without it: a bare `Sleep` can say whether it is due,
+//! so [`RelayBody`](crate::relay::RelayBody) only compares the task's waker with the one
+//! it registered, which is cheaper still on the path every token takes. These two are
+//! futures that cannot say so (an `async fn`'s loop, a `watch` change).
 
 use std::future::Future;
 use std::pin::Pin;

@@ -210,6 +210,9 @@ for r in rows:
     if r["scenario"] not in scenarios:
         scenarios.append(r["scenario"])
 cell = {(r["repeat"], r["scenario"], r["path"]): r for r in rows}
+# The token-time split of a closed run joins that run's row, so col() and paired() read it.
+for (r, p), split in token_times.items():
+    cell[(r, "closed", p)].update(split)
 # gateway-wN and candidate-wN: N serving threads, of the checkout's gateway or of CANDIDATE.
 gateways = sorted(
     {r["path"] for r in rows if r["path"].startswith(("gateway-w", "candidate-w"))},
@@ -285,16 +288,6 @@ for s in scenarios:
             gw = "— | — | — | — | —"
         print(f"| {s} | {label(p)} | {wall:.1f} | {gw} | {med(col(s, p, 'sim_cpu_s')):.2f} | {med(col(s, p, 'gen_cpu_s')):.2f} |")
 if token_times:
-    def tt(path, key):
-        return [float(token_times[(r, path)][key]) for r in reps if (r, path) in token_times]
-
-    def tt_added(path, key):
-        return [
-            float(token_times[(r, path)][key]) - float(token_times[(r, "direct")][key])
-            for r in reps
-            if (r, path) in token_times and (r, "direct") in token_times
-        ]
-
     print()
     print(f"Where the closed runs' inter-token latency arises. Every {stream_secs} s all streams end and start again together, and")
     print("a proxy does each request's own work (reading it, routing it, opening the backend request, closing the last one's")
@@ -306,16 +299,16 @@ if token_times:
     print("| path | share of gaps near starts | ITL p99 | near starts | steady relay | added: near starts | added: steady relay |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for p in paths:
-        if not tt(p, "all_p99"):
+        if not col("closed", p, "all_p99"):
             continue
         added = (
             "— | —"
             if p == "direct"
-            else f"{med(tt_added(p, 'near_p99')) / 1000:+.2f} | {med(tt_added(p, 'steady_p99')) / 1000:+.2f}"
+            else f"{med(paired('closed', p, 'near_p99')) / 1000:+.2f} | {med(paired('closed', p, 'steady_p99')) / 1000:+.2f}"
         )
         print(
-            f"| {label(p)} | {med(tt(p, 'near_share')) * 100:.0f} % | {med(tt(p, 'all_p99')) / 1000:.2f} "
-            f"| {med(tt(p, 'near_p99')) / 1000:.2f} | {med(tt(p, 'steady_p99')) / 1000:.2f} | {added} |"
+            f"| {label(p)} | {med(col('closed', p, 'near_share')) * 100:.0f} % | {med(col('closed', p, 'all_p99')) / 1000:.2f} "
+            f"| {med(col('closed', p, 'near_p99')) / 1000:.2f} | {med(col('closed', p, 'steady_p99')) / 1000:.2f} | {added} |"
         )
 print()
 for s in scenarios:
