@@ -96,6 +96,12 @@ pub struct RelayBody {
     /// accounting costs), and the body is polled once per token; while the same task polls
     /// and the timer has not fired, there is nothing to register.
     idle_waker: Option<Waker>,
+    /// When `idle_timer` is due, kept beside the fields a token touches anyway. The check
+    /// made after every token (is the timer still pending?) compares the clock with it
+    /// instead of reading the timer's own allocation: with a thousand streams in flight
+    /// that allocation has left the cache between two tokens, and loading it was the
+    /// costliest single step of relaying one (about 0.4 µs in a profile of the fan-out).
+    idle_deadline: Instant,
     idle: Duration,
     last_data: Option<Instant>,
 }
@@ -119,6 +125,7 @@ impl RelayBody {
         timeouts: (Duration, Duration),
     ) -> RelayBody {
         let (first, idle) = timeouts;
+        let idle_deadline = Instant::now() + first;
         RelayBody {
             upstream,
             prefix,
@@ -131,8 +138,9 @@ impl RelayBody {
             first_content: None,
             bytes: 0,
             recorded: false,
-            idle_timer: Box::pin(tokio::time::sleep(first)),
+            idle_timer: Box::pin(tokio::time::sleep_until(idle_deadline)),
             idle_waker: None,
+            idle_deadline,
             idle,
             last_data: None,
         }
@@ -158,7 +166,8 @@ impl RelayBody {
         let now = Instant::now();
         if self.last_data.is_none() {
             // From the first data on, silence is measured against `idle`.
-            self.idle_timer.as_mut().reset(now + self.idle);
+            self.idle_deadline = now + self.idle;
+            self.idle_timer.as_mut().reset(self.idle_deadline);
             self.idle_waker = None;
         }
         self.last_data = Some(now);
@@ -190,7 +199,8 @@ impl RelayBody {
             .idle_waker
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()));
-        if registered && !self.idle_timer.is_elapsed() {
+        // Before its deadline the timer cannot have fired, so its waker is still ours.
+        if registered && Instant::now() < self.idle_deadline {
             return false;
         }
         loop {
@@ -200,7 +210,8 @@ impl RelayBody {
             }
             match self.last_data {
                 Some(at) if at + self.idle > Instant::now() => {
-                    self.idle_timer.as_mut().reset(at + self.idle);
+                    self.idle_deadline = at + self.idle;
+                    self.idle_timer.as_mut().reset(self.idle_deadline);
                 }
                 _ => return true,
             }
