@@ -13,10 +13,11 @@
 //! that mark is set. What the gate costs per poll is one uncontended compare-and-swap pair
 //! (keeping the task's waker) and one swap.
 //!
-//! The relay's own idle timer does without it: a bare `Sleep` can say whether it is due,
+//! The relay's own idle timer does without it: the relay sets that timer's deadline itself,
 //! so [`RelayBody`](crate::relay::RelayBody) only compares the task's waker with the one
-//! it registered, which is cheaper still on the path every token takes. These two are
-//! futures that cannot say so (an `async fn`'s loop, a `watch` change).
+//! it registered and the clock with the deadline, which is cheaper still on the path every
+//! token takes. These two are futures whose moment of readiness nobody here knows (an
+//! `async fn`'s loop, a `watch` change).
 
 use std::future::Future;
 use std::pin::Pin;
