@@ -93,9 +93,7 @@ pub struct Backend {
     reported_busy: AtomicU32,
     own_at_report: AtomicU32,
     reported_at_ms: AtomicU64,
-    /// Milliseconds since `epoch` at which the last response byte from this backend arrived.
-    /// A backend that is still streaming is alive even when its `/health` is slow.
-    last_progress_ms: AtomicU64,
+    /// What `reported_at_ms` counts from.
     epoch: Instant,
 }
 
@@ -131,7 +129,6 @@ impl Backend {
             reported_busy: AtomicU32::new(0),
             own_at_report: AtomicU32::new(0),
             reported_at_ms: AtomicU64::new(0),
-            last_progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -272,24 +269,6 @@ impl Backend {
 
     pub(crate) fn sub_inflight(&self) {
         self.inflight.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Note that response bytes just arrived from this backend.
-    pub fn touch_progress(&self) {
-        self.last_progress_ms
-            .store(self.now_ms().max(1), Ordering::Relaxed);
-    }
-
-    /// Time since the last response byte, or `None` if there never was one.
-    pub fn since_progress(&self) -> Option<std::time::Duration> {
-        match self.last_progress_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(std::time::Duration::from_millis(ms)),
-            ),
-        }
     }
 
     /// The upstream URI for `path_and_query` on this backend.

@@ -175,9 +175,6 @@ impl RelayBody {
         if self.scanner.feed(data) && self.first_content.is_none() {
             self.first_content = Some(Instant::now());
         }
-        if let Some(g) = self.guard.as_ref() {
-            g.backend().touch_progress();
-        }
     }
 
     /// A body of known length is over when its last byte is handed on: hyper writes it
