@@ -180,10 +180,18 @@ SAMPLES="$WORK/samples.tsv"
 printf 't_s\trss_kib\tfds\tsockets\tthreads\n' >"$SAMPLES"
 sample() {
     local rss threads fds sockets
+    [ -r "/proc/$GW_PID/status" ] || {
+        echo "the gateway (pid $GW_PID) exited during the run; the end of its log:" >&2
+        tail -20 "$WORK/gateway.err" >&2
+        exit 1
+    }
     rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$GW_PID/status")
     threads=$(awk '/^Threads:/ { print $2 }' "/proc/$GW_PID/status")
-    fds=$(find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l)
-    sockets=$(find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 -lname 'socket:*' 2>/dev/null | wc -l)
+    # A descriptor closed between find's listing and its look at the entry makes find fail,
+    # which under pipefail would end the run without a word; the count of what was listed
+    # stands.
+    fds=$( { find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 2>/dev/null || true; } | wc -l)
+    sockets=$( { find "/proc/$GW_PID/fd" -mindepth 1 -maxdepth 1 -lname 'socket:*' 2>/dev/null || true; } | wc -l)
     printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$rss" "$fds" "$sockets" "$threads" >>"$SAMPLES"
 }
 
