@@ -22,8 +22,10 @@
 # DURATION seconds of arrivals per run (15), REPEATS (3), SCENARIOS ("closed open"),
 # WORKERS: the gateway's serving threads, one run per value ("1 2"); NGINX (1): 0 leaves nginx out;
 # NGINX_ONE (1): a second nginx with one worker process, the like-for-like reference for one
-# serving thread (0 leaves it out); CANDIDATE: a second gateway binary to run beside the first
-# (see common.sh); TOKEN_TIMES (1): the closed runs keep every token's arrival time
+# serving thread (0 leaves it out); RELAY (0): 1 adds hyper-relay (hyper's server and client
+# on one thread with nothing between them, loadtest/bench/hyper-relay), the floor of a proxy
+# built on hyper, to tell its share of a figure from the gateway's own; CANDIDATE: a second
+# gateway binary to run beside the first (see common.sh); TOKEN_TIMES (1): the closed runs keep every token's arrival time
 # (bitnet-loadtest --token-times) and token-times.py splits their inter-token latency into
 # the gaps near a crowd of stream starts and the rest; 0 leaves it out.
 set -euo pipefail
@@ -45,6 +47,11 @@ STREAM_SECS=$(awk -v t="$TOKENS" -v r="$DECODE_RATE" 'BEGIN { print t / r }')
 OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / d }')
 
 ensure_binaries
+if [ "${RELAY:-0}" = 1 ]; then
+    log "building hyper-relay"
+    (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
+    cp "$ROOT/target/release/hyper-relay" "$WORK/bin/hyper-relay"
+fi
 raise_fd_limit
 [ "${NGINX:-1}${NGINX_ONE:-1}" != 00 ] && require_nginx
 [ "$(ulimit -n)" -ge $((4 * STREAMS + 100)) ] || {
@@ -101,6 +108,11 @@ run_one() {
             NGINX_WORKER_PROCESSES=$workers start_nginx "$path-$repeat-$scenario" "$SIM_HOSTPORT" "$SLOTS"
             url=$NGINX_URL
             proxy_pid=$NGINX_PID
+            ;;
+        hyper-relay)
+            start_server "$path-$repeat-$scenario" "$WORK/bin/hyper-relay" "$SIM_HOSTPORT"
+            url=$SERVER_URL
+            proxy_pid=$SERVER_PID
             ;;
     esac
     case $scenario in
@@ -162,6 +174,7 @@ for repeat in $(seq 1 "$REPEATS"); do
         done
         [ "${NGINX:-1}" = 1 ] && order+=(nginx)
         [ "${NGINX_ONE:-1}" = 1 ] && order+=(nginx-w1)
+        [ "${RELAY:-0}" = 1 ] && order+=(hyper-relay)
         if [ $((repeat % 2)) = 0 ]; then
             # Every other repeat in reverse, so that no path always runs first.
             for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
@@ -189,11 +202,12 @@ SECTION="$WORK/section.md"
     echo "- The load generator, the simulator and the proxy share the machine's $(nproc) CPUs; their CPU use is shown so that the proxy's share can be judged."
     [ "${NGINX:-1}" = 1 ] && echo "- $(nginx_markdown "$SLOTS"). nginx's peak RSS is its master's and workers' added up."
     [ "${NGINX_ONE:-1}" = 1 ] && echo "- nginx, 1 worker: the same nginx with \`worker_processes 1\`, the like-for-like reference for one serving thread."
+    [ "${RELAY:-0}" = 1 ] && echo "- hyper-relay: hyper's server and client on one thread with nothing between them (loadtest/bench/hyper-relay), the floor of a proxy built on hyper; its backend side is hyper's client, with a task per connection, where the gateway reads the backend in the relaying task."
     echo
     echo "Command:"
     echo
     echo '```sh'
-    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1} TOKEN_TIMES=$TOKEN_TIMES${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/fanout.sh"
+    echo "STREAMS=$STREAMS TOKENS=$TOKENS DURATION=$DURATION REPEATS=$REPEATS SCENARIOS=\"${SCENARIOS[*]}\" WORKERS=\"${WORKERS[*]}\" NGINX=${NGINX:-1} NGINX_ONE=${NGINX_ONE:-1} RELAY=${RELAY:-0} TOKEN_TIMES=$TOKEN_TIMES${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/fanout.sh"
     echo '```'
     echo
     python3 - "$RAW" "$TT" "$STREAM_SECS" <<'PY'
@@ -218,11 +232,11 @@ gateways = sorted(
     {r["path"] for r in rows if r["path"].startswith(("gateway-w", "candidate-w"))},
     key=lambda p: (int(p.rsplit("-w", 1)[1]), p.startswith("candidate")),
 )
-paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1") if any(r["path"] == n for r in rows)]
+paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1", "hyper-relay") if any(r["path"] == n for r in rows)]
 
 
 def label(p):
-    if p in ("direct", "nginx"):
+    if p in ("direct", "nginx", "hyper-relay"):
         return p
     if p == "nginx-w1":
         return "nginx, 1 worker"

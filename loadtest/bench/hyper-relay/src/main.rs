@@ -22,10 +22,19 @@ async fn relay(
     idle: Idle,
     upstream: SocketAddr,
 ) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
-    let popped = idle.borrow_mut().pop();
+    // A connection that can carry a request now. One still reading an earlier response's
+    // body stays on the stack for later: waiting for it would hold this request behind a
+    // whole stream, seconds long when the backend generates tokens.
+    let popped = {
+        let mut idle = idle.borrow_mut();
+        idle.retain(|c| !c.is_closed());
+        idle.iter()
+            .rposition(|c| c.is_ready())
+            .map(|i| idle.swap_remove(i))
+    };
     let mut conn = match popped {
-        Some(conn) if !conn.is_closed() => conn,
-        _ => {
+        Some(conn) => conn,
+        None => {
             let stream = tokio::net::TcpStream::connect(upstream).await?;
             stream.set_nodelay(true)?;
             let (conn, driver) =
@@ -43,8 +52,8 @@ async fn relay(
         .parse()?;
     *req.uri_mut() = path;
     let response = conn.send_request(req).await;
-    // Back on the stack as soon as the head is in: a request that takes it waits in
-    // `ready()` until this response's body has been read.
+    // Back on the stack as soon as the head is in; it is ready again once this response's
+    // body has been read.
     idle.borrow_mut().push(conn);
     Ok(response?)
 }
@@ -62,7 +71,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        // The backlog the gateway and llama-sim ask for: a crowd of a thousand connects (the
+        // fan-out's closed runs) must not overflow it and wait a second for a SYN retry.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let listener = socket.listen(4096)?;
         println!("listening on http://{}", listener.local_addr()?);
         let idle: Idle = Rc::default();
         loop {
