@@ -166,15 +166,20 @@ impl RelayBody {
         let now = Instant::now();
         if self.last_data.is_none() {
             // From the first data on, silence is measured against `idle`.
-            self.idle_deadline = now + self.idle;
-            self.idle_timer.as_mut().reset(self.idle_deadline);
+            self.arm_idle_timer(now + self.idle);
             self.idle_waker = None;
         }
         self.last_data = Some(now);
         self.bytes += data.len() as u64;
         if self.scanner.feed(data) && self.first_content.is_none() {
-            self.first_content = Some(Instant::now());
+            self.first_content = Some(now);
         }
+    }
+
+    /// Set the idle timer to fire at `at`, and its copy of the deadline with it.
+    fn arm_idle_timer(&mut self, at: Instant) {
+        self.idle_deadline = at;
+        self.idle_timer.as_mut().reset(at);
     }
 
     /// A body of known length is over when its last byte is handed on: hyper writes it
@@ -206,10 +211,7 @@ impl RelayBody {
                 return false;
             }
             match self.last_data {
-                Some(at) if at + self.idle > Instant::now() => {
-                    self.idle_deadline = at + self.idle;
-                    self.idle_timer.as_mut().reset(self.idle_deadline);
-                }
+                Some(at) if at + self.idle > Instant::now() => self.arm_idle_timer(at + self.idle),
                 _ => return true,
             }
         }
