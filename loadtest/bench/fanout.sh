@@ -24,7 +24,9 @@
 # NGINX_ONE (1): a second nginx with one worker process, the like-for-like reference for one
 # serving thread (0 leaves it out); RELAY (0): 1 adds hyper-relay (hyper's server and client
 # on one thread with nothing between them, loadtest/bench/hyper-relay), the floor of a proxy
-# built on hyper, to tell its share of a figure from the gateway's own; CANDIDATE: a second
+# built on hyper, to tell its share of a figure from the gateway's own, and byte-relay (the
+# same on tokio alone: bytes copied from the backend to the client, no HTTP server library),
+# to tell hyper's share from tokio's; CANDIDATE: a second
 # gateway binary to run beside the first (see common.sh); TOKEN_TIMES (1): the closed runs keep every token's arrival time
 # (bitnet-loadtest --token-times) and token-times.py splits their inter-token latency into
 # the gaps near a crowd of stream starts and the rest; 0 leaves it out.
@@ -48,9 +50,9 @@ OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / 
 
 ensure_binaries
 if [ "${RELAY:-0}" = 1 ]; then
-    log "building hyper-relay"
+    log "building hyper-relay and byte-relay"
     (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-    cp "$ROOT/target/release/hyper-relay" "$WORK/bin/hyper-relay"
+    cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
 fi
 raise_fd_limit
 [ "${NGINX:-1}${NGINX_ONE:-1}" != 00 ] && require_nginx
@@ -109,8 +111,8 @@ run_one() {
             url=$NGINX_URL
             proxy_pid=$NGINX_PID
             ;;
-        hyper-relay)
-            start_server "$path-$repeat-$scenario" "$WORK/bin/hyper-relay" "$SIM_HOSTPORT"
+        hyper-relay | byte-relay)
+            start_server "$path-$repeat-$scenario" "$WORK/bin/$path" "$SIM_HOSTPORT"
             url=$SERVER_URL
             proxy_pid=$SERVER_PID
             ;;
@@ -174,7 +176,7 @@ for repeat in $(seq 1 "$REPEATS"); do
         done
         [ "${NGINX:-1}" = 1 ] && order+=(nginx)
         [ "${NGINX_ONE:-1}" = 1 ] && order+=(nginx-w1)
-        [ "${RELAY:-0}" = 1 ] && order+=(hyper-relay)
+        [ "${RELAY:-0}" = 1 ] && order+=(hyper-relay byte-relay)
         if [ $((repeat % 2)) = 0 ]; then
             # Every other repeat in reverse, so that no path always runs first.
             for ((i = 0, j = ${#order[@]} - 1; i < j; i++, j--)); do
@@ -203,6 +205,7 @@ SECTION="$WORK/section.md"
     [ "${NGINX:-1}" = 1 ] && echo "- $(nginx_markdown "$SLOTS"). nginx's peak RSS is its master's and workers' added up."
     [ "${NGINX_ONE:-1}" = 1 ] && echo "- nginx, 1 worker: the same nginx with \`worker_processes 1\`, the like-for-like reference for one serving thread."
     [ "${RELAY:-0}" = 1 ] && echo "- hyper-relay: hyper's server and client on one thread with nothing between them (loadtest/bench/hyper-relay), the floor of a proxy built on hyper; its backend side is hyper's client, with a task per connection, where the gateway reads the backend in the relaying task."
+    [ "${RELAY:-0}" = 1 ] && echo "- byte-relay: the same on tokio alone, one thread and one task per client connection, as the gateway (loadtest/bench/hyper-relay/src/bin/byte-relay.rs): it reads a request, sends it unchanged on an idle backend connection and writes each read from the backend to the client as it is, chunk framing and all, one read and one write per token as in nginx. What it adds beyond nginx is tokio's; what hyper-relay adds beyond it is hyper's."
     echo
     echo "Command:"
     echo
@@ -232,11 +235,11 @@ gateways = sorted(
     {r["path"] for r in rows if r["path"].startswith(("gateway-w", "candidate-w"))},
     key=lambda p: (int(p.rsplit("-w", 1)[1]), p.startswith("candidate")),
 )
-paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1", "hyper-relay") if any(r["path"] == n for r in rows)]
+paths = ["direct"] + gateways + [n for n in ("nginx", "nginx-w1", "hyper-relay", "byte-relay") if any(r["path"] == n for r in rows)]
 
 
 def label(p):
-    if p in ("direct", "nginx", "hyper-relay"):
+    if p in ("direct", "nginx", "hyper-relay", "byte-relay"):
         return p
     if p == "nginx-w1":
         return "nginx, 1 worker"

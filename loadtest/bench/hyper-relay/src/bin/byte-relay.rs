@@ -1,0 +1,300 @@
+//! byte-relay UPSTREAM: an HTTP/1.1 reverse proxy on tokio alone, without hyper.
+//!
+//! One thread and one task per client connection, as the gateway has. The task reads a
+//! request head (httparse) and its `Content-Length` body, sends the bytes unchanged on an idle
+//! upstream connection, and copies the response back as it arrives: each read from the
+//! upstream becomes one write to the client, chunk framing and all, so a token costs one
+//! `recvfrom` and one `write`, as in nginx. The chunked framing is only followed, to know where
+//! a response ends and its connection can be reused.
+//!
+//! It is a measuring stick, not a proxy to deploy: no header rewriting, no request bodies
+//! other than `Content-Length`, no timeouts, no limits beyond a 64 KiB head. fanout.sh runs it
+//! beside hyper-relay (`RELAY=1`) to tell what hyper's server costs a burst of tokens from what
+//! tokio's scheduling costs.
+
+use std::cell::RefCell;
+use std::error::Error;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+type Res<T> = Result<T, Box<dyn Error>>;
+type Idle = Rc<RefCell<Vec<TcpStream>>>;
+
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Where a response's body ends.
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+}
+
+/// Follows chunked framing byte by byte, only to find the end.
+#[derive(Default)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+}
+
+#[derive(Default, Clone, Copy, PartialEq)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    Data,
+    DataEnd,
+    TrailerStart,
+    Trailer,
+    Done,
+}
+
+impl Chunked {
+    /// Consume `buf`; returns how many bytes belong to this body (all of them unless it ended).
+    fn feed(&mut self, buf: &[u8]) -> Res<usize> {
+        let mut i = 0;
+        while i < buf.len() && self.state != ChunkState::Done {
+            let b = buf[i];
+            match self.state {
+                ChunkState::Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+                        self.size = self
+                            .size
+                            .checked_mul(16)
+                            .and_then(|s| s.checked_add(digit))
+                            .ok_or("chunk size overflows")?;
+                    }
+                    b';' | b' ' | b'\t' => self.state = ChunkState::Extension,
+                    b'\r' => {}
+                    b'\n' => self.end_size_line(),
+                    _ => return Err("bad chunk size".into()),
+                },
+                ChunkState::Extension => {
+                    if b == b'\n' {
+                        self.end_size_line();
+                    }
+                }
+                ChunkState::Data => {
+                    let take =
+                        (buf.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                    self.size -= take as u64;
+                    i += take;
+                    if self.size == 0 {
+                        self.state = ChunkState::DataEnd;
+                    }
+                    continue;
+                }
+                ChunkState::DataEnd => {
+                    if b == b'\n' {
+                        self.state = ChunkState::Size;
+                    }
+                }
+                ChunkState::TrailerStart => match b {
+                    b'\r' => {}
+                    b'\n' => self.state = ChunkState::Done,
+                    _ => self.state = ChunkState::Trailer,
+                },
+                ChunkState::Trailer => {
+                    if b == b'\n' {
+                        self.state = ChunkState::TrailerStart;
+                    }
+                }
+                ChunkState::Done => unreachable!("the loop stops at Done"),
+            }
+            i += 1;
+        }
+        Ok(i)
+    }
+
+    fn end_size_line(&mut self) {
+        self.state = if self.size == 0 {
+            ChunkState::TrailerStart
+        } else {
+            ChunkState::Data
+        };
+    }
+}
+
+/// Read into `buf` until it holds a whole head; returns the head's length.
+async fn read_head<F>(stream: &mut TcpStream, buf: &mut Vec<u8>, complete: F) -> Res<Option<usize>>
+where
+    F: Fn(&[u8]) -> Res<Option<usize>>,
+{
+    loop {
+        if let Some(n) = complete(buf)? {
+            return Ok(Some(n));
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err("head too large".into());
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err("closed mid-head".into())
+            };
+        }
+    }
+}
+
+fn header<'a>(headers: &'a [httparse::Header<'a>], name: &str) -> Option<&'a [u8]> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+fn content_length(headers: &[httparse::Header<'_>]) -> Res<Option<u64>> {
+    header(headers, "content-length")
+        .map(|v| Ok(std::str::from_utf8(v)?.trim().parse::<u64>()?))
+        .transpose()
+}
+
+async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<()> {
+    let mut cbuf = Vec::with_capacity(16 * 1024);
+    let mut ubuf = Vec::with_capacity(16 * 1024);
+    loop {
+        // The request: head, then a Content-Length body.
+        let Some(head_len) = read_head(&mut client, &mut cbuf, |b| {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            Ok(match req.parse(b)? {
+                httparse::Status::Complete(n) => Some(n),
+                httparse::Status::Partial => None,
+            })
+        })
+        .await?
+        else {
+            return Ok(());
+        };
+        let body_len = {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut req = httparse::Request::new(&mut headers);
+            req.parse(&cbuf)?;
+            if header(req.headers, "transfer-encoding").is_some() {
+                return Err("chunked request bodies are not relayed".into());
+            }
+            content_length(req.headers)?.unwrap_or(0)
+        };
+        let total = head_len + usize::try_from(body_len)?;
+        while cbuf.len() < total {
+            if client.read_buf(&mut cbuf).await? == 0 {
+                return Err("closed mid-body".into());
+            }
+        }
+
+        // An idle upstream connection, or a new one.
+        let popped = idle.borrow_mut().pop();
+        let mut up = match popped {
+            Some(up) => up,
+            None => {
+                let up = TcpStream::connect(upstream).await?;
+                up.set_nodelay(true)?;
+                up
+            }
+        };
+        up.write_all(&cbuf[..total]).await?;
+        cbuf.drain(..total);
+
+        // The response head, then its body as it comes.
+        ubuf.clear();
+        let head_len = read_head(&mut up, &mut ubuf, |b| {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            Ok(match resp.parse(b)? {
+                httparse::Status::Complete(n) => Some(n),
+                httparse::Status::Partial => None,
+            })
+        })
+        .await?
+        .ok_or("upstream closed before answering")?;
+        let (mut framing, reusable) = {
+            let mut headers = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut headers);
+            resp.parse(&ubuf)?;
+            let chunked = header(resp.headers, "transfer-encoding")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+            let close = header(resp.headers, "connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+            let framing = match (chunked, content_length(resp.headers)?) {
+                (true, _) => Framing::Chunked(Chunked::default()),
+                (false, Some(n)) => Framing::Length(n),
+                (false, None) => Framing::UntilClose,
+            };
+            let reusable = !close && !matches!(framing, Framing::UntilClose);
+            (framing, reusable)
+        };
+        let mut from = head_len;
+        let mut done = false;
+        loop {
+            let body = &ubuf[from..];
+            let used = match &mut framing {
+                Framing::Length(left) => {
+                    let take = body.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    done = *left == 0;
+                    take
+                }
+                Framing::Chunked(c) => {
+                    let n = c.feed(body)?;
+                    done = c.state == ChunkState::Done;
+                    n
+                }
+                Framing::UntilClose => body.len(),
+            };
+            if from + used != ubuf.len() {
+                return Err("upstream sent more than its response".into());
+            }
+            client.write_all(&ubuf).await?;
+            if done {
+                break;
+            }
+            ubuf.clear();
+            from = 0;
+            if up.read_buf(&mut ubuf).await? == 0 {
+                if matches!(framing, Framing::UntilClose) {
+                    return Ok(());
+                }
+                return Err("upstream closed mid-body".into());
+            }
+        }
+        if reusable {
+            idle.borrow_mut().push(up);
+        }
+    }
+}
+
+fn main() -> Res<()> {
+    let upstream: SocketAddr = match std::env::args().nth(1).map(|a| a.parse()) {
+        Some(Ok(addr)) => addr,
+        _ => {
+            eprintln!("usage: byte-relay UPSTREAM_HOST:PORT   (listens on 127.0.0.1, port 0)");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        // The backlog the gateway, hyper-relay and llama-sim ask for.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let listener = socket.listen(4096)?;
+        println!("listening on http://{}", listener.local_addr()?);
+        let idle: Idle = Rc::default();
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let idle = idle.clone();
+            tokio::task::spawn_local(async move {
+                if let Err(err) = serve(stream, idle, upstream).await {
+                    eprintln!("connection ended: {err}");
+                }
+            });
+        }
+    })
+}
