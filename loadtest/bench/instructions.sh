@@ -3,7 +3,8 @@
 #
 # The throughput and latency figures of proxy-overhead.sh move with the machine by tens of
 # percent from run to run. This benchmark counts instead. The gateway (one serving thread),
-# hyper-relay (hyper's server and client with nothing between them) and nginx (configured as
+# hyper-relay (hyper's server and client with nothing between them), byte-relay (a relay on
+# tokio alone that copies the backend's bytes to the client) and nginx (configured as
 # proxy-overhead.sh does, with one worker) each run under valgrind's callgrind in front of a
 # zero-latency llama-sim, and the instructions each executes for a fixed number of requests
 # are counted, after a warm-up that fills the connection pools. Instruction counts do not
@@ -48,7 +49,7 @@ for mode in "${MODES[@]}"; do
     esac
 done
 STRACE=${STRACE:-1}
-PROXIES=(gateway hyper-relay)
+PROXIES=(gateway hyper-relay byte-relay)
 if [ "${NGINX:-1}" = 1 ]; then
     require_nginx
     PROXIES+=(nginx)
@@ -68,9 +69,9 @@ if [ "$STRACE" = 1 ] && ! command -v strace >/dev/null; then
 fi
 
 ensure_binaries
-log "building hyper-relay"
+log "building hyper-relay and byte-relay"
 (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-cp "$ROOT/target/release/hyper-relay" "$WORK/bin/hyper-relay"
+cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
 
 LOAD_BEFORE=$(load_average)
 STARTED=$(date +%s)
@@ -103,7 +104,7 @@ start_proxy() {
         start_server "$name" "$@" "$BIN/bitnet-gateway" --listen 127.0.0.1:0 --workers 1 \
             --model "$MODEL" --backend "$upstream#slots=$SLOTS"
         ;;
-    hyper-relay) start_server "$name" "$@" "$BIN/hyper-relay" "${upstream#http://}" ;;
+    hyper-relay | byte-relay) start_server "$name" "$@" "$BIN/$proxy" "${upstream#http://}" ;;
     nginx)
         start_nginx "$name" "${upstream#http://}" 64 "$@"
         SERVER_PID=$NGINX_PID
@@ -230,11 +231,12 @@ LOAD_AFTER=$(load_average)
 
 SECTION="$WORK/section.md"
 {
-    echo "## Instructions per request: the gateway against a bare hyper relay and nginx"
+    echo "## Instructions per request: the gateway against bare relays (hyper, and tokio alone) and nginx"
     echo
     machine_markdown
     echo "- Load average before / after: $LOAD_BEFORE / $LOAD_AFTER. Instruction counts do not depend on it. Wall time ${ELAPSED} s."
     echo "- $(valgrind --version) (callgrind): user-space instructions of every thread of the proxy, from after $WARMUP warm-up requests to the end of $REQUESTS requests at concurrency $CONCURRENCY, to a zero-latency llama-sim; the gateway with one serving thread."
+    echo "- hyper-relay is hyper's server and client with nothing between them; byte-relay is tokio alone, one task per client connection, copying each read from the backend to the client unchanged (loadtest/bench/hyper-relay)."
     if [ -n "$PACED_SIM_URL" ]; then
         echo "- *paced*: $PACED_REQUESTS streams of $PACED_TOKENS tokens (after $PACED_WARMUP), $PACED_STREAMS at a time, from a llama-sim that generates $PACED_RATE tokens a second per stream, so that each token reaches the proxy on a read of its own, as in the fan-out benchmark."
     fi
