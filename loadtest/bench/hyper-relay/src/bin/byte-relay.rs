@@ -7,10 +7,10 @@
 //! `recvfrom` and one `write`, as in nginx. The chunked framing is only followed, to know where
 //! a response ends and its connection can be reused.
 //!
-//! It is a measuring stick, not a proxy to deploy: no header rewriting, no request bodies
-//! other than `Content-Length`, no timeouts, no limits beyond a 64 KiB head. fanout.sh runs it
-//! beside hyper-relay (`RELAY=1`) to tell what hyper's server costs a burst of tokens from what
-//! tokio's scheduling costs.
+//! It is a measuring stick, not a proxy to deploy: no HEAD, no header rewriting, no request
+//! bodies other than `Content-Length`, no timeouts, no limits beyond a 64 KiB head. fanout.sh
+//! runs it beside hyper-relay (`RELAY=1`) to tell what hyper's server costs a burst of tokens
+//! from what tokio's scheduling costs; instructions.sh counts it beside them.
 
 use std::cell::RefCell;
 use std::error::Error;
