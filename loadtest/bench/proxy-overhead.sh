@@ -2,9 +2,9 @@
 # What does the gateway add on top of a backend, compared with nginx as a plain reverse proxy?
 #
 # A zero-latency llama-sim (it answers at once, so all measured time is HTTP and proxy work)
-# is reached directly, through bitnet-gateway, through nginx, and through hyper-relay (in
-# this folder: hyper's server and client with nothing between them, the floor for any proxy
-# built on hyper). Each repeat runs the paths back to back for every (mode, rate) cell, in a
+# is reached directly, through bitnet-gateway, through nginx, and through two floors in
+# loadtest/bench/hyper-relay: hyper-relay (hyper's server and client with nothing between
+# them, the floor for any proxy built on hyper) and byte-relay (tokio alone, copying bytes). Each repeat runs the paths back to back for every (mode, rate) cell, in a
 # rotating order, so machine noise hits them all alike. Reports medians over the repeats of:
 #   - p50/p99 latency at fixed open-loop rates, and what each proxy adds to the direct path;
 #   - maximum throughput in a closed loop at high concurrency, the gateway/nginx ratio, and
@@ -16,7 +16,7 @@
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
 # CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), WORKERS ("1 2"): one
 # gateway per number of serving threads, side by side; the first is the one the targets
-# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay out; NGINX_ONE (1): a
+# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay and byte-relay out; NGINX_ONE (1): a
 # second nginx with one worker process beside the usual one-per-CPU, the like-for-like
 # comparison for one serving thread (0 leaves it out); CANDIDATE: a second gateway binary to
 # run beside the first, with the same WORKERS (see common.sh). The targets are judged against
@@ -35,7 +35,7 @@ for w in "${WORKERS[@]}"; do
     PATHS+=("gateway-w$w")
     [ -n "${CANDIDATE:-}" ] && PATHS+=("candidate-w$w")
 done
-[ "${RELAY:-1}" = 1 ] && PATHS+=(hyper-relay)
+[ "${RELAY:-1}" = 1 ] && PATHS+=(hyper-relay byte-relay)
 PATHS+=(nginx)
 [ "${NGINX_ONE:-1}" = 1 ] && PATHS+=(nginx-w1)
 MODES=(plain stream)
@@ -54,12 +54,15 @@ SIM_PID=$SERVER_PID
 SIM_HOSTPORT=${SIM_URL#http://}
 
 if [ "${RELAY:-1}" = 1 ]; then
-    log "building hyper-relay"
+    log "building hyper-relay and byte-relay"
     (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-    cp "$ROOT/target/release/hyper-relay" "$WORK/bin/hyper-relay"
+    cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
     start_server hyper-relay "$WORK/bin/hyper-relay" "$SIM_HOSTPORT"
     RELAY_URL=$SERVER_URL
     RELAY_PID=$SERVER_PID
+    start_server byte-relay "$WORK/bin/byte-relay" "$SIM_HOSTPORT"
+    BYTE_URL=$SERVER_URL
+    BYTE_PID=$SERVER_PID
 fi
 
 # Keyed by path: gateway-wN or candidate-wN, N serving threads.
@@ -89,6 +92,7 @@ url_of() {
         direct) echo "$SIM_URL" ;;
         gateway-w* | candidate-w*) echo "${GATEWAY_URL[$1]}" ;;
         hyper-relay) echo "$RELAY_URL" ;;
+        byte-relay) echo "$BYTE_URL" ;;
         nginx) echo "$NGINX_URL" ;;
         nginx-w1) echo "$NGINX_W1_URL" ;;
     esac
@@ -100,6 +104,7 @@ proxy_cpu() {
         direct) echo 0 ;;
         gateway-w* | candidate-w*) cpu_seconds "${GATEWAY_PID[$1]}" ;;
         hyper-relay) cpu_seconds "$RELAY_PID" ;;
+        byte-relay) cpu_seconds "$BYTE_PID" ;;
         nginx) nginx_cpu_seconds "$NGINX_PID" ;;
         nginx-w1) nginx_cpu_seconds "$NGINX_W1_PID" ;;
     esac
@@ -202,6 +207,8 @@ cell = {(r["repeat"], r["mode"], r["load"], r["path"]): r for r in rows}
 def label(path):
     if path == "hyper-relay":
         return "hyper-relay (floor)"
+    if path == "byte-relay":
+        return "byte-relay (tokio alone)"
     if path == "nginx-w1":
         return "nginx, 1 worker"
     if not is_gateway(path):
@@ -246,7 +253,8 @@ print(f"Medians of {len(reps)} repeats. Latency in ms, measured by bitnet-loadte
 print("its first token (TTFT) and to its last byte (E2E). *Added* is the median over repeats of (path − direct)")
 print("within the same repeat. Non-streamed answers carry 64 tokens; streamed answers are 64 SSE chunks plus")
 print("the final ones. hyper-relay is hyper's server and client with nothing between them (loadtest/bench/hyper-relay):")
-print("what any proxy built on hyper pays before doing work of its own.")
+print("what any proxy built on hyper pays before doing work of its own. byte-relay is a relay on tokio alone that")
+print("copies the backend's bytes to the client, one read to one write: the floor for a proxy on tokio without hyper.")
 print()
 print("### Latency at fixed open-loop rates")
 print()
@@ -322,7 +330,7 @@ for mode in modes:
             f"| {sum(series(mode, 'max', path, 'failed')):.0f} |"
         )
     for path in paths:
-        if is_gateway(path) or path == "hyper-relay":
+        if is_gateway(path) or path in ("hyper-relay", "byte-relay"):
             ratios[(mode, path)] = throughput_ratio(mode, path, "nginx")
             if (mode, "nginx-w1") in parts:
                 ratios_w1[(mode, path)] = throughput_ratio(mode, path, "nginx-w1")
