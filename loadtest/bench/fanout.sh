@@ -205,7 +205,7 @@ SECTION="$WORK/section.md"
     [ "${NGINX:-1}" = 1 ] && echo "- $(nginx_markdown "$SLOTS"). nginx's peak RSS is its master's and workers' added up."
     [ "${NGINX_ONE:-1}" = 1 ] && echo "- nginx, 1 worker: the same nginx with \`worker_processes 1\`, the like-for-like reference for one serving thread."
     [ "${RELAY:-0}" = 1 ] && echo "- hyper-relay: hyper's server and client on one thread with nothing between them (loadtest/bench/hyper-relay), the floor of a proxy built on hyper; its backend side is hyper's client, with a task per connection, where the gateway reads the backend in the relaying task."
-    [ "${RELAY:-0}" = 1 ] && echo "- byte-relay: the same on tokio alone, one thread and one task per client connection, as the gateway (loadtest/bench/hyper-relay/src/bin/byte-relay.rs): it reads a request, sends it unchanged on an idle backend connection and writes each read from the backend to the client as it is, chunk framing and all, one read and one write per token as in nginx. What it adds beyond nginx is tokio's; what hyper-relay adds beyond it is hyper's."
+    [ "${RELAY:-0}" = 1 ] && echo "- byte-relay: the same on tokio alone, one thread and one task per client connection, as the gateway (loadtest/bench/hyper-relay/src/bin/byte-relay.rs): it reads a request, sends it unchanged on an idle backend connection and writes each read from the backend to the client as it is, chunk framing and all, one read and one write per token as in nginx. What it adds beyond nginx is, roughly, the cost of tokio and a task per connection; what hyper-relay adds beyond it, the cost of hyper."
     echo
     echo "Command:"
     echo
