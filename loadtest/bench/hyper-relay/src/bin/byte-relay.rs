@@ -153,6 +153,34 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Res<Option<u64>> {
         .transpose()
 }
 
+/// Whether an idle connection is still open: the backend has neither closed it nor sent
+/// anything on it. Reads only if the runtime has seen it become readable.
+fn is_open(up: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(up.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+async fn connect(upstream: SocketAddr) -> Res<TcpStream> {
+    let up = TcpStream::connect(upstream).await?;
+    up.set_nodelay(true)?;
+    Ok(up)
+}
+
+/// Send `request` on `up` and read the response head into `ubuf`: its length, or `None`
+/// if the backend closed the connection without a byte.
+async fn exchange(up: &mut TcpStream, request: &[u8], ubuf: &mut Vec<u8>) -> Res<Option<usize>> {
+    up.write_all(request).await?;
+    read_head(up, ubuf, |b| {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        Ok(match resp.parse(b)? {
+            httparse::Status::Complete(n) => Some(n),
+            httparse::Status::Partial => None,
+        })
+    })
+    .await
+}
+
 async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<()> {
     let mut cbuf = Vec::with_capacity(16 * 1024);
     let mut ubuf = Vec::with_capacity(16 * 1024);
@@ -186,31 +214,32 @@ async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<(
             }
         }
 
-        // An idle upstream connection, or a new one.
-        let popped = idle.borrow_mut().pop();
-        let mut up = match popped {
-            Some(up) => up,
-            None => {
-                let up = TcpStream::connect(upstream).await?;
-                up.set_nodelay(true)?;
-                up
+        // An idle upstream connection the backend has not closed, or a new one. Backends
+        // close connections that idle too long (llama-sim, as hyper's server does, after
+        // 30 s); one closed just as this request goes out, before any byte of an answer, is
+        // replaced once by a new connection.
+        let mut pooled = loop {
+            let popped = idle.borrow_mut().pop();
+            match popped {
+                Some(up) if is_open(&up) => break Some(up),
+                Some(_) => continue,
+                None => break None,
             }
         };
-        up.write_all(&cbuf[..total]).await?;
+        let (head_len, mut up) = loop {
+            let (mut conn, fresh) = match pooled.take() {
+                Some(conn) => (conn, false),
+                None => (connect(upstream).await?, true),
+            };
+            ubuf.clear();
+            match exchange(&mut conn, &cbuf[..total], &mut ubuf).await {
+                Ok(Some(n)) => break (n, conn),
+                Ok(None) | Err(_) if !fresh && ubuf.is_empty() => continue,
+                Ok(None) => return Err("upstream closed before answering".into()),
+                Err(err) => return Err(err),
+            }
+        };
         cbuf.drain(..total);
-
-        // The response head, then its body as it comes.
-        ubuf.clear();
-        let head_len = read_head(&mut up, &mut ubuf, |b| {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            Ok(match resp.parse(b)? {
-                httparse::Status::Complete(n) => Some(n),
-                httparse::Status::Partial => None,
-            })
-        })
-        .await?
-        .ok_or("upstream closed before answering")?;
         let (mut framing, reusable) = {
             let mut headers = [httparse::EMPTY_HEADER; 64];
             let mut resp = httparse::Response::new(&mut headers);
