@@ -59,36 +59,14 @@ async fn relay(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let upstream: SocketAddr = match std::env::args().nth(1).map(|a| a.parse()) {
-        Some(Ok(addr)) => addr,
-        _ => {
-            eprintln!("usage: hyper-relay UPSTREAM_HOST:PORT   (listens on 127.0.0.1, port 0)");
-            std::process::exit(2);
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
-        // The backlog the gateway and llama-sim ask for: a crowd of a thousand connects (the
-        // fan-out's closed runs) must not overflow it and wait a second for a SYN retry.
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind("127.0.0.1:0".parse()?)?;
-        let listener = socket.listen(4096)?;
-        println!("listening on http://{}", listener.local_addr()?);
-        let idle: Idle = Rc::default();
-        loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            let idle = idle.clone();
-            tokio::task::spawn_local(async move {
-                let service =
-                    hyper::service::service_fn(move |req| relay(req, idle.clone(), upstream));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+    let idle: Idle = Rc::default();
+    hyper_relay::run("hyper-relay", move |stream, upstream| {
+        let idle = idle.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| relay(req, idle.clone(), upstream));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         }
     })
 }

@@ -297,33 +297,13 @@ async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<(
 }
 
 fn main() -> Res<()> {
-    let upstream: SocketAddr = match std::env::args().nth(1).map(|a| a.parse()) {
-        Some(Ok(addr)) => addr,
-        _ => {
-            eprintln!("usage: byte-relay UPSTREAM_HOST:PORT   (listens on 127.0.0.1, port 0)");
-            std::process::exit(2);
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&runtime, async move {
-        // The backlog the gateway, hyper-relay and llama-sim ask for.
-        let socket = tokio::net::TcpSocket::new_v4()?;
-        socket.bind("127.0.0.1:0".parse()?)?;
-        let listener = socket.listen(4096)?;
-        println!("listening on http://{}", listener.local_addr()?);
-        let idle: Idle = Rc::default();
-        loop {
-            let (stream, _) = listener.accept().await?;
-            stream.set_nodelay(true)?;
-            let idle = idle.clone();
-            tokio::task::spawn_local(async move {
-                if let Err(err) = serve(stream, idle, upstream).await {
-                    eprintln!("connection ended: {err}");
-                }
-            });
+    let idle: Idle = Rc::default();
+    hyper_relay::run("byte-relay", move |stream, upstream| {
+        let idle = idle.clone();
+        async move {
+            if let Err(err) = serve(stream, idle, upstream).await {
+                eprintln!("connection ended: {err}");
+            }
         }
     })
 }
