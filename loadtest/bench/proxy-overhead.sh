@@ -4,8 +4,9 @@
 # A zero-latency llama-sim (it answers at once, so all measured time is HTTP and proxy work)
 # is reached directly, through bitnet-gateway, through nginx, and through two floors in
 # loadtest/bench/hyper-relay: hyper-relay (hyper's server and client with nothing between
-# them, the floor for any proxy built on hyper) and byte-relay (tokio alone, copying bytes). Each repeat runs the paths back to back for every (mode, rate) cell, in a
-# rotating order, so machine noise hits them all alike. Reports medians over the repeats of:
+# them, the floor for any proxy built on hyper) and byte-relay (tokio alone, copying bytes).
+# Each repeat runs the paths back to back for every (mode, rate) cell, in a rotating order,
+# so machine noise hits them all alike. Reports medians over the repeats of:
 #   - p50/p99 latency at fixed open-loop rates, and what each proxy adds to the direct path;
 #   - maximum throughput in a closed loop at high concurrency, the gateway/nginx ratio, and
 #     the CPU time each proxy spends per request, with the simulator's, the load
@@ -16,11 +17,11 @@
 # Knobs (environment): REPEATS (5), DURATION seconds per latency run (5), RATES ("500 1000"),
 # CONCURRENCY for the throughput runs (64), TPUT_DURATION seconds (5), WORKERS ("1 2"): one
 # gateway per number of serving threads, side by side; the first is the one the targets
-# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay and byte-relay out; NGINX_ONE (1): a
-# second nginx with one worker process beside the usual one-per-CPU, the like-for-like
-# comparison for one serving thread (0 leaves it out); CANDIDATE: a second gateway binary to
-# run beside the first, with the same WORKERS (see common.sh). The targets are judged against
-# nginx's usual setting.
+# judge (1 is the gateway's default); RELAY (1): 0 leaves hyper-relay and byte-relay out;
+# NGINX_ONE (1): a second nginx with one worker process beside the usual one-per-CPU, the
+# like-for-like comparison for one serving thread (0 leaves it out); CANDIDATE: a second
+# gateway binary to run beside the first, with the same WORKERS (see common.sh). The targets
+# are judged against nginx's usual setting.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
