@@ -4,13 +4,13 @@
 //! request head (httparse) and its `Content-Length` body, sends the bytes unchanged on an idle
 //! upstream connection, and copies the response back as it arrives: each read from the
 //! upstream becomes one write to the client, chunk framing and all, so a token costs one
-//! `recvfrom` and one `write`, as in nginx. The chunked framing is only followed, to know where
-//! a response ends and its connection can be reused.
+//! `recvfrom` and one `sendto`, as nginx's one read and one `writev`. The chunked framing is
+//! only followed, to know where a response ends and its connection can be reused.
 //!
 //! It is a measuring stick, not a proxy to deploy: no HEAD, no header rewriting, no request
-//! bodies other than `Content-Length`, no timeouts, no limits beyond a 64 KiB head. fanout.sh
-//! runs it beside hyper-relay (`RELAY=1`) to tell what hyper's server costs a burst of tokens
-//! from what tokio's scheduling costs; instructions.sh counts it beside them.
+//! bodies other than `Content-Length`, no timeouts, no limits beyond a 64 KiB head.
+//! fanout.sh (`RELAY=1`) and proxy-overhead.sh run it beside hyper-relay, to tell what hyper's
+//! server costs from what tokio's scheduling costs; instructions.sh counts it beside them.
 
 use std::cell::RefCell;
 use std::error::Error;
