@@ -118,14 +118,16 @@ impl Chunked {
     }
 }
 
-/// Read into `buf` until it holds a whole head; returns the head's length.
-async fn read_head<F>(stream: &mut TcpStream, buf: &mut Vec<u8>, complete: F) -> Res<Option<usize>>
-where
-    F: Fn(&[u8]) -> Res<Option<usize>>,
-{
+/// Read into `buf` until `parse` finds a whole head in it; returns what `parse` made of it,
+/// or `None` if the peer closed the connection before sending a byte.
+async fn read_head<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    parse: fn(&[u8]) -> Res<Option<T>>,
+) -> Res<Option<T>> {
     loop {
-        if let Some(n) = complete(buf)? {
-            return Ok(Some(n));
+        if let Some(head) = parse(buf)? {
+            return Ok(Some(head));
         }
         if buf.len() >= MAX_HEAD {
             return Err("head too large".into());
@@ -153,6 +155,51 @@ fn content_length(headers: &[httparse::Header<'_>]) -> Res<Option<u64>> {
         .transpose()
 }
 
+/// A whole request head at the start of `buf`: its length and its body's.
+fn request_head(buf: &[u8]) -> Res<Option<(usize, u64)>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(len) = req.parse(buf)? else {
+        return Ok(None);
+    };
+    if header(req.headers, "transfer-encoding").is_some() {
+        return Err("chunked request bodies are not relayed".into());
+    }
+    Ok(Some((len, content_length(req.headers)?.unwrap_or(0))))
+}
+
+/// What a response head says about the bytes after it.
+struct ResponseHead {
+    len: usize,
+    framing: Framing,
+    /// Whether the connection can carry another request after this response.
+    reusable: bool,
+}
+
+/// A whole response head at the start of `buf`.
+fn response_head(buf: &[u8]) -> Res<Option<ResponseHead>> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let httparse::Status::Complete(len) = resp.parse(buf)? else {
+        return Ok(None);
+    };
+    let chunked = header(resp.headers, "transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
+    let close =
+        header(resp.headers, "connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+    let framing = match (chunked, content_length(resp.headers)?) {
+        (true, _) => Framing::Chunked(Chunked::default()),
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::UntilClose,
+    };
+    let reusable = !close && !matches!(framing, Framing::UntilClose);
+    Ok(Some(ResponseHead {
+        len,
+        framing,
+        reusable,
+    }))
+}
+
 /// Whether an idle connection is still open: the backend has neither closed it nor sent
 /// anything on it. Reads only if the runtime has seen it become readable.
 fn is_open(up: &TcpStream) -> bool {
@@ -166,19 +213,15 @@ async fn connect(upstream: SocketAddr) -> Res<TcpStream> {
     Ok(up)
 }
 
-/// Send `request` on `up` and read the response head into `ubuf`: its length, or `None`
-/// if the backend closed the connection without a byte.
-async fn exchange(up: &mut TcpStream, request: &[u8], ubuf: &mut Vec<u8>) -> Res<Option<usize>> {
+/// Send `request` on `up` and read the response head into `ubuf`, or `None` if the backend
+/// closed the connection without a byte.
+async fn exchange(
+    up: &mut TcpStream,
+    request: &[u8],
+    ubuf: &mut Vec<u8>,
+) -> Res<Option<ResponseHead>> {
     up.write_all(request).await?;
-    read_head(up, ubuf, |b| {
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut headers);
-        Ok(match resp.parse(b)? {
-            httparse::Status::Complete(n) => Some(n),
-            httparse::Status::Partial => None,
-        })
-    })
-    .await
+    read_head(up, ubuf, response_head).await
 }
 
 async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<()> {
@@ -186,26 +229,9 @@ async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<(
     let mut ubuf = Vec::with_capacity(16 * 1024);
     loop {
         // The request: head, then a Content-Length body.
-        let Some(head_len) = read_head(&mut client, &mut cbuf, |b| {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            Ok(match req.parse(b)? {
-                httparse::Status::Complete(n) => Some(n),
-                httparse::Status::Partial => None,
-            })
-        })
-        .await?
+        let Some((head_len, body_len)) = read_head(&mut client, &mut cbuf, request_head).await?
         else {
             return Ok(());
-        };
-        let body_len = {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut req = httparse::Request::new(&mut headers);
-            req.parse(&cbuf)?;
-            if header(req.headers, "transfer-encoding").is_some() {
-                return Err("chunked request bodies are not relayed".into());
-            }
-            content_length(req.headers)?.unwrap_or(0)
         };
         let total = head_len + usize::try_from(body_len)?;
         while cbuf.len() < total {
@@ -226,37 +252,25 @@ async fn serve(mut client: TcpStream, idle: Idle, upstream: SocketAddr) -> Res<(
                 None => break None,
             }
         };
-        let (head_len, mut up) = loop {
+        let (head, mut up) = loop {
             let (mut conn, fresh) = match pooled.take() {
                 Some(conn) => (conn, false),
                 None => (connect(upstream).await?, true),
             };
             ubuf.clear();
             match exchange(&mut conn, &cbuf[..total], &mut ubuf).await {
-                Ok(Some(n)) => break (n, conn),
+                Ok(Some(head)) => break (head, conn),
                 Ok(None) | Err(_) if !fresh && ubuf.is_empty() => continue,
                 Ok(None) => return Err("upstream closed before answering".into()),
                 Err(err) => return Err(err),
             }
         };
         cbuf.drain(..total);
-        let (mut framing, reusable) = {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut headers);
-            resp.parse(&ubuf)?;
-            let chunked = header(resp.headers, "transfer-encoding")
-                .is_some_and(|v| v.eq_ignore_ascii_case(b"chunked"));
-            let close = header(resp.headers, "connection")
-                .is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
-            let framing = match (chunked, content_length(resp.headers)?) {
-                (true, _) => Framing::Chunked(Chunked::default()),
-                (false, Some(n)) => Framing::Length(n),
-                (false, None) => Framing::UntilClose,
-            };
-            let reusable = !close && !matches!(framing, Framing::UntilClose);
-            (framing, reusable)
-        };
-        let mut from = head_len;
+        let ResponseHead {
+            len: mut from,
+            mut framing,
+            reusable,
+        } = head;
         let mut done = false;
         loop {
             let body = &ubuf[from..];
