@@ -45,6 +45,15 @@ log() {
     printf '[%s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2
 }
 
+# Builds the relays that stand for the floors (loadtest/bench/hyper-relay: hyper-relay and
+# byte-relay) and copies them beside the other binaries in $WORK/bin. Call after
+# ensure_binaries, which makes that folder.
+build_relays() {
+    log "building hyper-relay and byte-relay"
+    (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
+    cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
+}
+
 # Builds the three binaries once if any is missing. Set BENCH_REBUILD=1 to rebuild anyway,
 # e.g. after changing the gateway.
 ensure_binaries() {

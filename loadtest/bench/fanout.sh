@@ -50,9 +50,7 @@ OPEN_RATE=$(awk -v s="$STREAMS" -v d="$STREAM_SECS" 'BEGIN { printf "%.1f", s / 
 
 ensure_binaries
 if [ "${RELAY:-0}" = 1 ]; then
-    log "building hyper-relay and byte-relay"
-    (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-    cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
+    build_relays
 fi
 raise_fd_limit
 [ "${NGINX:-1}${NGINX_ONE:-1}" != 00 ] && require_nginx

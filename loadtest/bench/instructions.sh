@@ -69,9 +69,7 @@ if [ "$STRACE" = 1 ] && ! command -v strace >/dev/null; then
 fi
 
 ensure_binaries
-log "building hyper-relay and byte-relay"
-(cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
+build_relays
 
 LOAD_BEFORE=$(load_average)
 STARTED=$(date +%s)

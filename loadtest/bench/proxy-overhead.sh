@@ -55,9 +55,7 @@ SIM_PID=$SERVER_PID
 SIM_HOSTPORT=${SIM_URL#http://}
 
 if [ "${RELAY:-1}" = 1 ]; then
-    log "building hyper-relay and byte-relay"
-    (cd "$BENCH_DIR/hyper-relay" && CARGO_TARGET_DIR="$ROOT/target" cargo build --release --locked -q)
-    cp "$ROOT/target/release/hyper-relay" "$ROOT/target/release/byte-relay" "$WORK/bin/"
+    build_relays
     start_server hyper-relay "$WORK/bin/hyper-relay" "$SIM_HOSTPORT"
     RELAY_URL=$SERVER_URL
     RELAY_PID=$SERVER_PID
