@@ -73,3 +73,58 @@ impl Body for GatewayBody {
         }
     }
 }
+
+/// A request body: hyper's, on connections hyper serves (HTTP/2, TLS), or one the
+/// gateway's own HTTP/1 server side ([`crate::http1`]) reads off the socket and hands over
+/// piece by piece.
+pub enum RequestBody {
+    /// From hyper.
+    Hyper(hyper::body::Incoming),
+    /// From the gateway's HTTP/1 server side, whole: it arrived with the head, as nearly
+    /// every request's does. Taken when read.
+    Whole(Option<Bytes>),
+    /// From the gateway's HTTP/1 server side: pieces sent by the connection's task as the
+    /// handler asks for them (the channel holds one), ending when the sender is dropped.
+    Read(tokio::sync::mpsc::Receiver<Result<Bytes, BoxError>>),
+    /// No body at all.
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(inner) => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BoxError::from))),
+            RequestBody::Whole(whole) => Poll::Ready(whole.take().map(|b| Ok(Frame::data(b)))),
+            RequestBody::Read(rx) => rx.poll_recv(cx).map(|p| p.map(|r| r.map(Frame::data))),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(inner) => inner.is_end_stream(),
+            RequestBody::Whole(whole) => whole.is_none(),
+            RequestBody::Read(_) => false,
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(inner) => inner.size_hint(),
+            RequestBody::Whole(whole) => {
+                SizeHint::with_exact(whole.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            RequestBody::Read(_) => SizeHint::default(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}

@@ -28,6 +28,12 @@ pub enum GatewayError {
     /// The body exceeds `max_body_bytes`.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
+
+    #[error("the request head exceeds the limit of {limit} bytes or {headers} headers")]
+    HeadTooLarge { limit: usize, headers: usize },
+
+    #[error("malformed request: {0}")]
+    MalformedRequest(&'static str),
     /// The body could not be read from the client.
     #[error("could not read the request body: {0}")]
     BodyRead(String),
@@ -110,6 +116,16 @@ impl GatewayError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "request_too_large",
+            ),
+            HeadTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "invalid_request_error",
+                "request_header_fields_too_large",
+            ),
+            MalformedRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "malformed_request",
             ),
             BodyRead(_) => (
                 StatusCode::BAD_REQUEST,

@@ -4,10 +4,12 @@
 //!
 //! A request's path, top to bottom, one file per step:
 //!
-//! 1. [`server`]: accept connections, deal them over the serving threads, serve HTTP/1.1 and
-//!    HTTP/2, drain on shutdown; [`stall`] closes a connection that sends no request, has
-//!    none in progress, or reads nothing for too long; [`gated`] keeps the idle timer and
-//!    the drain signal from being polled on every wake-up of the connection's task.
+//! 1. [`server`]: accept connections, deal them over the serving threads, tell HTTP/1.1 from
+//!    HTTP/2, drain on shutdown. [`http1`] is the gateway's own HTTP/1.1 server side (over
+//!    TCP or TLS); hyper serves HTTP/2. [`stall`] closes an HTTP/2 connection with nothing
+//!    in progress for too long, and any connection that reads nothing for too long;
+//!    [`gated`] keeps the idle timer and the drain signal from being polled on every
+//!    wake-up of an HTTP/2 connection's task.
 //! 2. [`routes`]: check the key, match method and path, read the body within its limit,
 //!    [`inspect`] it for `model` and `stream` and read it as a [`job`] (prompt size, prefix
 //!    chain, answer length, session, priority); answer `/health`, `/metrics`, `/v1/models`
@@ -57,6 +59,7 @@ pub mod forward;
 mod fuzz;
 pub mod gated;
 pub mod health;
+pub mod http1;
 pub mod inspect;
 pub mod job;
 pub mod ledger;

@@ -10,12 +10,11 @@ use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{endpoint_is_public, AuthError};
-use crate::body::GatewayBody;
+use crate::body::{GatewayBody, RequestBody};
 use crate::context;
 use crate::error::{json_response, GatewayError};
 use crate::forward::{forward, strip_gateway_credentials, strip_hop_by_hop, Outbound};
@@ -54,7 +53,7 @@ const OWN: &[&str] = &["/health", "/v1/models", "/metrics"];
 /// Serve one request from `peer`. Never fails: gateway errors become OpenAI error responses.
 pub async fn handle(
     gw: Arc<Gateway>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     peer: SocketAddr,
 ) -> Response<GatewayBody> {
     let arrived = tokio::time::Instant::now();
@@ -68,7 +67,7 @@ pub async fn handle(
     if let Ok(Some(key)) = &authorized {
         gw.metrics.requests.by_key.with_label_values(&[key]).inc();
     }
-    // If the client goes away before an answer exists, hyper drops this future: the guard
+    // If the client goes away before an answer exists, the server drops this future: the guard
     // still leaves a trace (status 499, as nginx logs it).
     let mut unanswered = Unanswered {
         gw: &gw,
@@ -126,7 +125,7 @@ impl Drop for Unanswered<'_> {
 /// metrics), or `None` when no key is needed.
 fn authorize(
     gw: &Gateway,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
     peer: SocketAddr,
 ) -> Result<Option<String>, GatewayError> {
     let cfg = &gw.config();
@@ -231,7 +230,7 @@ fn endpoint_label(path: &str) -> &'static str {
 
 async fn route(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
     endpoint: &'static str,
     arrived: tokio::time::Instant,
@@ -268,7 +267,7 @@ async fn route(
 
 async fn proxy(
     gw: &Arc<Gateway>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     id: &str,
     endpoint: &'static str,
     arrived: tokio::time::Instant,
@@ -356,7 +355,7 @@ async fn proxy(
 /// it arrives, so that many large bodies read at once cannot exhaust memory. The claim is
 /// held until the request is dropped.
 async fn read_body(
-    mut body: Incoming,
+    mut body: RequestBody,
     limit: usize,
     (budget, size): (&Arc<Semaphore>, usize),
 ) -> Result<(Bytes, Option<OwnedSemaphorePermit>), GatewayError> {

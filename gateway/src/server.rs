@@ -7,15 +7,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 
+use crate::body::RequestBody;
 use crate::discovery;
 use crate::gated::Gated;
 use crate::health::spawn_probers;
+use crate::http1;
 use crate::routes::handle;
 use crate::stall::{Activity, Idle, SendDeadline, Tracked};
 use crate::state::Gateway;
@@ -270,13 +277,13 @@ fn spawn_connection(
     let activity = Activity::new();
     let gw2 = gw.clone();
     let activity2 = activity.clone();
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         // Counted from here until the response body is dropped, so that a long stream
         // keeps its connection from counting as idle.
         let progress = activity2.start();
         let gw = gw2.clone();
         async move {
-            let resp = handle(gw, req, peer).await;
+            let resp = handle(gw, req.map(RequestBody::Hyper), peer).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, progress)))
         }
     });
@@ -284,26 +291,32 @@ fn spawn_connection(
     // new connections.
     let cfg = gw.config();
     let builder = connection_builder(&cfg);
-    let (idle_after, send_timeout) = (cfg.header_read_timeout, cfg.send_timeout);
+    let send_timeout = cfg.send_timeout;
+    let limits = http1::Limits {
+        max_head: cfg.max_header_bytes,
+        header_read_timeout: cfg.header_read_timeout,
+    };
     drop(cfg);
     // Under TLS too: the record layer's writes are the socket's.
     let stream = SendDeadline::new(stream, send_timeout);
-    let drain = open.watch();
     let acceptor = gw.tls.as_ref().map(|t| t.acceptor());
+    let conn = Conn {
+        gw: gw.clone(),
+        peer,
+        svc,
+        builder,
+        activity,
+        limits,
+        drain: open.watch(),
+    };
     tokio::spawn(async move {
         let served = match acceptor {
-            None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), svc);
-                until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
-            }
+            None => conn.serve(stream).await,
             Some(acceptor) => {
                 // The handshake runs here, not in the accept loop, and is bounded so a
                 // silent client cannot hold a connection slot.
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let conn = builder.serve_connection(TokioIo::new(tls), svc);
-                        until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
-                    }
+                    Ok(Ok(tls)) => conn.serve(tls).await,
                     Ok(Err(err)) => {
                         tracing::debug!(%peer, error = %err, "TLS handshake failed");
                         Ok(())
@@ -321,6 +334,160 @@ fn spawn_connection(
         drop(permit);
         drop(held);
     });
+}
+
+/// What serving one connection takes, over TCP or TLS.
+struct Conn<S> {
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    /// hyper's service, for HTTP/2.
+    svc: S,
+    builder: auto::Builder<TokioExecutor>,
+    /// The requests in progress on an HTTP/2 connection, for its idle timeout.
+    activity: Activity,
+    limits: http1::Limits,
+    drain: watch::Receiver<()>,
+}
+
+impl<S, B> Conn<S>
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Serve `io`: HTTP/1.1 on the gateway's own server side, HTTP/2 on hyper's.
+    async fn serve<IO>(self, mut io: IO) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            gw,
+            peer,
+            svc,
+            builder,
+            activity,
+            limits,
+            drain,
+        } = self;
+        // Counted from here, after any TLS handshake, as hyper counts its header timeout.
+        let deadline = tokio::time::Instant::now() + limits.header_read_timeout;
+        match sniff(&mut io, deadline).await {
+            Sniffed::Http1(buf) => {
+                let handler = move |req| handle(gw.clone(), req, peer);
+                http1::serve(io, buf, limits, deadline, drain, handler)
+                    .await
+                    .map_err(Into::into)
+            }
+            Sniffed::Http2(seen) => {
+                let io = TokioIo::new(Rewind::new(seen, io));
+                let conn = builder.serve_connection(io, svc);
+                let idle_after = limits.header_read_timeout;
+                until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
+            }
+            Sniffed::Nothing => Ok(()),
+        }
+    }
+}
+
+/// What a connection's first bytes say it speaks.
+enum Sniffed {
+    /// Anything but the HTTP/2 preface: HTTP/1, with the bytes read so far.
+    Http1(BytesMut),
+    /// HTTP/2 with prior knowledge: the preface, to be read again by hyper.
+    Http2(Bytes),
+    /// Closed, failed, or silent until `deadline`.
+    Nothing,
+}
+
+/// What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Read until the connection's first bytes tell HTTP/1 from HTTP/2. Nearly always the first
+/// read decides: only a client that stops inside a prefix of the preface is waited for,
+/// until `deadline`.
+async fn sniff<IO: AsyncRead + Unpin>(io: &mut IO, deadline: tokio::time::Instant) -> Sniffed {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Sniffed::Http1(buf);
+        }
+        if n == H2_PREFACE.len() {
+            return Sniffed::Http2(buf.freeze());
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {
+            Ok(Ok(read)) if read > 0 => {}
+            _ => return Sniffed::Nothing,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection whose first bytes, already read, are read again before the rest.
+    struct Rewind<T> {
+        seen: Bytes,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    fn new(seen: Bytes, inner: T) -> Self {
+        Rewind { seen, inner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        if !this.seen.is_empty() {
+            let n = this.seen.len().min(buf.remaining());
+            buf.put_slice(&this.seen.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }
 
 /// A serving thread's open connections: each holds a watch on this, which it keeps until it

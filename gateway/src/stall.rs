@@ -1,24 +1,23 @@
-//! Deadlines on a client connection that hyper's own timers leave open.
+//! Deadlines on a client connection that the HTTP servers' own timers leave open.
 //!
-//! hyper bounds the time an HTTP/1 client takes to send a request head, between requests
-//! too, but not three other ways a client can hold a connection, and with it a permit of
-//! `limits.max_connections` or a backend slot, for as long as it likes:
+//! The gateway's HTTP/1 server side ([`crate::http1`]) bounds the time a client takes to
+//! send a request head, between requests too, and [`crate::server`] bounds the read that
+//! tells HTTP/1 from HTTP/2. That leaves two ways a client can hold a connection, and with
+//! it a permit of `limits.max_connections` or a backend slot, for as long as it likes:
 //!
-//! - **Before its first request.** The server first reads up to 24 bytes to tell HTTP/1
-//!   from HTTP/2, with no timer; a client that connects and sends nothing, or a prefix of
-//!   the HTTP/2 preface, waits there for ever.
 //! - **Idle on HTTP/2.** hyper's HTTP/2 server has no idle timeout, and its keep-alive
 //!   pings only find dead peers: a client that answers them keeps a connection with no
 //!   streams open for ever.
 //!
-//!   [`Activity`] covers both: it counts a connection's requests until their response
+//!   [`Activity`] covers it: it counts a connection's requests until their response
 //!   bodies end, and the connection's task closes it once none has been in progress for
 //!   `limits.header_read_timeout_secs`, the same limit HTTP/1 keeps between requests.
 //! - **While it does not read.** A response is written only as fast as the client reads it;
-//!   when its socket buffer is full, hyper stops polling the response body, so the relay's
-//!   own idle timer is never looked at and the backend slot stays taken. [`SendDeadline`]
-//!   fails a write that has made no progress for `limits.send_timeout_secs`, which ends the
-//!   connection, drops the response body and frees the slot.
+//!   when its socket buffer is full, the server stops polling the response body, so the
+//!   relay's own idle timer is never looked at and the backend slot stays taken.
+//!   [`SendDeadline`] fails a write that has made no progress for
+//!   `limits.send_timeout_secs`, which ends the connection, drops the response body and
+//!   frees the slot. It wraps the socket under both servers.
 
 use std::future::Future;
 use std::io;
