@@ -240,7 +240,7 @@ async fn read_head<IO: AsyncRead + Unpin>(
         if buf.len() >= max_head {
             return Err(too_large(max_head));
         }
-        buf.reserve(4096);
+        room_to_read(buf);
         if io.read_buf(buf).await? == 0 {
             return match buf.is_empty() {
                 true => Ok(None),
@@ -262,11 +262,13 @@ fn malformed(why: &'static str) -> GatewayError {
 }
 
 /// Parse a complete head at the start of `buf` and take it off; `None` if it is not
-/// complete yet.
+/// complete yet. The request's target and header values share the head's bytes.
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, GatewayError> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Left uninitialised: zeroing room for the most headers a
+    // request may have, on every request, cost more than parsing the few it has.
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -289,17 +291,34 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Gatew
         return Err(malformed("the request line is incomplete"));
     };
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| malformed("bad method"))?;
-    let uri = Uri::try_from(target).map_err(|_| malformed("bad request target"))?;
     let version = if minor == 0 {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
-    for h in parsed.headers.iter() {
-        let name =
-            HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| malformed("bad header name"))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| malformed("bad header value"))?;
+    // Where the target and each header sit in the head, so that they can be sliced out of
+    // it once it is taken off the buffer, rather than each copied into an allocation of
+    // its own.
+    let base = buf.as_ptr() as usize;
+    let span = |s: &[u8]| {
+        let at = s.as_ptr() as usize - base;
+        (at, at + s.len())
+    };
+    let target = span(target.as_bytes());
+    let spans: Vec<_> = parsed
+        .headers
+        .iter()
+        .map(|h| (span(h.name.as_bytes()), span(h.value)))
+        .collect();
+    let head = buf.split_to(len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
+        .map_err(|_| malformed("bad request target"))?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &(name, value) in &spans {
+        let name = HeaderName::from_bytes(&head[name.0..name.1])
+            .map_err(|_| malformed("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value.0..value.1))
+            .map_err(|_| malformed("bad header value"))?;
         headers.append(name, value);
     }
     let framing = body_framing(&headers, version)?;
@@ -308,7 +327,6 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Gatew
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    buf.advance(len);
     Ok(Some(Head {
         method,
         uri,
@@ -447,7 +465,7 @@ async fn feed_step<IO: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(());
             }
         }
-        buf.reserve(8192);
+        room_to_read(buf);
         if io.read_buf(buf).await? == 0 {
             permit.send(Err(
                 "the client closed the connection before the body ended".into(),
@@ -469,8 +487,18 @@ async fn client_open<IO: AsyncRead + Unpin>(
     if buf.len() >= max_head {
         return std::future::pending().await;
     }
-    buf.reserve(4096);
+    room_to_read(buf);
     matches!(io.read_buf(buf).await, Ok(n) if n > 0)
+}
+
+/// Make room in `buf` for a read, when little is left. Each request's head and body are
+/// pieces of the buffer they were read into, so while one is in progress its buffer cannot
+/// be reused; this keeps reading into what is left of it instead of allocating anew for
+/// every read.
+fn room_to_read(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8192);
+    }
 }
 
 /// How a request body is delimited, and how far through it the reading is.

@@ -381,7 +381,9 @@ where
         match sniff(&mut io, deadline).await {
             Sniffed::Http1(buf) => {
                 let handler = move |req| handle(gw.clone(), req, peer);
-                http1::serve(io, buf, limits, deadline, drain, handler)
+                // Boxed, as is hyper's below: the task's future is then a few words, not the
+                // largest of the two, which spawning it would otherwise copy several times.
+                Box::pin(http1::serve(io, buf, limits, deadline, drain, handler))
                     .await
                     .map_err(Into::into)
             }
@@ -389,7 +391,14 @@ where
                 let io = TokioIo::new(Rewind::new(seen, io));
                 let conn = builder.serve_connection(io, svc);
                 let idle_after = limits.header_read_timeout;
-                until_closed(conn.into_owned(), activity, idle_after, drain, peer).await
+                Box::pin(until_closed(
+                    conn.into_owned(),
+                    activity,
+                    idle_after,
+                    drain,
+                    peer,
+                ))
+                .await
             }
             Sniffed::Nothing => Ok(()),
         }
