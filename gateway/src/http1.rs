@@ -67,7 +67,7 @@ pub struct Limits {
 /// Serve HTTP/1.1 on `io` until the client closes, a limit closes it, or `drain` fires.
 ///
 /// `buf` holds bytes already read from the connection; `first_deadline` bounds the first
-/// request head (the connection's arrival plus the header timeout). `handler` answers a
+/// request head (when serving began, plus the header timeout). `handler` answers a
 /// request; it is dropped unfinished if the client goes away.
 pub async fn serve<IO, H, F, B>(
     mut io: IO,
@@ -172,19 +172,19 @@ where
             version == Version::HTTP_10,
             body.size_hint(),
         );
-        let framing = match framing {
-            _ if is_head => Framing::Nothing,
-            Framing::Close => {
-                keep_alive = false;
-                Framing::Close
-            }
-            f => f,
-        };
+        if framing == Framing::Close {
+            keep_alive = false;
+        }
+        let framing = if is_head { Framing::Nothing } else { framing };
         let watch = Some(limits.max_head);
         let completed = write_body(&mut io, &mut buf, &mut out, pin!(body), framing, watch).await?;
         if !completed || !keep_alive {
             let _ = io.shutdown().await;
             return Ok(());
+        }
+        // One large answer must not leave every idle connection holding its size.
+        if out.capacity() > 2 * MAX_WRITE {
+            out = Vec::with_capacity(4096);
         }
         deadline = Instant::now() + limits.header_read_timeout;
     }
