@@ -179,7 +179,7 @@ SECTION="$WORK/section.md"
     echo "Command:"
     echo
     echo '```sh'
-    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" NGINX_ONE=${NGINX_ONE:-1}${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/proxy-overhead.sh"
+    echo "REPEATS=$REPEATS DURATION=$DURATION RATES=\"${RATES[*]}\" CONCURRENCY=$CONCURRENCY TPUT_DURATION=$TPUT_DURATION WORKERS=\"${WORKERS[*]}\" NGINX_ONE=${NGINX_ONE:-1} RELAY=${RELAY:-1}${CANDIDATE:+ CANDIDATE=$CANDIDATE} loadtest/bench/proxy-overhead.sh"
     echo '```'
     echo
     python3 - "$RAW" "$REPEATS" "$CONCURRENCY" "$(nproc)" "${PATHS[@]}" <<'PY'
