@@ -263,6 +263,9 @@ fn malformed(why: &'static str) -> GatewayError {
 
 /// Parse a complete head at the start of `buf` and take it off; `None` if it is not
 /// complete yet. The request's target and header values share the head's bytes.
+// Out of line, so that a profile of the whole-program-optimised release build names
+// it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+#[inline(never)]
 fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, GatewayError> {
     // Left uninitialised: zeroing room for the most headers a
     // request may have, on every request, cost more than parsing the few it has.
@@ -644,6 +647,9 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Write the response head into `out`, and say how its body is framed.
+// Out of line, so that a profile of the whole-program-optimised release build names
+// it (loadtest/bench/instructions.sh breaks the gateway's work down by function).
+#[inline(never)]
 fn write_head(
     out: &mut Vec<u8>,
     parts: &http::response::Parts,
