@@ -11,9 +11,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
@@ -342,7 +342,7 @@ struct Conn<S> {
     peer: SocketAddr,
     /// hyper's service, for HTTP/2.
     svc: S,
-    builder: auto::Builder<TokioExecutor>,
+    builder: http2::Builder<TokioExecutor>,
     /// The requests in progress on an HTTP/2 connection, for its idle timeout.
     activity: Activity,
     limits: http1::Limits,
@@ -391,14 +391,7 @@ where
                 let io = TokioIo::new(Rewind::new(seen, io));
                 let conn = builder.serve_connection(io, svc);
                 let idle_after = limits.header_read_timeout;
-                Box::pin(until_closed(
-                    conn.into_owned(),
-                    activity,
-                    idle_after,
-                    drain,
-                    peer,
-                ))
-                .await
+                Box::pin(until_closed(conn, activity, idle_after, drain, peer)).await
             }
             Sniffed::Nothing => Ok(()),
         }
@@ -524,7 +517,7 @@ impl OpenConnections {
 /// client has answered the GOAWAY's ping; one that neither answers nor closes is cut after
 /// a further `idle_after` with nothing in progress.
 async fn until_closed<I, S, B>(
-    conn: auto::Connection<'static, I, S, TokioExecutor>,
+    conn: http2::Connection<I, S, TokioExecutor>,
     activity: Activity,
     idle_after: Duration,
     mut drain: watch::Receiver<()>,
@@ -555,7 +548,7 @@ where
             // In this order, without drawing a random one each poll: the other two are
             // ready once in a connection's life.
             biased;
-            served = conn.as_mut() => return served,
+            served = conn.as_mut() => return served.map_err(Into::into),
             why = &mut idle => {
                 if closing {
                     tracing::debug!(%peer, "asked to close and still open with nothing in progress; cutting");
@@ -588,18 +581,10 @@ async fn drain(gw: &Gateway, open: OpenConnections) {
     }
 }
 
-/// HTTP/1.1 and HTTP/2 settings for one client connection.
-fn connection_builder(cfg: &crate::config::Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+/// HTTP/2 settings for one client connection (HTTP/1.1 is [`http1`]'s, with its [`http1::Limits`]).
+fn connection_builder(cfg: &crate::config::Config) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        // A client that never finishes its headers, or idles between requests, must not
-        // hold a connection forever.
-        .header_read_timeout(cfg.header_read_timeout)
-        .max_buf_size(cfg.max_header_bytes);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
