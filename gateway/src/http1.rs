@@ -45,6 +45,9 @@ use tokio::time::Instant;
 use crate::body::{BoxError, RequestBody};
 use crate::error::GatewayError;
 
+/// The interim answer to `Expect: 100-continue`.
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
 /// Most headers one request may carry.
 pub const MAX_HEADERS: usize = 128;
 
@@ -131,7 +134,7 @@ where
                 let feed = Feed {
                     tx: Some(tx),
                     decoder,
-                    expect_continue,
+                    continue_owed: if expect_continue { CONTINUE } else { b"" },
                     broken: false,
                 };
                 (Some(feed), RequestBody::Read(rx))
@@ -157,8 +160,15 @@ where
             }
         };
 
-        // 3. The response. A body the handler did not read to its end, or a drain begun,
-        // leaves nothing to read the next request from: the connection closes after it.
+        // 3. The response. A `100 Continue` cut off part-way by the answer is finished
+        // first, so that the answer's head does not land inside it.
+        if let Some(owed) = feed.as_ref().map(|f| f.continue_owed) {
+            if !owed.is_empty() && owed.len() < CONTINUE.len() {
+                io.write_all(owed).await?;
+            }
+        }
+        // A body the handler did not read to its end, or a drain begun, leaves nothing to
+        // read the next request from: the connection closes after it.
         let unread = feed.as_ref().is_some_and(|f| !f.finished());
         if unread || drain.has_changed().unwrap_or(true) {
             keep_alive = false;
@@ -400,8 +410,9 @@ struct Feed {
     /// Dropped once the body has ended, which ends the handler's body.
     tx: Option<mpsc::Sender<Result<Bytes, BoxError>>>,
     decoder: Decoder,
-    /// `100 Continue` is still owed before the body's first byte is read.
-    expect_continue: bool,
+    /// What is still to be written of a `100 Continue` the client asked for before it
+    /// sends the body: all of it until the handler first asks for the body.
+    continue_owed: &'static [u8],
     /// The body was cut or malformed; the handler was told, nothing more is read.
     broken: bool,
 }
@@ -433,7 +444,8 @@ async fn attend<IO: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Hand the handler the next piece of its body, once it has room for one: from `buf`, or
-/// read from `io`. Cancel-safe: nothing is taken off `buf` until it can be sent.
+/// read from `io`. Cancel-safe: nothing is taken off `buf` until it can be sent, and the
+/// `100 Continue` written so far is recorded write by write.
 async fn feed_step<IO: AsyncRead + AsyncWrite + Unpin>(
     io: &mut IO,
     buf: &mut BytesMut,
@@ -446,9 +458,14 @@ async fn feed_step<IO: AsyncRead + AsyncWrite + Unpin>(
         // The handler dropped the body unread.
         return Ok(());
     };
-    if feed.expect_continue {
-        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
-        feed.expect_continue = false;
+    // A write at a time, each one kept track of, so that an answer arriving meanwhile
+    // (which cancels this) knows how much of it went out.
+    while !feed.continue_owed.is_empty() {
+        let n = io.write(feed.continue_owed).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        feed.continue_owed = &feed.continue_owed[n..];
     }
     loop {
         match feed.decoder.next(buf) {
@@ -1021,6 +1038,19 @@ mod tests {
         c.write_all(b"ok").await.unwrap();
         let got = read_until(&mut c, "POST /e ok", 1).await;
         assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn no_continue_is_sent_for_a_body_the_handler_never_reads() {
+        let (mut c, task, _drain) = connect(|_req| async { full(401, "no key") });
+        c.write_all(b"POST / HTTP/1.1\r\nexpect: 100-continue\r\ncontent-length: 9\r\n\r\n")
+            .await
+            .unwrap();
+        let got = read_all(&mut c, Duration::from_secs(5)).await;
+        assert!(got.starts_with("HTTP/1.1 401 Unauthorized\r\n"), "{got}");
+        assert!(!got.contains("100 Continue"), "{got}");
+        assert!(got.contains("connection: close\r\n"), "{got}");
+        task.await.unwrap().unwrap();
     }
 
     #[tokio::test]
