@@ -28,10 +28,12 @@ pub enum GatewayError {
     /// The body exceeds `max_body_bytes`.
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: usize },
-
+    /// The request head exceeds `limits.max_header_bytes` or the most headers a request may
+    /// carry (the HTTP/1 server side's refusal, before any route is matched).
     #[error("the request head exceeds the limit of {limit} bytes or {headers} headers")]
     HeadTooLarge { limit: usize, headers: usize },
-
+    /// The request head cannot be read, or its body's length cannot be told without
+    /// ambiguity; the connection is closed after the answer.
     #[error("malformed request: {0}")]
     MalformedRequest(&'static str),
     /// The body could not be read from the client.

@@ -67,8 +67,8 @@ pub async fn handle(
     if let Ok(Some(key)) = &authorized {
         gw.metrics.requests.by_key.with_label_values(&[key]).inc();
     }
-    // If the client goes away before an answer exists, the server drops this future: the guard
-    // still leaves a trace (status 499, as nginx logs it).
+    // If the client goes away before an answer exists, the server drops this future: the
+    // guard still leaves a trace (status 499, as nginx logs it).
     let mut unanswered = Unanswered {
         gw: &gw,
         id: &id,
