@@ -885,8 +885,8 @@ mod tests {
 
     type Reply = Response<http_body_util::combinators::BoxBody<Bytes, BoxError>>;
 
-    fn full(status: u16, body: &'static str) -> Reply {
-        let body = Full::new(Bytes::from_static(body.as_bytes()))
+    fn full(status: u16, body: impl Into<Bytes>) -> Reply {
+        let body = Full::new(body.into())
             .map_err(|never| match never {})
             .boxed();
         let mut resp = Response::new(body);
@@ -930,25 +930,10 @@ mod tests {
         let (parts, body) = req.into_parts();
         let got = match body.collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => {
-                let mut resp = full(400, "");
-                *resp.body_mut() = Full::new(Bytes::from(e.to_string()))
-                    .map_err(|never| match never {})
-                    .boxed();
-                return resp;
-            }
+            Err(e) => return full(400, e.to_string()),
         };
-        let text = format!(
-            "{} {} {}",
-            parts.method,
-            parts.uri,
-            String::from_utf8_lossy(&got)
-        );
-        Response::new(
-            Full::new(Bytes::from(text))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        let got = String::from_utf8_lossy(&got);
+        full(200, format!("{} {} {got}", parts.method, parts.uri))
     }
 
     /// Everything the server sends until it closes, or until `within`.
