@@ -326,7 +326,9 @@ fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<Head>, Gatew
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.1))
         .map_err(|_| malformed("bad request target"))?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the `X-Request-Id` the gateway sets on every request: a map built to the
+    // exact size would grow, rehashing every entry, for that one insert.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 1);
     for &(name, value) in &spans {
         let name = HeaderName::from_bytes(&head[name.0..name.1])
             .map_err(|_| malformed("bad header name"))?;

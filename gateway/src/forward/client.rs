@@ -547,6 +547,19 @@ impl Body for UpstreamBody {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
+            // Pieces handed on were split off the buffer (`h1::take`). An empty buffer that
+            // cannot take its memory back is still shared with one of them: its taker
+            // keeps pieces past a read, so copy them from now on rather than allocate a
+            // new buffer for every read. (A token stream's reads bring whole chunks, so
+            // the buffer is empty between them; one that never empties keeps splitting,
+            // and a taker that holds pieces then costs an allocation per read.)
+            if conn.buf.is_empty()
+                && conn.buf.capacity() > 0
+                && this.decoder.splits_small_pieces()
+                && !conn.buf.try_reclaim(READ_SIZE)
+            {
+                this.decoder.copy_small_pieces();
+            }
             conn.buf.reserve(READ_SIZE);
             match tokio_util::io::poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.buf) {
                 Poll::Pending => return Poll::Pending,
@@ -774,6 +787,55 @@ mod tests {
             all.extend_from_slice(&frame.expect("a good body").into_data().unwrap());
         }
         (n, all)
+    }
+
+    /// Reads a chunked stream of 24 chunks of 1,000 bytes, sent a chunk at a time as a token
+    /// stream is, keeping every frame (as a queued writer does) or dropping each at once
+    /// (as the gateway's own HTTP/1 server does). Returns whether the body still split
+    /// pieces off at the end. 24 KB is more than a read buffer holds
+    /// beyond the room one read wants, so the buffer has to take its memory back.
+    async fn read_keeping(keep: bool) -> bool {
+        const CHUNK: usize = 1000;
+        const FRAMED: usize = CHUNK + 7; // "3e8\r\n", the data, "\r\n"
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx: \r\n\r\n";
+        // Padded to one framed chunk, so that every piece sent is a whole chunk.
+        let mut stream = head[..head.len() - 4].to_vec();
+        stream.resize(FRAMED - 4, b'p');
+        stream.extend_from_slice(b"\r\n\r\n");
+        let mut want = Vec::new();
+        for i in 0..24u8 {
+            let data = vec![b'a' + i; CHUNK];
+            stream.extend_from_slice(format!("{CHUNK:x}\r\n").as_bytes());
+            stream.extend_from_slice(&data);
+            stream.extend_from_slice(b"\r\n");
+            want.extend_from_slice(&data);
+        }
+        stream.extend_from_slice(b"0\r\n\r\n");
+        let (uri, _, _) = scripted(vec![Box::leak(stream.into_boxed_slice())], FRAMED).await;
+        let resp = client().request(get(&uri)).await.expect("answered");
+        let mut body = resp.into_body();
+        let (mut kept, mut all) = (Vec::new(), Vec::new());
+        while let Some(frame) = body.frame().await {
+            let data = frame.expect("a good body").into_data().unwrap();
+            all.extend_from_slice(&data);
+            if keep {
+                kept.push(data);
+            }
+        }
+        assert_eq!(all, want);
+        body.decoder.splits_small_pieces()
+    }
+
+    #[tokio::test]
+    async fn pieces_are_split_off_while_their_taker_lets_go_and_copied_once_it_keeps_them() {
+        assert!(
+            read_keeping(false).await,
+            "pieces let go of: still split off"
+        );
+        assert!(
+            !read_keeping(true).await,
+            "pieces kept: copied from then on"
+        );
     }
 
     #[tokio::test]

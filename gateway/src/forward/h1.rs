@@ -233,6 +233,8 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     state: State,
+    /// Small pieces are split off the read buffer rather than copied (see [`take`]).
+    split_small: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,7 +257,21 @@ impl Decoder {
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        Decoder { state }
+        Decoder {
+            state,
+            split_small: true,
+        }
+    }
+
+    /// Whether small pieces are still split off the read buffer rather than copied.
+    pub fn splits_small_pieces(&self) -> bool {
+        self.split_small
+    }
+
+    /// Copy small pieces out of the read buffer from now on: whoever takes them holds on
+    /// to them past the next read.
+    pub fn copy_small_pieces(&mut self) {
+        self.split_small = false;
     }
 
     /// The body has been read to its end.
@@ -278,7 +294,7 @@ impl Decoder {
             match self.state {
                 State::Done => return Ok(Step::Done),
                 State::Length(n) => {
-                    let Some((data, rest)) = take_up_to(buf, n) else {
+                    let Some((data, rest)) = take_up_to(buf, n, self.split_small) else {
                         return Ok(Step::More);
                     };
                     self.state = if rest == 0 {
@@ -292,7 +308,7 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Step::More);
                     }
-                    return Ok(Step::Data(take(buf, buf.len())));
+                    return Ok(Step::Data(take(buf, buf.len(), self.split_small)));
                 }
                 State::ChunkSize => {
                     let Some((content, whole)) = next_line(buf)? else {
@@ -307,7 +323,7 @@ impl Decoder {
                     };
                 }
                 State::ChunkData(n) => {
-                    let Some((data, rest)) = take_up_to(buf, n) else {
+                    let Some((data, rest)) = take_up_to(buf, n, self.split_small) else {
                         return Ok(Step::More);
                     };
                     self.state = if rest == 0 {
@@ -366,28 +382,33 @@ impl Decoder {
 
 /// Up to `n` bytes taken off the front of `buf` (none if it is empty), and how many of
 /// the `n` are still to come.
-fn take_up_to(buf: &mut BytesMut, n: u64) -> Option<(Bytes, u64)> {
+fn take_up_to(buf: &mut BytesMut, n: u64, split_small: bool) -> Option<(Bytes, u64)> {
     if buf.is_empty() {
         return None;
     }
     let len = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
-    Some((take(buf, len), n - len as u64))
+    Some((take(buf, len, split_small), n - len as u64))
 }
 
-/// Pieces up to this size are copied out of the read buffer rather than split off it.
+/// Pieces up to this size are copied out of the read buffer when `split_small` is off.
 const COPY_MAX: usize = 4 * 1024;
 
-/// The first `len` bytes of `buf`, taken off it. A small piece (a streamed token, most
-/// answers) is copied: a piece split off would share the buffer's memory while the
-/// client's write holds it, so the next read could not reuse the buffer and had to
-/// allocate a new one, once per token. A large one is split off without copying.
-fn take(buf: &mut BytesMut, len: usize) -> Bytes {
-    if len <= COPY_MAX {
+/// The first `len` bytes of `buf`, taken off it.
+///
+/// A piece split off shares the buffer's memory. When its taker lets go of it before the
+/// next read (the gateway's own HTTP/1 server copies each piece into its write buffer and
+/// drops it), the next read reclaims the whole buffer, and a streamed token costs two
+/// reference counts instead of an allocation, a copy and a free. A taker that holds
+/// pieces past the next read (hyper's HTTP/2 queue) would make every read allocate a new
+/// buffer instead; for it the body switches `split_small` off, and small pieces (a token,
+/// most answers) are copied. A large piece is always split off.
+fn take(buf: &mut BytesMut, len: usize, split_small: bool) -> Bytes {
+    if split_small || len > COPY_MAX {
+        buf.split_to(len).freeze()
+    } else {
         let piece = Bytes::copy_from_slice(&buf[..len]);
         buf.advance(len);
         piece
-    } else {
-        buf.split_to(len).freeze()
     }
 }
 
@@ -628,14 +649,37 @@ mod tests {
     }
 
     #[test]
-    fn a_token_handed_on_leaves_the_read_buffer_free_for_the_next_read() {
+    fn a_token_dropped_before_the_next_read_leaves_the_buffer_reclaimable() {
         let mut d = Decoder::new(Framing::Chunked);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let start = buf.as_ptr();
+        for i in 0..3 {
+            buf.extend_from_slice(format!("8\r\ntoken {i:02}\r\n").as_bytes());
+            let token = d.decode(&mut buf).unwrap();
+            assert_eq!(token, Step::Data(Bytes::from(format!("token {i:02}"))));
+            assert_eq!(d.decode(&mut buf), Ok(Step::More));
+            // Split off, not copied: the buffer is shared while the token is held...
+            assert!(
+                !buf.try_reclaim(16 * 1024),
+                "the token must share the buffer"
+            );
+            drop(token);
+            // ...and whole again once it is let go of, with no new allocation.
+            assert!(buf.try_reclaim(16 * 1024));
+            assert_eq!(buf.as_ptr(), start);
+        }
+    }
+
+    #[test]
+    fn a_token_held_past_the_next_read_is_copied_once_told() {
+        let mut d = Decoder::new(Framing::Chunked);
+        d.copy_small_pieces();
         let mut buf = BytesMut::with_capacity(16 * 1024);
         let mut tokens = Vec::new();
         for i in 0..3 {
             buf.extend_from_slice(format!("8\r\ntoken {i:02}\r\n").as_bytes());
-            // The token is still held (by the write to the client) when the next read
-            // wants the buffer's memory back.
+            // The token is still held (by a queued write to the client) when the next
+            // read wants the buffer's memory back.
             tokens.push(d.decode(&mut buf).unwrap());
             assert_eq!(d.decode(&mut buf), Ok(Step::More));
             assert!(buf.is_empty());
@@ -649,6 +693,7 @@ mod tests {
         // A large piece is split off, not copied, and comes out whole all the same.
         let big = vec![b'x'; 3 * COPY_MAX];
         let mut d = Decoder::new(Framing::Length(big.len() as u64));
+        d.copy_small_pieces();
         let mut buf = BytesMut::from(&big[..]);
         assert_eq!(d.decode(&mut buf), Ok(Step::Data(Bytes::from(big))));
         assert_eq!(d.decode(&mut buf), Ok(Step::Done));
