@@ -732,24 +732,6 @@ fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-thread_local! {
-    /// The serving thread's buffer for framing what a response has ready and writing it.
-    /// One per thread rather than one per connection: a relayed token is framed into memory
-    /// the thread has just used, where each connection's own buffer (a thousand of them
-    /// under a fan-out) has left the cache since its last token, and copying a token into
-    /// it cost a cache miss for every line written. Only borrowed within one poll, never
-    /// across an await.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// What one round of [`write_body`] did.
-enum Round {
-    /// Framed and wrote what was ready; what the socket did not take is in `out`.
-    Wrote,
-    /// The client closed its side while the body had nothing ready.
-    ClientGone,
-}
-
 /// Send the head in `out` and the body after it: each time, every piece the body has
 /// ready, in one write. While it waits for the body, the client is watched (when
 /// `watch_client` gives the most it may send ahead), so that one that leaves mid-stream
@@ -771,59 +753,11 @@ async fn write_body<IO: AsyncRead + AsyncWrite + Unpin, B: Body<Data = Bytes, Er
         Step::Going
     };
     loop {
-        // One poll frames whatever is ready (after the head, the first time) into the
-        // thread's scratch buffer and offers it to the socket, which nearly always takes
-        // it all; what it does not take moves to `out`, the connection's own, to wait.
-        let round = poll_fn(|cx| {
-            SCRATCH.with_borrow_mut(|scratch| {
-                scratch.clear();
-                scratch.append(out);
-                while state == Step::Going && scratch.len() < MAX_WRITE {
-                    match body.as_mut().poll_frame(cx) {
-                        Poll::Pending => break,
-                        Poll::Ready(frame) => {
-                            state = frame_out(scratch, frame, framing, &mut sent);
-                        }
-                    }
-                }
-                if scratch.is_empty() {
-                    if state != Step::Going {
-                        return Poll::Ready(Ok(Round::Wrote));
-                    }
-                    // Nothing ready: wait for the body, watching the client meanwhile.
-                    if let Some(max) = watch_client {
-                        loop {
-                            match pin!(client_open(&mut *io, &mut *buf, max)).poll(cx) {
-                                Poll::Ready(true) => continue,
-                                Poll::Ready(false) => return Poll::Ready(Ok(Round::ClientGone)),
-                                Poll::Pending => break,
-                            }
-                        }
-                    }
-                    return Poll::Pending;
-                }
-                let mut written = 0;
-                while written < scratch.len() {
-                    match std::pin::Pin::new(&mut *io).poll_write(cx, &scratch[written..]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                        }
-                        Poll::Ready(Ok(n)) => written += n,
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => break,
-                    }
-                }
-                out.extend_from_slice(&scratch[written..]);
-                // One very large piece must not leave every thread holding its size.
-                if scratch.capacity() > 2 * MAX_WRITE {
-                    *scratch = Vec::new();
-                }
-                Poll::Ready(Ok(Round::Wrote))
-            })
-        })
-        .await?;
-        if let Round::ClientGone = round {
-            return Ok(false);
+        while state == Step::Going && out.len() < MAX_WRITE {
+            match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                Poll::Pending => break,
+                Poll::Ready(frame) => state = frame_out(out, frame, framing, &mut sent),
+            }
         }
         if !out.is_empty() {
             let written = io.write_all(out).await;
@@ -834,6 +768,17 @@ async fn write_body<IO: AsyncRead + AsyncWrite + Unpin, B: Body<Data = Bytes, Er
             Step::Going => {}
             Step::End => return Ok(true),
             Step::Cut => return Ok(false),
+        }
+        tokio::select! {
+            biased;
+            frame = poll_fn(|cx| body.as_mut().poll_frame(cx)) => {
+                state = frame_out(out, frame, framing, &mut sent);
+            }
+            open = client_open(io, buf, watch_client.unwrap_or(0)), if watch_client.is_some() => {
+                if !open {
+                    return Ok(false);
+                }
+            }
         }
     }
 }
@@ -968,23 +913,7 @@ mod tests {
         H: FnMut(Request<RequestBody>) -> F + Send + 'static,
         F: Future<Output = Reply> + Send + 'static,
     {
-        connect_with(1 << 16, handler)
-    }
-
-    /// [`connect`], over a pipe that holds `pipe` bytes in each direction.
-    fn connect_with<H, F>(
-        pipe: usize,
-        handler: H,
-    ) -> (
-        DuplexStream,
-        tokio::task::JoinHandle<io::Result<()>>,
-        watch::Sender<()>,
-    )
-    where
-        H: FnMut(Request<RequestBody>) -> F + Send + 'static,
-        F: Future<Output = Reply> + Send + 'static,
-    {
-        let (client, server) = tokio::io::duplex(pipe);
+        let (client, server) = tokio::io::duplex(1 << 16);
         let (drain_tx, drain) = watch::channel(());
         let deadline = Instant::now() + LIMITS.header_read_timeout;
         let task = tokio::spawn(serve(
@@ -1212,42 +1141,6 @@ mod tests {
         assert!(got.starts_with("12c\r\nxxx"), "{got}");
         drop(tx);
         assert_eq!(read_until(&mut c, "0\r\n\r\n", 1).await, "0\r\n\r\n");
-    }
-
-    #[tokio::test]
-    async fn answers_the_socket_takes_in_parts_arrive_whole_beside_each_other() {
-        // Over a 512-byte pipe read slowly, most of a large answer waits in its
-        // connection's own buffer while the thread's scratch serves the other connection.
-        let big: String = (0..200_000u32)
-            .map(|i| char::from(b'a' + (i % 26) as u8))
-            .collect();
-        let answer = big.clone();
-        let (mut slow, _a, _da) = connect_with(512, move |_req| {
-            std::future::ready(full(200, answer.clone()))
-        });
-        let (mut quick, _b, _db) = connect(|_req| std::future::ready(full(200, "short")));
-        slow.write_all(b"GET /big HTTP/1.1\r\nconnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = [0u8; 256];
-        let n = slow.read(&mut head).await.unwrap();
-        assert!(n > 0);
-        for _ in 0..3 {
-            quick.write_all(b"GET /s HTTP/1.1\r\n\r\n").await.unwrap();
-            let got = read_until(&mut quick, "short", 1).await;
-            assert!(got.contains("content-length: 5\r\n"), "{got}");
-            assert!(got.ends_with("\r\n\r\nshort"), "{got}");
-        }
-        let mut got = head[..n].to_vec();
-        got.extend_from_slice(read_all(&mut slow, Duration::from_secs(5)).await.as_bytes());
-        let got = String::from_utf8(got).unwrap();
-        assert!(
-            got.contains("content-length: 200000\r\n"),
-            "{}",
-            &got[..200]
-        );
-        assert!(got.ends_with(&big), "the answer arrived cut or mixed");
-        assert_eq!(got.len() - got.find("\r\n\r\n").unwrap() - 4, big.len());
     }
 
     #[tokio::test]
