@@ -792,8 +792,8 @@ mod tests {
     /// Reads a chunked stream of 24 chunks of 1,000 bytes, sent a chunk at a time as a token
     /// stream is, keeping every frame (as a queued writer does) or dropping each at once
     /// (as the gateway's own HTTP/1 server does). Returns whether the body still split
-    /// pieces off at the end. 24 KB is more than a read buffer holds
-    /// beyond the room one read wants, so the buffer has to take its memory back.
+    /// pieces off at the end. 24 KB of pieces outgrow the room the read buffer has beyond
+    /// the 16 KiB one read asks for, so it must take its memory back at least once.
     async fn read_keeping(keep: bool) -> bool {
         const CHUNK: usize = 1000;
         const FRAMED: usize = CHUNK + 7; // "3e8\r\n", the data, "\r\n"
